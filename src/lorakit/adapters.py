@@ -1,0 +1,212 @@
+"""Working with the adapters on a model: activate, disable, route per row, delete, merge, unload, count."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .inject import adapter_modules, check_adapter_name, registry, set_submodule, update_trainable
+from .layers import LoraLayer, ModulesToSave, Routing
+
+
+def _names(model: nn.Module, names: str | Sequence[str]) -> list[str]:
+    names = [names] if isinstance(names, str) else list(names)
+    if not names:
+        raise ValueError("give at least one adapter name")
+    for name in names:
+        check_adapter_name(model, name)
+    if len(set(names)) != len(names):
+        raise ValueError(f"adapter names repeat in {names}")
+    return names
+
+
+def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Make ``names`` the active adapters (their updates add up); only they train.
+
+    Raises:
+        ValueError: a name is not an adapter of this model.
+    """
+    names = _names(model, names)
+    registry(model).active = names
+    for _, module in adapter_modules(model):
+        module.active_adapters = [n for n in names if n in module.adapter_names]
+    update_trainable(model)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    return list(registry(model).active)
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model inside this block: every adapter is off (merged ones are unmerged, then restored)."""
+    modules = [m for _, m in adapter_modules(model)]
+    merged = _merged_names(model)
+    if merged:
+        unmerge(model)
+    for module in modules:
+        module.disabled = True
+    try:
+        yield model
+    finally:
+        for module in modules:
+            module.disabled = False
+        if merged:
+            merge(model, merged)
+
+
+@contextlib.contextmanager
+def route(model: nn.Module, per_row_names: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Mixed batch: row i of the next forwards uses adapter ``per_row_names[i]`` (``None``: the base model).
+
+    One forward serves every adapter: linear layers gather each row's A and B and run batched matmuls.
+
+    Raises:
+        ValueError: an unknown adapter name, an empty list, or merged adapters (unmerge first).
+    """
+    rows = list(per_row_names)
+    if not rows:
+        raise ValueError("route() needs one adapter name (or None) per batch row; got an empty list")
+    names = sorted({n for n in rows if n is not None})
+    for name in names:
+        check_adapter_name(model, name)
+    if _merged_names(model):
+        raise ValueError("route() needs unmerged adapters; call lorakit.unmerge(model) first")
+    index = torch.tensor([0 if n is None else names.index(n) + 1 for n in rows], dtype=torch.long)
+    routing = Routing(names, index)
+    modules = [m for _, m in adapter_modules(model)]
+    for module in modules:
+        module.routing = routing
+    try:
+        yield model
+    finally:
+        for module in modules:
+            module.routing = None
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` (unmerging it first if merged); layers left without adapters are unwrapped."""
+    check_adapter_name(model, name)
+    reg = registry(model)
+    for path, module in list(adapter_modules(model)):
+        if name not in module.adapter_names:
+            continue
+        if isinstance(module, LoraLayer):
+            module.unmerge([name])
+        module.remove_adapter(name)
+        if not module.adapter_names:
+            set_submodule(model, path, module.base_layer if isinstance(module, LoraLayer) else module.original_module)
+    del reg.adapters[name]
+    reg.active = [n for n in reg.active if n != name]
+    if reg.adapters:
+        update_trainable(model)
+    else:
+        _forget(model)
+
+
+def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
+    """Add adapters' updates into the base weights (default: the active adapters). Exact to float rounding.
+
+    Raises:
+        ValueError: unknown name; an adapted weight is tied to another module (merging would change both).
+    """
+    names = active_adapters(model) if names is None else _names(model, names)
+    _refuse_tied(model, names)
+    for _, module in adapter_modules(model):
+        if isinstance(module, LoraLayer):
+            module.merge(names)
+
+
+_merge_active = merge  # unload's `merge` argument shadows the function inside it
+
+
+def unmerge(model: nn.Module) -> None:
+    """Subtract every merged update from the base weights again."""
+    registry(model)
+    for _, module in adapter_modules(model):
+        if isinstance(module, LoraLayer):
+            module.unmerge()
+
+
+def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Remove all lorakit wrappers and return the plain model.
+
+    Args:
+        merge: if true, the active adapters are merged first (and their modules_to_save copies kept);
+            if false, the original model comes back unchanged.
+    """
+    reg = registry(model)
+    if merge:
+        _merge_active(model)
+    else:
+        unmerge(model)
+    for path, module in list(adapter_modules(model)):
+        if isinstance(module, LoraLayer):
+            set_submodule(model, path, module.base_layer)
+            continue
+        chosen = [n for n in reg.active if n in module.adapter_names] if merge else []
+        set_submodule(model, path, module.modules_to_save[chosen[0]] if chosen else module.original_module)
+    _forget(model)
+    return model
+
+
+def _forget(model: nn.Module) -> None:
+    """Drop the registry and give every original parameter back its requires_grad flag."""
+    reg = registry(model)
+    for param in model.parameters():
+        param.requires_grad_(reg.original_requires_grad.get(id(param), True))
+    del model.__dict__["_lorakit_registry"]
+
+
+def _merged_names(model: nn.Module) -> list[str]:
+    merged: list[str] = []
+    for _, module in adapter_modules(model):
+        if isinstance(module, LoraLayer):
+            merged.extend(n for n in module.merged_adapters if n not in merged)
+    return merged
+
+
+def _refuse_tied(model: nn.Module, names: list[str]) -> None:
+    counts = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    for path, module in adapter_modules(model):
+        uses = isinstance(module, LoraLayer) and any(n in module.adapter_names for n in names)
+        if uses and counts[id(module.base_layer.weight)] > 1:
+            raise ValueError(
+                f"cannot merge into {path}: its weight is shared (tied) with another module, which the "
+                "merge would change too. Untie it first (for example set tie_word_embeddings=False and "
+                "clone the output head's weight), or keep the adapter unmerged."
+            )
+
+
+@dataclass(frozen=True)
+class TrainableSummary:
+    """Parameter counts of a model: what trains and what does not."""
+
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
+
+
+def trainable_summary(model: nn.Module) -> TrainableSummary:
+    """Count trainable and total parameters (shared tensors counted once)."""
+    trainable = total = 0
+    for param in model.parameters():
+        total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+    return TrainableSummary(trainable=trainable, total=total)
+
+
+def modules_with_adapter(model: nn.Module, name: str) -> list[tuple[str, LoraLayer | ModulesToSave]]:
+    return [(p, m) for p, m in adapter_modules(model) if name in m.adapter_names]

@@ -1,0 +1,327 @@
+"""Adapter files in PEFT's layout: adapter_config.json + adapter_model.safetensors, atomic, validated."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+
+from .adapters import delete_adapter, set_active
+from .config import ALL_LINEAR, LoraConfig
+from .inject import (
+    add_adapter_layers,
+    bias_parameters,
+    check_adapter_name,
+    check_new_name,
+    find_modules_to_save,
+    find_targets,
+    registry,
+)
+from .layers import LoraConv1D, LoraEmbedding
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
+PREFIX = "base_model.model."
+
+# PEFT config keys with no effect on a plain LoRA adapter's weights or forward pass: read and ignored.
+_IGNORED_KEYS = {
+    "auto_mapping", "base_model_name_or_path", "revision", "task_type", "inference_mode", "peft_version",
+    "init_lora_weights", "fan_in_fan_out", "megatron_config", "megatron_core", "loftq_config",
+    "eva_config", "corda_config", "lora_ga_config", "qalora_group_size", "ensure_weight_tying",
+    "layer_replication_config", "runtime_config", "kasa_config", "monteclora_config", "velora_config",
+}  # fmt: skip
+# PEFT features lorakit does not implement: fine when unset (null/false/empty), an error otherwise.
+_UNSUPPORTED_KEYS = {
+    "use_dora", "layer_replication", "target_parameters", "trainable_token_indices", "use_qalora",
+    "alora_invocation_tokens", "lora_bias", "use_bdlora", "arrow_config",
+}  # fmt: skip
+_MAPPED_KEYS = {
+    "peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform",
+    "layers_pattern", "rank_pattern", "alpha_pattern", "use_rslora", "bias", "modules_to_save",
+}  # fmt: skip
+_INIT_TO_PEFT = {"default": True, "gaussian": "gaussian", "random": False}
+
+
+# ----- tensors ----------------------------------------------------------------------------------------
+def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """The live tensors of adapter ``name`` under PEFT's file keys (``base_model.model.<path>.lora_A.weight``)."""
+    info = registry(model).adapters[name]
+    tensors: dict[str, torch.Tensor] = {}
+    for path in info.targets + info.saved_modules:
+        for key, tensor in model.get_submodule(path).adapter_state(name).items():
+            tensors[f"{PREFIX}{path}.{key}"] = tensor
+    for key, tensor in bias_parameters(model, info).items():
+        tensors[PREFIX + key] = tensor
+    return tensors
+
+
+# ----- config -----------------------------------------------------------------------------------------
+def peft_config_dict(model: nn.Module, name: str) -> dict[str, Any]:
+    """adapter_config.json contents for adapter ``name``, in PEFT's vocabulary."""
+    info = registry(model).adapters[name]
+    c = info.config
+    targets: list[str] | str = c.target_modules
+    if targets == ALL_LINEAR or (isinstance(targets, str) and c.layers_to_transform is not None):
+        targets = list(info.targets)  # PEFT, too, writes the resolved module paths for "all-linear"
+    return {
+        "peft_type": "LORA",
+        "task_type": _task_type(model),
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "r": c.r,
+        "lora_alpha": _plain_number(c.alpha),
+        "lora_dropout": c.dropout,
+        "target_modules": targets,
+        "exclude_modules": c.exclude_modules,
+        "layers_to_transform": c.layers_to_transform,
+        "layers_pattern": c.layers_pattern,
+        "rank_pattern": dict(c.rank_pattern),
+        "alpha_pattern": {k: _plain_number(v) for k, v in c.alpha_pattern.items()},
+        "use_rslora": c.use_rslora,
+        "use_dora": False,
+        "bias": c.bias,
+        "modules_to_save": c.modules_to_save,
+        "fan_in_fan_out": any(isinstance(model.get_submodule(p), LoraConv1D) for p in info.targets),
+        "init_lora_weights": _INIT_TO_PEFT[c.init],
+        "inference_mode": True,
+        "revision": None,
+    }
+
+
+def _plain_number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _task_type(model: nn.Module) -> str | None:
+    cls = type(model).__name__
+    for suffix, task in (
+        ("ForCausalLM", "CAUSAL_LM"),
+        ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+        ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+        ("ForSequenceClassification", "SEQ_CLS"),
+        ("ForTokenClassification", "TOKEN_CLS"),
+        ("ForQuestionAnswering", "QUESTION_ANS"),
+    ):
+        if cls.endswith(suffix):
+            return task
+    return None
+
+
+def config_from_peft_dict(data: dict[str, Any], source: str) -> LoraConfig:
+    """A LoraConfig from adapter_config.json contents; unknown keys warn, unsupported features raise."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
+    if data.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{source}: peft_type is {data.get('peft_type')!r}; lorakit loads LoRA adapters only")
+    for key in sorted(_UNSUPPORTED_KEYS & data.keys()):
+        if data[key] not in (None, False, [], {}, ""):
+            raise ValueError(f"{source}: {key}={data[key]!r} uses a PEFT feature lorakit does not support")
+    unknown = sorted(data.keys() - _IGNORED_KEYS - _UNSUPPORTED_KEYS - _MAPPED_KEYS)
+    if unknown:
+        warnings.warn(f"{source}: ignoring config keys lorakit does not know: {', '.join(unknown)}", stacklevel=3)
+    init = data.get("init_lora_weights", True)
+    if init not in (True, False, "gaussian"):
+        warnings.warn(
+            f"{source}: init_lora_weights={init!r}; if that method changed the base weights (PiSSA, OLoRA, "
+            "LoftQ), this adapter only reproduces the trained model on that modified base",
+            stacklevel=3,
+        )
+    if "r" not in data or "target_modules" not in data:
+        raise ValueError(f"{source}: missing required key(s) {[k for k in ('r', 'target_modules') if k not in data]}")
+    try:
+        return LoraConfig(
+            r=data["r"],
+            alpha=data.get("lora_alpha", 8),
+            dropout=data.get("lora_dropout", 0.0) or 0.0,
+            target_modules=data["target_modules"],
+            exclude_modules=data.get("exclude_modules"),
+            layers_to_transform=data.get("layers_to_transform"),
+            layers_pattern=data.get("layers_pattern") or None,
+            rank_pattern=data.get("rank_pattern") or {},
+            alpha_pattern=data.get("alpha_pattern") or {},
+            use_rslora=bool(data.get("use_rslora", False)),
+            bias=data.get("bias", "none"),
+            modules_to_save=data.get("modules_to_save") or None,
+        )
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source}: {err}") from None
+
+
+# ----- save -------------------------------------------------------------------------------------------
+def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> Path:
+    """Write adapter ``name`` as PEFT does: ``adapter_config.json`` and ``adapter_model.safetensors``.
+
+    Each file is written to a temporary name, synced, then renamed, so a crash never leaves a half-written
+    adapter; other files in ``directory`` are left alone.
+
+    Returns:
+        The directory written.
+
+    Raises:
+        ValueError: unknown adapter name, or ``directory`` is an existing file.
+        OSError: the files could not be written (disk full, permissions); files already there are unchanged.
+    """
+    check_adapter_name(model, name)
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"cannot save adapter to {directory}: it is a file, not a directory; choose another path")
+    tensors = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in adapter_tensors(model, name).items()}
+    config = json.dumps(peft_config_dict(model, name), indent=2, sort_keys=True) + "\n"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write(directory / WEIGHTS_NAME, safetensors_bytes(tensors, metadata={"format": "pt"}))
+        atomic_write(directory / CONFIG_NAME, config.encode())
+    except OSError as err:
+        raise OSError(
+            err.errno,
+            f"could not save adapter to {directory}: {err.strerror or err}; files already there are unchanged",
+        ) from err
+    return directory
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a synced temporary file and an atomic rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ----- load -------------------------------------------------------------------------------------------
+def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """Read and check an adapter directory without touching any model (never unpickles anything)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"adapter directory {directory} does not exist (or is not a directory)")
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    pickles = [n for n in PICKLE_NAMES if (directory / n).exists()]
+    if not config_path.is_file():
+        present = sorted(p.name for p in directory.iterdir())[:10]
+        raise ValueError(
+            f"{directory} is not an adapter directory: {CONFIG_NAME} is missing (found: {present or 'nothing'})"
+        )
+    if not weights_path.is_file():
+        if pickles:
+            raise ValueError(
+                f"{directory} holds {pickles[0]}, a pickle file, and no {WEIGHTS_NAME}. lorakit never unpickles "
+                "files (loading a pickle can run arbitrary code). Convert it where you trust it, for example "
+                "with PEFT: PeftModel.from_pretrained(...).save_pretrained(dir, safe_serialization=True)"
+            )
+        raise ValueError(f"{directory} has no {WEIGHTS_NAME}; the adapter is incomplete")
+    config = config_from_peft_dict(_read_json(config_path), str(config_path))
+    return config, read_safetensors(weights_path)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); re-save the adapter") from None
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; refuses corrupt files, non-float tensors and NaN/inf values."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+    except Exception as err:  # safetensors raises its own error types, and OSError for short reads
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({type(err).__name__}: {err}); it is truncated or "
+            "corrupt: save or copy the adapter again"
+        ) from None
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise ValueError(f"{path}: tensor {key} has dtype {tensor.dtype}; adapter weights must be floating point")
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{path}: tensor {key} contains NaN or infinite values; refusing to load it")
+    return tensors
+
+
+def load_adapter(
+    model: nn.Module, directory: str | os.PathLike, name: str = "default", trainable: bool = False
+) -> nn.Module:
+    """Load a PEFT or lorakit adapter onto ``model`` as adapter ``name`` and make it the active one.
+
+    Every key and shape in the file is checked against the model first; on any mismatch nothing is
+    changed and one error lists them all (the first one with both shapes).
+
+    Args:
+        trainable: leave the adapter's parameters trainable (to continue training); frozen by default.
+
+    Raises:
+        ValueError: missing/corrupt files, a pickle instead of safetensors, unsupported PEFT features,
+            name already in use, or keys/shapes that do not fit this model.
+    """
+    check_new_name(model, name)
+    config, tensors = read_adapter(directory)
+    try:
+        saved = find_modules_to_save(model, config.modules_to_save or [], strict=False)
+        targets = find_targets(model, config, skip=saved, strict=False)
+    except ValueError as err:
+        raise ValueError(f"adapter {directory} does not fit this model: {err}") from None
+    add_adapter_layers(model, config, name, targets, saved)
+    expected = adapter_tensors(model, name)
+    problems = _compare(expected, tensors, _embedding_base_weights(model, targets))
+    if problems:
+        delete_adapter(model, name)
+        raise ValueError(
+            f"adapter {directory} does not fit this model ({len(problems)} problem(s)); nothing was loaded:\n  "
+            + "\n  ".join(problems[:20])
+            + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        )
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))
+    registry(model).adapters[name].trainable = trainable
+    set_active(model, [name])
+    return model
+
+
+def _embedding_base_weights(model: nn.Module, targets: list[str]) -> dict[str, torch.Size]:
+    """PEFT also saves a targeted embedding's base weight; accepted when its shape fits, then ignored."""
+    return {
+        f"{PREFIX}{p}.base_layer.weight": model.get_submodule(p).base_layer.weight.shape
+        for p in targets
+        if isinstance(model.get_submodule(p), LoraEmbedding)
+    }
+
+
+def _compare(
+    expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], optional: dict[str, torch.Size]
+) -> list[str]:
+    problems = []
+    for key, target in expected.items():
+        if key not in found:
+            problems.append(f"missing key {key} (model expects shape {tuple(target.shape)})")
+        elif found[key].shape != target.shape:
+            problems.append(
+                f"shape mismatch at {key}: file has {tuple(found[key].shape)}, model expects {tuple(target.shape)}"
+            )
+    for key in found.keys() - expected.keys():
+        if key in optional:
+            if found[key].shape != optional[key]:
+                problems.append(
+                    f"shape mismatch at {key}: file has {tuple(found[key].shape)}, model has {tuple(optional[key])}"
+                )
+        else:
+            problems.append(f"unexpected key {key} (no such adapter tensor in this model)")
+    shape_first = sorted(problems, key=lambda p: not p.startswith("shape"))
+    return shape_first

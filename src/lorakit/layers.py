@@ -1,0 +1,485 @@
+"""LoRA wrappers around a frozen base layer, one class per layer type.
+
+           x ──────────────► base_layer (W, frozen) ──┐
+           │                                          (+) ──► h = W x + scaling · B (A x)
+           └─► dropout ─► A (r × d_in) ─► B (d_out × r) ┘
+
+Each wrapper keeps its adapters by name in ``ModuleDict``s (``lora_A``, ``lora_B``, PEFT's names, so
+state-dict keys read ``<path>.lora_A.<adapter>.weight``). Several adapters may be active at once (their
+updates add), merged into the base weight, disabled, or routed per batch row. Routing uses one gathered
+batched matmul (linear layers) or one masked pass over the concatenated ranks (embeddings, convolutions),
+never a Python loop over rows.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # GPT-2 style layers: y = x @ W + b with W stored as (d_in, d_out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency, this only guards odd installs
+    Conv1D = None
+
+
+class Routing:
+    """Per-row adapter choice for one forward: ``names[k]`` is adapter k+1; index 0 means the base model."""
+
+    def __init__(self, names: list[str], index: torch.Tensor) -> None:
+        self.names = names
+        self.index = index
+
+    def index_on(self, device: torch.device) -> torch.Tensor:
+        return self.index.to(device, non_blocking=True)
+
+
+class _BaseWrapper(nn.Module):
+    """Shared by LoRA layers and modules_to_save wrappers: attribute passthrough to the wrapped module."""
+
+    wrapped_attr = "base_layer"
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == self.wrapped_attr:
+                raise
+            return getattr(getattr(self, self.wrapped_attr), name)
+
+
+class LoraLayer(_BaseWrapper):
+    """Common logic of all LoRA wrappers; subclasses define the adapter tensors and their maths."""
+
+    @staticmethod
+    def unsupported_reason(base_layer: nn.Module) -> str | None:
+        """Why this wrapper cannot take ``base_layer`` although its type matches (None: it can)."""
+        return None
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self.routing: Routing | None = None
+
+    # ----- adapter bookkeeping -------------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.r)
+
+    @property
+    def in_out(self) -> tuple[int, int]:
+        """(d_in, d_out) of the base layer."""
+        raise NotImplementedError
+
+    def add_adapter(self, name: str, r: int, alpha: float, scaling: float, dropout: float, init: str) -> None:
+        assert name not in self.r, f"adapter {name!r} already on this layer"
+        self.r[name] = r
+        self.lora_alpha[name] = alpha
+        self.scaling[name] = scaling
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._create(name, r)
+        self._initialise(name, init)
+        weight = self.base_layer.weight
+        for param in self.adapter_parameters(name):
+            param.data = param.data.to(device=weight.device, dtype=weight.dtype)
+
+    def remove_adapter(self, name: str) -> None:
+        assert name not in self.merged_adapters, "unmerge before removing"
+        for table in self._tables():
+            del table[name]
+        del self.lora_dropout[name]
+        for d in (self.r, self.lora_alpha, self.scaling):
+            del d[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def _tables(self) -> list[nn.ModuleDict | nn.ParameterDict]:
+        raise NotImplementedError
+
+    def _create(self, name: str, r: int) -> None:
+        raise NotImplementedError
+
+    def _initialise(self, name: str, init: str) -> None:
+        raise NotImplementedError
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        params: list[nn.Parameter] = []
+        for table in self._tables():
+            entry = table[name]
+            params.extend(entry.parameters() if isinstance(entry, nn.Module) else [entry])
+        return params
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under PEFT's relative key names (no adapter name in the key)."""
+        raise NotImplementedError
+
+    # ----- merge ------------------------------------------------------------------------------------
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """scaling · B A laid out like ``base_layer.weight``, computed in float32."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self, names: Iterable[str]) -> None:
+        weight = self.base_layer.weight
+        for name in names:
+            if name in self.r and name not in self.merged_adapters:
+                weight.add_(self.delta_weight(name).to(weight.dtype))
+                self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self, names: Iterable[str] | None = None) -> None:
+        weight = self.base_layer.weight
+        targets = list(self.merged_adapters if names is None else names)
+        for name in reversed(self.merged_adapters[:]):
+            if name in targets:
+                weight.sub_(self.delta_weight(name).to(weight.dtype))
+                self.merged_adapters.remove(name)
+
+    # ----- forward ----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        if self.routing is not None:
+            if self.merged_adapters:
+                raise RuntimeError("route() needs unmerged adapters; call lorakit.unmerge(model) first")
+            return result + self._routed_update(x, self.routing).to(result.dtype)
+        for name in self.active_adapters:
+            if name not in self.merged_adapters:
+                result = result + self._update(x, name).to(result.dtype)
+        return result
+
+    def _update(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """scaling · B(A(dropout(x))) for one adapter."""
+        raise NotImplementedError
+
+    def _routed_update(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _row_index(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        index = routing.index_on(x.device)
+        if x.shape[0] != index.shape[0]:
+            raise ValueError(
+                f"route() was given {index.shape[0]} row names but the batch has {x.shape[0]} rows; "
+                "pass one adapter name (or None) per row"
+            )
+        return index
+
+    def _row_dropout(self, x: torch.Tensor, names: list[str], index: torch.Tensor) -> torch.Tensor:
+        """Dropout with each row's own adapter probability (training only)."""
+        probs = [0.0] + [_dropout_p(self.lora_dropout[n]) if n in self.r else 0.0 for n in names]
+        if not self.training or max(probs) == 0:
+            return x
+        p = torch.tensor(probs, device=x.device, dtype=x.dtype)[index]
+        p = p.view(-1, *([1] * (x.dim() - 1)))
+        keep = torch.rand_like(x) >= p
+        return x * keep / (1 - p)
+
+    def _concat_ranks(self, names: list[str]) -> tuple[list[str], list[int]]:
+        present = [n for n in names if n in self.r]
+        return present, [self.r[n] for n in present]
+
+    def _rank_mask(self, names: list[str], index: torch.Tensor, device, dtype) -> torch.Tensor:
+        """(rows, sum of ranks) mask: row i keeps only the rank columns of its own adapter."""
+        present, ranks = self._concat_ranks(names)
+        owner = torch.cat(
+            [torch.full((r,), names.index(n) + 1, dtype=torch.long) for n, r in zip(present, ranks, strict=True)]
+        ).to(device)
+        return (index[:, None] == owner[None, :]).to(dtype)
+
+    def extra_repr(self) -> str:
+        parts = [f"{n}: r={self.r[n]}, scaling={self.scaling[n]:g}" for n in self.r]
+        return "adapters=[" + "; ".join(parts) + f"], active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+def _dropout_p(module: nn.Module) -> float:
+    return module.p if isinstance(module, nn.Dropout) else 0.0
+
+
+class LoraLinear(LoraLayer):
+    """LoRA for ``nn.Linear`` (weight d_out x d_in)."""
+
+    fan_in_fan_out = False
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    @property
+    def in_out(self) -> tuple[int, int]:
+        w = self.base_layer.weight
+        return (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+
+    def _tables(self):
+        return [self.lora_A, self.lora_B]
+
+    def _create(self, name: str, r: int) -> None:
+        d_in, d_out = self.in_out
+        self.lora_A[name] = nn.Linear(d_in, r, bias=False)
+        self.lora_B[name] = nn.Linear(r, d_out, bias=False)
+
+    def _initialise(self, name: str, init: str) -> None:
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        if init == "default":
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.zeros_(b)
+        elif init == "gaussian":
+            nn.init.normal_(a, std=1 / self.r[name])
+            nn.init.zeros_(b)
+        # "random": keep nn.Linear's own initialisation of both matrices
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a = self.lora_A[name].weight.float()
+        b = self.lora_B[name].weight.float()
+        delta = (b @ a) * self.scaling[name]
+        return delta.T if self.fan_in_fan_out else delta
+
+    def _update(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        a = self.lora_A[name]
+        x = x.to(a.weight.dtype) if x.dtype != a.weight.dtype else x
+        return self.lora_B[name](a(self.lora_dropout[name](x))) * self.scaling[name]
+
+    def _stacked(self, names: list[str], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A: (n+1, r_max, d_in) and B: (n+1, d_out, r_max) with scaling folded into B; slot 0 is zeros."""
+        d_in, d_out = self.in_out
+        r_max = max([self.r[n] for n in names if n in self.r], default=1)
+        a_rows = [like.new_zeros(r_max, d_in)]
+        b_rows = [like.new_zeros(d_out, r_max)]
+        for n in names:
+            if n not in self.r:
+                a_rows.append(like.new_zeros(r_max, d_in))
+                b_rows.append(like.new_zeros(d_out, r_max))
+                continue
+            pad = r_max - self.r[n]
+            a_rows.append(F.pad(self.lora_A[n].weight, (0, 0, 0, pad)))
+            b_rows.append(F.pad(self.lora_B[n].weight * self.scaling[n], (0, pad)))
+        return torch.stack(a_rows), torch.stack(b_rows)
+
+    def _routed_update(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        index = self._row_index(x, routing)
+        if not any(n in self.r for n in routing.names):
+            return x.new_zeros(*x.shape[:-1], self.in_out[1])
+        a_stack, b_stack = self._stacked(routing.names, self.lora_A[self._first(routing.names)].weight)
+        xs = x.to(a_stack.dtype).reshape(x.shape[0], -1, x.shape[-1])
+        xs = self._row_dropout(xs, routing.names, index)
+        hidden = torch.bmm(xs, a_stack[index].transpose(1, 2))  # (rows, tokens, r_max)
+        out = torch.bmm(hidden, b_stack[index].transpose(1, 2))  # (rows, tokens, d_out)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def _first(self, names: list[str]) -> str:
+        return next(n for n in names if n in self.r)
+
+
+class LoraConv1D(LoraLinear):
+    """LoRA for transformers' GPT-2 ``Conv1D`` (weight stored transposed: d_in x d_out)."""
+
+    fan_in_fan_out = True
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA for ``nn.Embedding``: A is (r x num_embeddings) looked up by token id, B is (dim x r)."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    @property
+    def in_out(self) -> tuple[int, int]:
+        return self.base_layer.num_embeddings, self.base_layer.embedding_dim
+
+    def _tables(self):
+        return [self.lora_embedding_A, self.lora_embedding_B]
+
+    def _create(self, name: str, r: int) -> None:
+        num, dim = self.in_out
+        self.lora_embedding_A[name] = nn.Parameter(torch.empty(r, num))
+        self.lora_embedding_B[name] = nn.Parameter(torch.empty(dim, r))
+
+    def _initialise(self, name: str, init: str) -> None:
+        # PEFT's convention for embeddings: A zero, B normal (the update starts at zero either way).
+        a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        if init == "random":
+            nn.init.normal_(a)
+        else:
+            nn.init.zeros_(a)
+        nn.init.normal_(b)
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        return {
+            "lora_embedding_A": self.lora_embedding_A[name],
+            "lora_embedding_B": self.lora_embedding_B[name],
+        }
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a = self.lora_embedding_A[name].float()
+        b = self.lora_embedding_B[name].float()
+        return (b @ a).T * self.scaling[name]
+
+    def _lookup(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        return F.embedding(ids, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq)
+
+    def _update(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        hidden = self._lookup(x, self.lora_embedding_A[name].T)
+        return (hidden @ self.lora_embedding_B[name].T) * self.scaling[name]
+
+    def _routed_update(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        index = self._row_index(x, routing)
+        present, _ = self._concat_ranks(routing.names)
+        if not present:
+            return self.base_layer.weight.new_zeros(*x.shape, self.in_out[1])
+        a_cat = torch.cat([self.lora_embedding_A[n] for n in present])  # (sum r, num)
+        b_cat = torch.cat([self.lora_embedding_B[n] * self.scaling[n] for n in present], dim=1)
+        hidden = self._lookup(x, a_cat.T)  # (rows, ..., sum r)
+        mask = self._rank_mask(routing.names, index, x.device, hidden.dtype)
+        hidden = hidden * mask.view(mask.shape[0], *([1] * (hidden.dim() - 2)), mask.shape[1])
+        return hidden @ b_cat.T
+
+
+class LoraConv2d(LoraLayer):
+    """LoRA for ``nn.Conv2d``: A is a conv with the base kernel into r channels, B a 1x1 conv to d_out."""
+
+    def __init__(self, base_layer: nn.Conv2d) -> None:
+        assert self.unsupported_reason(base_layer) is None
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    @staticmethod
+    def unsupported_reason(base_layer: nn.Conv2d) -> str | None:
+        if base_layer.groups != 1 or base_layer.dilation != (1, 1):
+            return (
+                f"LoRA supports Conv2d with groups=1 and dilation=1, got groups={base_layer.groups}, "
+                f"dilation={base_layer.dilation}; leave it out with exclude_modules"
+            )
+        return None
+
+    @property
+    def in_out(self) -> tuple[int, int]:
+        return self.base_layer.in_channels, self.base_layer.out_channels
+
+    def _tables(self):
+        return [self.lora_A, self.lora_B]
+
+    def _create(self, name: str, r: int) -> None:
+        base = self.base_layer
+        self.lora_A[name] = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding, bias=False)
+        self.lora_B[name] = nn.Conv2d(r, base.out_channels, (1, 1), (1, 1), bias=False)
+
+    _initialise = LoraLinear._initialise
+    adapter_state = LoraLinear.adapter_state
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a = self.lora_A[name].weight.float()  # (r, in, kh, kw)
+        b = self.lora_B[name].weight.float()  # (out, r, 1, 1)
+        if a.shape[2:] == (1, 1):
+            delta = (b.flatten(1) @ a.flatten(1)).view(b.shape[0], a.shape[1], 1, 1)
+        else:
+            delta = F.conv2d(a.transpose(0, 1), b).transpose(0, 1)
+        return delta * self.scaling[name]
+
+    def _update(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        a = self.lora_A[name]
+        x = x.to(a.weight.dtype) if x.dtype != a.weight.dtype else x
+        return self.lora_B[name](a(self.lora_dropout[name](x))) * self.scaling[name]
+
+    def _routed_update(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        index = self._row_index(x, routing)
+        present, _ = self._concat_ranks(routing.names)
+        if not present:
+            return torch.zeros_like(self.base_layer(x))
+        base = self.base_layer
+        a_cat = torch.cat([self.lora_A[n].weight for n in present])
+        b_cat = torch.cat([self.lora_B[n].weight * self.scaling[n] for n in present], dim=1)
+        xs = self._row_dropout(x.to(a_cat.dtype), routing.names, index)
+        hidden = F.conv2d(xs, a_cat, None, base.stride, base.padding)
+        hidden = hidden * self._rank_mask(routing.names, index, x.device, hidden.dtype)[:, :, None, None]
+        return F.conv2d(hidden, b_cat)
+
+
+class ModulesToSave(_BaseWrapper):
+    """A frozen original module plus one trainable copy per adapter (PEFT's ``modules_to_save``)."""
+
+    wrapped_attr = "original_module"
+
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disabled = False
+        self.routing: Routing | None = None
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save.keys())
+
+    def add_adapter(self, name: str) -> None:
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+
+    def remove_adapter(self, name: str) -> None:
+        del self.modules_to_save[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return list(self.modules_to_save[name].parameters())
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        return dict(self.modules_to_save[name].state_dict(keep_vars=True))
+
+    def forward(self, x, *args, **kwargs):
+        if self.disabled:
+            return self.original_module(x, *args, **kwargs)
+        if self.routing is not None:
+            return self._routed(x, *args, **kwargs)
+        names = [n for n in self.active_adapters if n in self.modules_to_save]
+        if len(names) > 1:
+            raise RuntimeError(f"adapters {names} each carry their own copy of this module; activate only one of them")
+        module = self.modules_to_save[names[0]] if names else self.original_module
+        return module(x, *args, **kwargs)
+
+    def _routed(self, x, *args, **kwargs):
+        routing = self.routing
+        result = self.original_module(x, *args, **kwargs)
+        if not isinstance(result, torch.Tensor):
+            raise TypeError("route() supports modules_to_save modules that return a single tensor")
+        index = routing.index_on(result.device)
+        for k, name in enumerate(routing.names, start=1):
+            if name in self.modules_to_save and bool((index == k).any()):
+                rows = (index == k).view(-1, *([1] * (result.dim() - 1)))
+                result = torch.where(rows, self.modules_to_save[name](x, *args, **kwargs), result)
+        return result
+
+
+def wrapper_classes() -> list[tuple[type[nn.Module], type[LoraLayer]]]:
+    """The dispatch table, in order: the first base type that matches picks the wrapper."""
+    table: list[tuple[type[nn.Module], type[LoraLayer]]] = [
+        (nn.Embedding, LoraEmbedding),
+        (nn.Conv2d, LoraConv2d),
+        (nn.Linear, LoraLinear),
+    ]
+    if Conv1D is not None:
+        table.insert(0, (Conv1D, LoraConv1D))
+    return table
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear or GPT-2 Conv1D, wrapped or not: what ``all-linear`` targets."""
+    if isinstance(module, LoraLayer):
+        module = module.base_layer
+    return isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D))

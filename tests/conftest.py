@@ -1,0 +1,116 @@
+"""Tiny randomly initialised models of the four families, built from transformers config objects."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+VOCAB = 64
+
+
+@dataclass
+class Family:
+    name: str
+    build_model: Callable[[], nn.Module]
+    targets: list[str]
+    modules_to_save: list[str] | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def build(self, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+        torch.manual_seed(seed)
+        return self.build_model().to(dtype).eval()
+
+    def inputs(self, batch: int = 3, length: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randint(1, VOCAB, (batch, length), generator=gen)
+        if self.name == "t5":
+            return {"input_ids": ids, "decoder_input_ids": ids[:, :4]}
+        return {"input_ids": ids}
+
+    def logits(self, model: nn.Module, inputs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        with torch.no_grad():
+            return model(**(inputs or self.inputs())).logits
+
+
+FAMILIES = {
+    "gpt2": Family(
+        "gpt2",
+        lambda: GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=32)),
+        targets=["c_attn", "c_proj"],
+        rank_pattern={"h.1.attn.c_attn": 2},
+        alpha_pattern={"c_proj": 3.0},
+    ),
+    "bert": Family(
+        "bert",
+        lambda: BertForSequenceClassification(
+            BertConfig(
+                vocab_size=VOCAB,
+                hidden_size=16,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=32,
+                max_position_embeddings=32,
+                num_labels=3,
+            )
+        ),
+        targets=["query", "value"],
+        modules_to_save=["classifier"],
+        rank_pattern={"layer.0.attention.self.query": 6},
+        alpha_pattern={"value": 5.0},
+    ),
+    "llama": Family(
+        "llama",
+        lambda: LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=VOCAB,
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=32,
+            )
+        ),
+        targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        rank_pattern={"layers.1.mlp.down_proj": 2},
+        alpha_pattern={r"layers\.0\.self_attn\.q_proj": 12.0},
+    ),
+    "t5": Family(
+        "t5",
+        lambda: T5ForConditionalGeneration(
+            T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2)
+        ),
+        targets=["q", "v", "wo"],
+        rank_pattern={"wo": 3},
+        alpha_pattern={"q": 7.0},
+    ),
+}
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request) -> Family:
+    return FAMILIES[request.param]
+
+
+def randomize_adapters(model: nn.Module, seed: int = 123, scale: float = 0.2) -> None:
+    """Give every LoRA tensor random values so the adapter visibly changes the model."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * scale)

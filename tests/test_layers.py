@@ -1,0 +1,200 @@
+"""Each wrapper against the LoRA formula computed by hand, merge, and per-row routing."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.testing import assert_close
+from transformers.pytorch_utils import Conv1D
+
+import lorakit
+from lorakit.layers import LoraConv1D, LoraConv2d, LoraEmbedding, LoraLinear
+
+
+class Net(nn.Module):
+    """One layer of each supported type."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 12)
+        self.lin = nn.Linear(12, 10)
+        self.c1d = Conv1D(8, 10)  # GPT-2 style: 10 -> 8, weight stored (10, 8)
+        self.conv = nn.Conv2d(3, 5, 3, padding=1)
+        self.conv1x1 = nn.Conv2d(5, 4, 1)
+
+    def forward(self, ids, image):
+        h = self.c1d(self.lin(self.emb(ids)))
+        return h.sum(-1), self.conv1x1(self.conv(image))
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return Net().eval()
+
+
+def _inputs(batch=4):
+    gen = torch.Generator().manual_seed(5)
+    return torch.randint(0, 20, (batch, 6), generator=gen), torch.randn(batch, 3, 7, 7, generator=gen)
+
+
+ALL = ["emb", "lin", "c1d", "conv", "conv1x1"]
+
+
+def _inject(model, name="default", r=3, alpha=6.0, **kw):
+    lorakit.inject(model, lorakit.LoraConfig(r=r, alpha=alpha, target_modules=ALL, init="random", **kw), name)
+    return model
+
+
+def test_dispatch_picks_the_right_wrapper():
+    m = _inject(_net())
+    assert isinstance(m.emb, LoraEmbedding)
+    assert isinstance(m.lin, LoraLinear) and not isinstance(m.lin, LoraConv1D)
+    assert isinstance(m.c1d, LoraConv1D)
+    assert isinstance(m.conv, LoraConv2d)
+    assert type(m) is Net  # the model class does not change
+
+
+def test_each_layer_matches_hand_formula():
+    m = _inject(_net(), r=3, alpha=6.0)
+    s = 6.0 / 3
+    ids, image = _inputs()
+    x = torch.randn(4, 6, 12)
+    lin = m.lin
+    want = (
+        x @ lin.base_layer.weight.T
+        + lin.base_layer.bias
+        + s * (x @ lin.lora_A["default"].weight.T) @ lin.lora_B["default"].weight.T
+    )
+    assert_close(lin(x), want)
+
+    c = m.c1d
+    x10 = torch.randn(4, 6, 10)
+    want = (
+        x10 @ c.base_layer.weight
+        + c.base_layer.bias
+        + s * x10 @ c.lora_A["default"].weight.T @ c.lora_B["default"].weight.T
+    )
+    assert_close(c(x10), want)
+
+    e = m.emb
+    a, b = e.lora_embedding_A["default"], e.lora_embedding_B["default"]
+    want = e.base_layer.weight[ids] + s * (a.T[ids] @ b.T)
+    assert_close(e(ids), want)
+
+    cv = m.conv
+    want = cv.base_layer(image) + s * F.conv2d(
+        F.conv2d(image, cv.lora_A["default"].weight, padding=1), cv.lora_B["default"].weight
+    )
+    assert_close(cv(image), want)
+
+
+@pytest.mark.parametrize("layer", ALL)
+def test_delta_weight_equals_unmerged_update(layer):
+    m = _inject(_net())
+    ids, image = _inputs()
+    before = m(ids, image)
+    lorakit.merge(m)
+    merged = m(ids, image)
+    for got, want in zip(merged, before, strict=True):
+        assert_close(got, want, rtol=1e-5, atol=1e-5)
+    module = getattr(m, layer)
+    assert module.merged_adapters == ["default"]
+    lorakit.unmerge(m)
+    assert module.merged_adapters == []
+
+
+def test_initial_update_is_zero_for_default_init():
+    torch.manual_seed(0)
+    base = _net()
+    ids, image = _inputs()
+    want = base(ids, image)
+    lorakit.inject(base, lorakit.LoraConfig(r=2, target_modules=ALL))
+    for got, exp in zip(base(ids, image), want, strict=True):
+        assert torch.equal(got, exp)
+
+
+def test_gaussian_init_starts_at_base_and_has_random_a():
+    m = _net()
+    lorakit.inject(m, lorakit.LoraConfig(r=4, target_modules=["lin"], init="gaussian"))
+    a = m.lin.lora_A["default"].weight
+    assert a.abs().sum() > 0 and torch.count_nonzero(m.lin.lora_B["default"].weight) == 0
+    assert a.std().item() == pytest.approx(1 / 4, rel=0.5)
+
+
+def test_route_rows_equal_single_adapter_runs_for_every_layer_type():
+    m = _inject(_net(), "a", r=3)
+    _inject(m, "b", r=5, alpha=2.0)
+    ids, image = _inputs(batch=5)
+    rows = ["a", None, "b", "a", "b"]
+    with lorakit.route(m, rows):
+        mixed = m(ids, image)
+    singles = {}
+    for name in ("a", "b"):
+        lorakit.set_active(m, name)
+        singles[name] = m(ids, image)
+    with lorakit.disabled(m):
+        singles[None] = m(ids, image)
+    for i, name in enumerate(rows):
+        for got, want in zip(mixed, singles[name], strict=True):
+            assert_close(got[i], want[i], rtol=1e-5, atol=1e-5)
+
+
+def test_route_gradients_reach_each_rows_adapter_only():
+    m = _inject(_net(), "a")
+    _inject(m, "b")
+    lorakit.set_active(m, ["a", "b"])
+    ids, image = _inputs(batch=2)
+    with lorakit.route(m, ["a", None]):
+        out = m(ids, image)
+    (out[0].sum() + out[1].sum()).backward()
+    assert m.lin.lora_A["a"].weight.grad.abs().sum() > 0
+    assert m.lin.lora_A["b"].weight.grad is None or m.lin.lora_A["b"].weight.grad.abs().sum() == 0
+
+
+def test_route_checks_batch_size_and_names():
+    m = _inject(_net())
+    ids, image = _inputs(batch=3)
+    with (
+        pytest.raises(ValueError, match="2 row names but the batch has 3 rows"),
+        lorakit.route(m, ["default", None]),
+    ):
+        m(ids, image)
+    with pytest.raises(ValueError, match="no adapter named 'nope'"), lorakit.route(m, ["nope"]):
+        pass
+
+
+def test_bias_modes():
+    m = _inject(_net(), bias="lora_only")
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert "lin.base_layer.bias" in trainable and "conv.base_layer.bias" in trainable
+    assert not any(n.endswith("weight") and "lora" not in n for n in trainable)
+
+    class WithFreeBias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 4)
+
+    w = WithFreeBias()
+    lorakit.inject(w, lorakit.LoraConfig(r=2, target_modules=["a"], bias="all"))
+    assert w.b.bias.requires_grad and not w.b.weight.requires_grad
+    w2 = WithFreeBias()
+    lorakit.inject(w2, lorakit.LoraConfig(r=2, target_modules=["a"], bias="none"))
+    assert not any(p.requires_grad for n, p in w2.named_parameters() if "bias" in n)
+
+
+def test_dropout_applies_in_training_only():
+    m = _net()
+    lorakit.inject(m, lorakit.LoraConfig(r=4, target_modules=["lin"], dropout=0.5, init="random"))
+    x = torch.randn(2, 5, 12)
+    m.eval()
+    assert torch.equal(m.lin(x), m.lin(x))
+    m.train()
+    torch.manual_seed(0)
+    assert not torch.equal(m.lin(x), m.lin(x))
+
+
+def test_conv2d_with_groups_is_refused_clearly():
+    m = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match="groups=1 and dilation=1"):
+        lorakit.inject(m, lorakit.LoraConfig(r=2, target_modules=["0"]))
