@@ -15,6 +15,7 @@ from .adapters import (
 from .config import LoraConfig
 from .inject import inject
 from .io import load_adapter, save_adapter
+from .models import load_model
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "disabled",
     "inject",
     "load_adapter",
+    "load_model",
     "merge",
     "route",
     "save_adapter",

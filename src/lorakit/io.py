@@ -176,8 +176,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     config = json.dumps(peft_config_dict(model, name), indent=2, sort_keys=True) + "\n"
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        atomic_write(directory / WEIGHTS_NAME, safetensors_bytes(tensors, metadata={"format": "pt"}))
-        atomic_write(directory / CONFIG_NAME, config.encode())
+        atomic_write_many(
+            {
+                directory / WEIGHTS_NAME: safetensors_bytes(tensors, metadata={"format": "pt"}),
+                directory / CONFIG_NAME: config.encode(),
+            }
+        )
     except OSError as err:
         raise OSError(
             err.errno,
@@ -186,23 +190,32 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     return directory
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a synced temporary file and an atomic rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def atomic_write_many(files: dict[Path, bytes]) -> None:
+    """Write every file to a synced temporary name first, then rename them all into place.
+
+    A failure while writing (disk full, permissions) leaves every existing file untouched; only the
+    renames, each atomic, happen after all data is safely on disk.
+    """
+    temps: dict[Path, Path] = {}
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
+        for path, data in files.items():
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            temps[path] = tmp
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
     finally:
-        os.close(fd)
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+    for parent in {p.parent for p in files}:
+        fd = os.open(parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 # ----- load -------------------------------------------------------------------------------------------

@@ -117,6 +117,8 @@ def load_model(
 ) -> tuple[nn.Module, object]:
     """Load (model, tokenizer) for ``spec`` (see ``resolve_model_dir``), in eval mode, offline.
 
+    The tokenizer is None when the directory has none (as with test models built from a config).
+
     Raises:
         ValueError: unknown task, or ``spec`` names no model.
     """
@@ -136,14 +138,29 @@ def load_model(
         raise ValueError(f"task {task!r} is unknown; use one of {list(TASKS)}")
     directory = resolve_model_dir(spec)
     try:
-        model = classes[task].from_pretrained(directory, dtype=dtype, local_files_only=True)
+        model = _quiet_load(classes[task], directory, dtype)
     except (OSError, ValueError, RuntimeError) as err:
         if str(spec) != DEFAULT_MODEL and Path(spec).suffix != ".gguf":
             raise ValueError(f"could not load model from {directory}: {err}") from None
         gguf = default_gguf() if str(spec) == DEFAULT_MODEL else Path(spec)
         print(f"lorakit: cached conversion unreadable ({type(err).__name__}); rebuilding", file=sys.stderr)
         directory = convert_gguf(gguf, force=True)
-        model = classes[task].from_pretrained(directory, dtype=dtype, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        model = _quiet_load(classes[task], directory, dtype)
+    tokenizer = None
+    if any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     model.eval()
     return model, tokenizer
+
+
+def _quiet_load(cls, directory: Path, dtype: torch.dtype) -> nn.Module:
+    """from_pretrained without transformers' per-tensor progress bar (a local load takes about a second)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return cls.from_pretrained(directory, dtype=dtype, local_files_only=True)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()

@@ -1,0 +1,1 @@
+"""The `lorakit` command line: one module per subcommand."""

@@ -1,0 +1,38 @@
+"""`lorakit` entry point: dispatches to a subcommand and turns user errors into one clear line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import __version__
+from . import merge as merge_cmd
+
+SUBCOMMANDS = {"merge": merge_cmd}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lorakit", description="LoRA fine-tuning toolkit with PEFT-compatible adapter files."
+    )
+    parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module in SUBCOMMANDS.items():
+        module.add_parser(sub.add_parser(name, help=module.HELP, description=module.__doc__))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return SUBCOMMANDS[args.command].run(args) or 0
+    except (ValueError, TypeError, OSError, FileExistsError) as err:
+        print(f"lorakit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lorakit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

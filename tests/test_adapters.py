@@ -1,0 +1,180 @@
+"""Several adapters on one model: activate, disable, route, delete, merge, unload."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import lorakit
+from lorakit.layers import LoraLayer, ModulesToSave
+
+from .conftest import FAMILIES, randomize_adapters
+
+
+def _two_adapters(family):
+    model = family.build()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=family.targets, init="random"), "a")
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=3.0, target_modules=family.targets[:1], init="random"), "b")
+    randomize_adapters(model)
+    return model
+
+
+def test_set_active_several_adapters_add(family):
+    model = _two_adapters(family)
+    with lorakit.disabled(model):
+        base = family.logits(model)
+    assert lorakit.active_adapters(model) == ["b"]
+    lorakit.set_active(model, "a")
+    only_a = family.logits(model)
+    lorakit.set_active(model, "b")
+    only_b = family.logits(model)
+    lorakit.set_active(model, ["a", "b"])
+    both = family.logits(model)
+    if family.name in ("llama", "gpt2"):  # adapters on different layers of a nonlinear net do not add exactly
+        assert not torch.allclose(both, only_a) and not torch.allclose(both, only_b)
+    # the combined update at one layer is the sum of the two updates
+    path = next(p for p, m in model.named_modules() if isinstance(m, LoraLayer) and len(m.adapter_names) == 2)
+    layer = model.get_submodule(path)
+    x = torch.randn(2, 3, layer.in_out[0])
+    with torch.no_grad():
+        base_out = layer.base_layer(x)
+        lorakit.set_active(model, "a")
+        da = layer(x) - base_out
+        lorakit.set_active(model, "b")
+        db = layer(x) - base_out
+        lorakit.set_active(model, ["a", "b"])
+        assert_close(layer(x) - base_out, da + db, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(base, only_a)
+
+
+def test_only_active_adapters_train():
+    model = _two_adapters(FAMILIES["llama"])
+    lorakit.set_active(model, "a")
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all(".a." in n for n in names)
+    lorakit.set_active(model, ["a", "b"])
+    assert any(".b." in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_disabled_gives_base_and_restores(family):
+    model = family.build()
+    base = family.logits(model)
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=family.targets, init="random"))
+    adapted = family.logits(model)
+    with lorakit.disabled(model):
+        assert torch.equal(family.logits(model), base)
+    assert torch.equal(family.logits(model), adapted)
+    lorakit.merge(model)
+    with lorakit.disabled(model):
+        assert_close(family.logits(model), base, rtol=1e-5, atol=1e-5)
+    assert_close(family.logits(model), adapted, rtol=1e-5, atol=1e-5)
+    assert any(m.merged_adapters for m in model.modules() if isinstance(m, LoraLayer))
+
+
+def test_route_mixed_rows_equal_each_row_alone(family):
+    model = _two_adapters(family)
+    inputs = family.inputs(batch=4)
+    rows = ["b", None, "a", "b"]
+    with lorakit.route(model, rows):
+        mixed = family.logits(model, inputs)
+    for i, name in enumerate(rows):
+        one = {k: v[i : i + 1] for k, v in inputs.items()}
+        if name is None:
+            with lorakit.disabled(model):
+                alone = family.logits(model, one)
+        else:
+            lorakit.set_active(model, name)
+            alone = family.logits(model, one)
+        assert_close(mixed[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_route_with_modules_to_save_copies():
+    bert = FAMILIES["bert"]
+    model = bert.build()
+    for name in ("a", "b"):
+        cfg = lorakit.LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"], init="random")
+        lorakit.inject(model, cfg, name)
+        with torch.no_grad():
+            model.classifier.modules_to_save[name].weight.normal_()
+    inputs = bert.inputs(batch=3)
+    rows = ["a", "b", None]
+    with lorakit.route(model, rows):
+        mixed = bert.logits(model, inputs)
+    for i, name in enumerate(rows):
+        one = {k: v[i : i + 1] for k, v in inputs.items()}
+        if name is None:
+            with lorakit.disabled(model):
+                alone = bert.logits(model, one)
+        else:
+            lorakit.set_active(model, name)
+            alone = bert.logits(model, one)
+        assert_close(mixed[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_route_refuses_merged_adapters():
+    model = _two_adapters(FAMILIES["llama"])
+    lorakit.merge(model)
+    with pytest.raises(ValueError, match="unmerge"), lorakit.route(model, ["a"]):
+        pass
+
+
+def test_delete_adapter_unwraps_unused_layers(family):
+    model = family.build()
+    base = family.logits(model)
+    original_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=family.targets, init="random"), "a")
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=family.targets[:1], init="random"), "b")
+    lorakit.merge(model, ["a"])
+    lorakit.delete_adapter(model, "a")
+    assert all(m.adapter_names == ["b"] for m in model.modules() if isinstance(m, LoraLayer))
+    lorakit.delete_adapter(model, "b")
+    assert not any(isinstance(m, LoraLayer | ModulesToSave) for m in model.modules())
+    assert_close(family.logits(model), base, rtol=1e-5, atol=1e-5)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == original_flags
+
+
+def test_unknown_adapter_names_are_clear_errors():
+    model = _two_adapters(FAMILIES["llama"])
+    for call in (
+        lambda: lorakit.set_active(model, "c"),
+        lambda: lorakit.delete_adapter(model, "c"),
+        lambda: lorakit.merge(model, ["c"]),
+        lambda: lorakit.save_adapter(model, "/nonexistent/x", name="c"),
+    ):
+        with pytest.raises(ValueError, match=r"no adapter named 'c' on this model; adapters present: \['a', 'b'\]"):
+            call()
+    plain = FAMILIES["llama"].build()
+    with pytest.raises(ValueError, match="has no lorakit adapters"):
+        lorakit.merge(plain)
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_unload(family, merge):
+    model = family.build()
+    base = family.logits(model)
+    cfg = lorakit.LoraConfig(r=2, target_modules=family.targets, init="random", modules_to_save=family.modules_to_save)
+    lorakit.inject(model, cfg)
+    randomize_adapters(model)
+    adapted = family.logits(model)
+    plain = lorakit.unload(model, merge=merge)
+    assert plain is model
+    assert not any(isinstance(m, LoraLayer | ModulesToSave) for m in plain.modules())
+    assert not any("lora_" in n or "base_layer" in n for n, _ in plain.named_parameters())
+    assert_close(family.logits(plain), adapted if merge else base, rtol=1e-5, atol=1e-5)
+    assert set(plain.state_dict()) == set(family.build().state_dict())
+
+
+def test_tied_weights_refuse_merge():
+    model = FAMILIES["gpt2"].build()  # wte is tied to lm_head
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["wte"], init="random"))
+    with pytest.raises(ValueError, match="shared \\(tied\\)"):
+        lorakit.merge(model)
+
+
+def test_trainable_summary_counts():
+    model = FAMILIES["llama"].build()
+    total = sum(p.numel() for p in model.parameters())
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
+    s = lorakit.trainable_summary(model)
+    assert s.trainable == 2 * (2 * 16 + 16 * 2)  # two layers, A: 2x16, B: 16x2
+    assert s.total == total + s.trainable
+    assert f"{s.trainable:,}" in str(s) and "trainable%" in str(s)

@@ -1,0 +1,75 @@
+"""Model loading: argument errors, cache validation, and the embedded default model."""
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import lorakit
+from lorakit import models
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_bad_model_spec_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="is not a model: give a local Hugging Face model directory"):
+        models.resolve_model_dir(tmp_path)
+    with pytest.raises(ValueError, match="no such GGUF file"):
+        models.resolve_model_dir(tmp_path / "x.gguf")
+    with pytest.raises(ValueError, match="task 'chat' is unknown"):
+        models.load_model(tmp_path, task="chat")
+
+
+def test_cache_manifest_detects_partial_entries(tmp_path):
+    entry = tmp_path / "entry"
+    entry.mkdir()
+    assert not models._cache_complete(entry)  # no manifest: an interrupted conversion
+    (entry / "model.safetensors").write_bytes(b"x" * 100)
+    (entry / models._MANIFEST).write_text(json.dumps({"files": {"model.safetensors": 100}}))
+    assert models._cache_complete(entry)
+    (entry / "model.safetensors").write_bytes(b"x" * 50)  # truncated
+    assert not models._cache_complete(entry)
+    (entry / models._MANIFEST).write_text("{broken")
+    assert not models._cache_complete(entry)
+
+
+def test_cache_root_follows_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "c"))
+    assert models.cache_root() == tmp_path / "c"
+
+
+@pytest.mark.integration
+def test_default_model_loads_from_cache():
+    models.resolve_model_dir("default")  # converts once if this machine has no cache yet
+    started = time.perf_counter()
+    model, tokenizer = lorakit.load_model("default")
+    assert time.perf_counter() - started < 10
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.vocab_size == 49152
+    assert tokenizer.chat_template and not model.training
+    assert not hasattr(model.config, "quantization_config")
+    ids = tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert "Paris" in tokenizer.decode(out[0])
+
+
+@pytest.mark.integration
+def test_readme_quickstart_runs_as_written(tmp_path, monkeypatch):
+    code = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README quickstart", "exec"), {"__name__": "__quickstart__"})
+    assert (tmp_path / "out" / "quickstart-adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_corrupt_cache_is_rebuilt(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
+    directory = models.resolve_model_dir("default")
+    (directory / "model.safetensors").write_bytes(b"\0" * 10)
+    rebuilt = models.resolve_model_dir("default")
+    assert rebuilt == directory and models._cache_complete(rebuilt)
+    model, _ = models.load_model("default")
+    assert model.config.vocab_size == 49152
