@@ -1,0 +1,49 @@
+"""Evaluate a model, with or without an adapter, on a dataset: loss, perplexity, exact match."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "evaluate a model or adapter on a dataset"
+
+
+def add_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="default", help="HF directory, .gguf file or 'default'")
+    parser.add_argument("--adapter", help="adapter directory; omit to evaluate the base model")
+    parser.add_argument("--data", required=True, help=".jsonl / .csv / .parquet file or saved dataset")
+    parser.add_argument("--max-length", type=int, default=512, help="truncate rows to this many tokens")
+    parser.add_argument("--max-rows", type=int, help="evaluate only the first N rows")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="token limit of generated answers")
+    parser.add_argument("--no-generate", action="store_true", help="loss and perplexity only")
+    parser.add_argument("--show", type=int, default=3, help="print this many sample answers")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    import lorakit
+    from lorakit.data import read_rows, tokenize_rows
+    from lorakit.train.evaluate import evaluate
+
+    model, tokenizer = lorakit.load_model(args.model)
+    if tokenizer is None:
+        raise ValueError(f"--model {args.model} has no tokenizer files")
+    if args.adapter:
+        lorakit.load_adapter(model, args.adapter)
+    rows = read_rows(args.data)[: args.max_rows]
+    examples, _ = tokenize_rows(rows, tokenizer, args.max_length, completion_only=True)
+    result = evaluate(model, tokenizer, examples, generate=not args.no_generate, max_new_tokens=args.max_new_tokens)
+    if args.json:
+        print(json.dumps(result.as_record()))
+        return 0
+    print(f"rows {len(examples)}  loss {result.loss:.4f}  perplexity {result.perplexity:.2f}", end="")
+    print(
+        f"  exact match {100 * result.exact_match:.1f}% ({result.scored} scored)"
+        if result.exact_match is not None
+        else ""
+    )
+    for prompt, reference, answer in result.samples[: args.show]:
+        print(
+            f"  {prompt.splitlines()[-2] if len(prompt.splitlines()) > 1 else prompt!r}\n    want {reference!r}  got {answer!r}"
+        )
+    return 0

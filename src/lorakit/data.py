@@ -1,0 +1,312 @@
+"""Training data: read JSONL / CSV / Parquet / saved `datasets`, tokenize rows, label completions, batch.
+
+Row formats (one per row, detected by its fields):
+- ``{"text": ...}``: plain language modelling, loss on every token;
+- ``{"prompt": ..., "completion": ...}``: loss on the completion only (unless ``completion_only: false``);
+- ``{"messages": [{"role": ..., "content": ...}, ...]}``: rendered with the tokenizer's chat template,
+  loss on the assistant turns only.
+Rows whose last part is a completion / assistant turn also serve exact-match evaluation: the prompt is
+generated from and the answer compared with the reference.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+IGNORE = -100  # label of tokens that carry no loss
+_ROLES = {"system", "user", "assistant", "tool"}
+
+
+@dataclass
+class Example:
+    """One tokenized row. Rows ending in an answer record where it sits, for exact-match evaluation:
+    ``input_ids[:answer_start]`` is the prompt and ``input_ids[answer_start:answer_end]`` the answer's
+    tokens up to and including the end-of-turn token that stops generation."""
+
+    input_ids: list[int]
+    labels: list[int]
+    answer_start: int | None = None
+    answer_end: int | None = None
+    reference: str | None = None  # the expected answer text
+
+    @property
+    def prompt_ids(self) -> list[int] | None:
+        return None if self.answer_start is None else self.input_ids[: self.answer_start]
+
+    @property
+    def scorable(self) -> bool:
+        return self.answer_end is not None and self.answer_end <= len(self.input_ids)
+
+
+@dataclass
+class DataStats:
+    rows: int = 0
+    truncated: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    kinds: dict[str, int] = field(default_factory=dict)
+
+    def describe(self, name: str) -> str:
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.kinds.items()))
+        trunc = f"; {self.truncated} truncated to max_length" if self.truncated else ""
+        return f"{name}: {self.rows} rows ({kinds}), {self.tokens} tokens, {self.trained_tokens} with loss{trunc}"
+
+
+# ----- reading -----------------------------------------------------------------------------------------
+def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """(location, row) pairs from a data file or a saved Hugging Face dataset; errors name the location."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"data file {path} does not exist")
+    if path.is_dir():
+        rows = _read_saved_dataset(path)
+    elif path.suffix == ".jsonl":
+        rows = _read_jsonl(path)
+    elif path.suffix == ".csv":
+        rows = _read_csv(path)
+    elif path.suffix == ".parquet":
+        rows = _read_parquet(path)
+    else:
+        raise ValueError(f"{path}: unknown data format {path.suffix!r}; use .jsonl, .csv, .parquet or a saved dataset")
+    if not rows:
+        raise ValueError(f"{path} holds no rows; a dataset needs at least one")
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    rows = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: each line must be a JSON object, got {type(row).__name__}")
+            rows.append((where, row))
+    return rows
+
+
+def _read_csv(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return [(f"{path}:{i + 2}", dict(row)) for i, row in enumerate(csv.DictReader(f))]
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+    except csv.Error as err:
+        raise ValueError(f"{path}: malformed CSV ({err})") from None
+
+
+def _read_parquet(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several error types for damaged files
+        raise ValueError(f"{path}: not a readable Parquet file ({err})") from None
+    return [(f"{path} row {i}", row) for i, row in enumerate(table.to_pylist())]
+
+
+def _read_saved_dataset(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as err:  # datasets raises FileNotFoundError and its own errors
+        raise ValueError(f"{path}: not a dataset saved with Dataset.save_to_disk ({err})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        raise ValueError(f"{path} holds several splits ({', '.join(loaded)}); point at one, e.g. {path}/train")
+    return [(f"{path} row {i}", row) for i, row in enumerate(loaded)]
+
+
+# ----- tokenizing -------------------------------------------------------------------------------------
+def row_kind(row: dict[str, Any], where: str) -> str:
+    if "messages" in row:
+        return "chat"
+    if "prompt" in row or "completion" in row:
+        missing = [k for k in ("prompt", "completion") if not isinstance(row.get(k), str)]
+        if missing:
+            raise ValueError(f"{where}: prompt/completion rows need string fields {missing}; got {_keys(row)}")
+        return "prompt"
+    if isinstance(row.get("text"), str):
+        return "text"
+    raise ValueError(f"{where}: a row needs 'text', or 'prompt' and 'completion', or 'messages'; it has {_keys(row)}")
+
+
+def _keys(row: dict[str, Any]) -> str:
+    return ", ".join(f"{k} ({type(v).__name__})" for k, v in row.items()) or "no fields"
+
+
+def tokenize_row(row: dict[str, Any], where: str, tokenizer, completion_only: bool) -> tuple[Example, str]:
+    kind = row_kind(row, where)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if kind == "text":
+        ids = tokenizer(row["text"])["input_ids"] + eos
+        return Example(ids, list(ids)), kind
+    if kind == "prompt":
+        prompt = tokenizer(row["prompt"])["input_ids"]
+        answer = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + eos
+        labels = ([IGNORE] * len(prompt) if completion_only else list(prompt)) + answer
+        end = len(prompt) + len(answer)
+        return Example(prompt + answer, labels, len(prompt), end, reference=row["completion"]), kind
+    return _tokenize_chat(row["messages"], where, tokenizer, completion_only), kind
+
+
+def _tokenize_chat(messages: Any, where: str, tokenizer, completion_only: bool) -> Example:
+    if isinstance(messages, str):  # CSV cells hold JSON text
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError:
+            raise ValueError(f"{where}: 'messages' is a string but not a JSON list of messages") from None
+    _check_messages(messages, where)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{where}: chat rows need a tokenizer with a chat template; use prompt/completion rows")
+    ids: list[int] = []
+    labels: list[int] = []
+    rendered = ""
+    last_answer = (0, 0)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not before.startswith(rendered) or not through.startswith(before):
+            raise ValueError(f"{where}: this chat template does not render turn by turn; use prompt/completion rows")
+        context = _encode(tokenizer, before[len(rendered) :])
+        answer = _encode(tokenizer, through[len(before) :])
+        ids += context + answer
+        labels += ([IGNORE] * len(context) if completion_only else context) + answer
+        last_answer = (len(ids) - len(answer), len(ids) - len(answer) + _through_stop(answer, tokenizer))
+        rendered = through
+    rest = _encode(tokenizer, _render(tokenizer, messages, add_generation_prompt=False)[len(rendered) :])
+    ids += rest
+    labels += [IGNORE] * len(rest) if completion_only else rest
+    example = Example(ids, labels)
+    if messages[-1]["role"] == "assistant":
+        example.answer_start, example.answer_end = last_answer
+        example.reference = messages[-1]["content"]
+    return example
+
+
+def _through_stop(answer: list[int], tokenizer) -> int:
+    """Length of the answer up to and including the end-of-turn token (generation stops there)."""
+    eos = tokenizer.eos_token_id
+    return answer.index(eos) + 1 if eos in answer else len(answer)
+
+
+def _check_messages(messages: Any, where: str) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(
+                f"{where}: messages[{k}] must be {{'role': one of {sorted(_ROLES)}, 'content': a string}}, got {m!r}"
+            )
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    if not messages:
+        return ""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def tokenize_rows(
+    rows: list[tuple[str, dict[str, Any]]], tokenizer, max_length: int, completion_only: bool
+) -> tuple[list[Example], DataStats]:
+    """Tokenize every row; rows longer than ``max_length`` are truncated and counted."""
+    examples, stats = [], DataStats()
+    for where, row in rows:
+        example, kind = tokenize_row(row, where, tokenizer, completion_only)
+        stats.kinds[kind] = stats.kinds.get(kind, 0) + 1
+        if len(example.input_ids) > max_length:
+            example.input_ids = example.input_ids[:max_length]
+            example.labels = example.labels[:max_length]
+            stats.truncated += 1
+        stats.rows += 1
+        stats.tokens += len(example.input_ids)
+        stats.trained_tokens += sum(label != IGNORE for label in example.labels)
+        examples.append(example)
+    return examples, stats
+
+
+def pack(examples: list[Example], max_length: int) -> list[Example]:
+    """Concatenate rows into sequences of exactly ``max_length`` tokens (the last one may be shorter)."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for example in examples:
+        ids += example.input_ids
+        labels += example.labels
+    return [Example(ids[i : i + max_length], labels[i : i + max_length]) for i in range(0, len(ids), max_length)]
+
+
+def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out ``fraction`` of the rows (at least one) for evaluation, chosen by ``seed``."""
+    if fraction <= 0:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(len(examples) * fraction))
+    if n_eval >= len(examples):
+        raise ValueError(f"data.eval_fraction={fraction} leaves no training rows out of {len(examples)}")
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+
+
+# ----- batching ---------------------------------------------------------------------------------------
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The row order of one epoch: a permutation fixed by (seed, epoch)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen).tolist()
+
+
+def batch_indices(n: int, batch_size: int, seed: int, start: int = 0) -> Iterator[tuple[int, list[int]]]:
+    """(position, row indices) of consecutive global batches over a stream of shuffled epochs.
+
+    Row ``g`` of the stream is ``epoch_order(g // n)[g % n]``, so a run resumed at ``start`` sees exactly
+    the batches an uninterrupted run would have seen.
+    """
+    orders: dict[int, list[int]] = {}
+    position = start
+    while True:
+        rows = []
+        for g in range(position * batch_size, (position + 1) * batch_size):
+            epoch, i = divmod(g, n)
+            if epoch not in orders:
+                orders = {e: o for e, o in orders.items() if e >= epoch - 1}
+                orders[epoch] = epoch_order(n, seed, epoch)
+            rows.append(orders[epoch][i])
+        yield position, rows
+        position += 1
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded tensors: input_ids, attention_mask, labels (padding carries no loss)."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

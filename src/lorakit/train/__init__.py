@@ -1,0 +1,1 @@
+"""Training: the config, the loop, checkpoints, metrics and distributed setup."""

@@ -1,0 +1,114 @@
+"""Checkpoints without pickles: tensors in safetensors, everything else in JSON, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..io import adapter_tensors, save_adapter
+
+STATE_TENSORS = "trainer_state.safetensors"
+STATE_JSON = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def save_checkpoint(
+    root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, extra: dict[str, Any]
+) -> Path:
+    """Write checkpoint ``step`` under ``root`` (a temp dir renamed into place) and return its path."""
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_adapter(model, tmp)
+        tensors, meta = _optimizer_state(optimizer)
+        tensors["rng.torch"] = torch.get_rng_state()
+        state = {
+            "step": step,
+            "optimizer": meta,
+            "scheduler": scheduler.state_dict(),
+            "python_random": _jsonable(random.getstate()),
+            **extra,
+        }
+        save_file(tensors, str(tmp / STATE_TENSORS))
+        (tmp / STATE_JSON).write_text(json.dumps(state))
+        for f in tmp.iterdir():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _jsonable(value: Any) -> Any:
+    return [_jsonable(v) for v in value] if isinstance(value, tuple | list) else value
+
+
+def _tupled(value: Any) -> Any:
+    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> dict[str, Any]:
+    """Restore adapter weights, optimizer, scheduler and RNG states; return the JSON state."""
+    from ..io import read_adapter
+
+    _, weights = read_adapter(path)
+    with torch.no_grad():
+        for key, target in adapter_tensors(model, "default").items():
+            if key not in weights or weights[key].shape != target.shape:
+                raise ValueError(f"checkpoint {path} does not match this run's adapter (at {key}); start a new run")
+            target.copy_(weights[key])
+    state = json.loads((path / STATE_JSON).read_text())
+    tensors = load_file(str(path / STATE_TENSORS))
+    optimizer_state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            optimizer_state.setdefault(int(index), {})[name] = value
+    for index, scalars in state["optimizer"]["scalars"].items():
+        optimizer_state.setdefault(int(index), {}).update(scalars)
+    optimizer.load_state_dict({"state": optimizer_state, "param_groups": state["optimizer"]["param_groups"]})
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    random.setstate(_tupled(state["python_random"]))
+    return state
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first (temporary directories are ignored)."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-step-*"):
+        shutil.rmtree(stale, ignore_errors=True)

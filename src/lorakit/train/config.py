@@ -1,0 +1,310 @@
+"""The training run's YAML config: documented dataclasses, --set overrides, helpful errors."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import itertools
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import LoraConfig
+
+SCHEDULERS = ("constant", "linear", "cosine")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    """Training data: a .jsonl, .csv or .parquet file, or a directory saved by Hugging Face `datasets`.
+    Rows hold `text`, or `prompt` + `completion`, or chat `messages` (a list of {role, content})."""
+
+    eval: str | None = None
+    """Evaluation data in the same formats. If unset, `eval_fraction` of the training rows is held out."""
+
+    eval_fraction: float = 0.0
+    """Share of the training rows held out for evaluation when `eval` is unset (0 = no evaluation)."""
+
+    max_length: int = 512
+    """Rows longer than this many tokens are truncated (the count is reported)."""
+
+    completion_only: bool = True
+    """Loss on the completion / assistant turns only, for prompt+completion and chat rows."""
+
+    packing: bool = False
+    """Concatenate rows into sequences of max_length tokens (fewer pad tokens; rows can share a sequence)."""
+
+    max_eval_rows: int | None = None
+    """Evaluate on at most this many rows (the first ones); unset: all."""
+
+
+@dataclass
+class TrainLoopConfig:
+    max_steps: int = 100
+    """Optimizer steps to run."""
+
+    batch_size: int = 8
+    """Rows per optimizer step across all processes (global batch), before gradient accumulation splits it."""
+
+    grad_accum: int = 1
+    """Split each step's batch into this many micro-batches (same result, less memory)."""
+
+    lr: float = 2e-4
+    """Peak learning rate of AdamW."""
+
+    scheduler: str = "cosine"
+    """Learning-rate schedule after warmup: constant, linear (to 0) or cosine (to 0)."""
+
+    warmup_steps: int = 0
+    """Steps of linear warmup from 0 to `lr`."""
+
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+
+    max_grad_norm: float | None = 1.0
+    """Clip the gradient norm to this value; unset: no clipping."""
+
+    loraplus_lr_ratio: float | None = None
+    """LoRA+: learning rate of the B matrices = lr * this ratio (16 is typical); unset: same lr for A and B."""
+
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+
+    eval_every: int = 0
+    """Evaluate every N steps (and at the end); 0: only at the end."""
+
+    save_every: int = 0
+    """Write a checkpoint every N steps; 0: only the final adapter."""
+
+    keep_last: int = 2
+    """Checkpoints kept on disk (older ones are deleted)."""
+
+    generate_eval: bool = True
+    """At evaluation, also greedy-generate answers and report exact-match accuracy (rows with a reference)."""
+
+    max_new_tokens: int = 32
+    """Token limit for generated answers at evaluation."""
+
+    nan_policy: str = "stop"
+    """On a NaN or infinite loss: stop (keep the last good checkpoint) or skip (drop the step, count it)."""
+
+
+@dataclass
+class RunConfig:
+    model: str = "default"
+    """Base model: a local Hugging Face directory, a .gguf file, or `default` (embedded SmolLM2-135M-Instruct)."""
+
+    task: str = "causal-lm"
+    """causal-lm, seq2seq (T5 family) or classification (BERT family; the head is trained as modules_to_save)."""
+
+    dtype: str = "float32"
+    """Model and adapter dtype: float32, bfloat16 or float16."""
+
+    output_dir: str = "out/run"
+    """Where the adapter, resolved config, metrics, plot and checkpoints go."""
+
+    overwrite: bool = False
+    """Allow writing into an existing output directory that holds a finished run."""
+
+    seed: int = 0
+    """Seed for initialisation, data order and dropout."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=16, alpha=32, target_modules="all-linear"))
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+
+    def __post_init__(self) -> None:
+        check_run(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def check_run(c: RunConfig) -> None:
+    """Cross-field checks; each error names the key to change."""
+    from ..models import TASKS
+
+    checks = [
+        (c.task in TASKS, f"task={c.task!r}: use one of {list(TASKS)}"),
+        (c.dtype in DTYPES, f"dtype={c.dtype!r}: use one of {list(DTYPES)}"),
+        (0 <= c.data.eval_fraction < 1, f"data.eval_fraction={c.data.eval_fraction}: use 0 <= value < 1"),
+        (c.data.max_length >= 8, f"data.max_length={c.data.max_length}: use at least 8"),
+        (c.train.max_steps >= 1, f"train.max_steps={c.train.max_steps}: use at least 1"),
+        (c.train.batch_size >= 1, f"train.batch_size={c.train.batch_size}: use at least 1"),
+        (c.train.grad_accum >= 1, f"train.grad_accum={c.train.grad_accum}: use at least 1"),
+        (
+            c.train.batch_size % c.train.grad_accum == 0,
+            f"train.batch_size={c.train.batch_size} is not divisible by train.grad_accum={c.train.grad_accum}",
+        ),
+        (c.train.lr > 0, f"train.lr={c.train.lr}: use a positive learning rate"),
+        (c.train.scheduler in SCHEDULERS, f"train.scheduler={c.train.scheduler!r}: use one of {list(SCHEDULERS)}"),
+        (c.train.warmup_steps >= 0, f"train.warmup_steps={c.train.warmup_steps}: use 0 or more"),
+        (c.train.keep_last >= 1, f"train.keep_last={c.train.keep_last}: keep at least 1 checkpoint"),
+        (c.train.nan_policy in ("stop", "skip"), f"train.nan_policy={c.train.nan_policy!r}: use stop or skip"),
+        (
+            c.train.loraplus_lr_ratio is None or c.train.loraplus_lr_ratio > 0,
+            f"train.loraplus_lr_ratio={c.train.loraplus_lr_ratio}: use a positive ratio or leave it unset",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+# ----- building from YAML / dicts ------------------------------------------------------------------------
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config file (or start from defaults), apply ``key.sub=value`` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the top level must be a mapping of keys to values")
+    for item in overrides:
+        apply_override(data, item)
+    return from_dict(RunConfig, data, "")
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--set {item!r}: write it as key=value, for example --set train.lr=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {item!r}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def from_dict(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "the config"
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ValueError(_unknown_key(prefix + str(key), [prefix + n for n in fields]))
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ValueError(f"{prefix}{key} must be a mapping of keys to values, got {value!r}")
+            default = fields[key].default_factory()  # documented defaults of the section, then the user's keys
+            merged = {f.name: getattr(default, f.name) for f in dataclasses.fields(hint)} | value
+            kwargs[key] = from_dict(hint, merged, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, hint, prefix + key)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: {err}" if prefix else str(err)) from None
+
+
+def _unknown_key(key: str, valid: list[str]) -> str:
+    close = (
+        difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+        or difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.6)
+        or [
+            v
+            for v in valid
+            if v.rsplit(".", 1)[-1]
+            in difflib.get_close_matches(key.rsplit(".", 1)[-1], [x.rsplit(".", 1)[-1] for x in valid], n=1)
+        ]
+    )
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return f"unknown config key {key!r}.{hint} Valid keys here: {', '.join(valid)}"
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Light type checks: ints where ints are due (floats accepted for float fields), etc."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ValueError(f"{key} cannot be empty")
+    for option in options:
+        base = typing.get_origin(option) or option
+        if base is bool and isinstance(value, bool):
+            return value
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if base is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if base is float and isinstance(value, str):
+            try:
+                return float(value)  # YAML reads 1e-3 (no dot) as a string
+            except ValueError:
+                pass
+        if base is str and isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+        if base in (list, dict) and isinstance(value, base):
+            return value
+    names = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
+    raise ValueError(f"{key}={value!r} has the wrong type: expected {names}")
+
+
+# ----- documentation -----------------------------------------------------------------------------------
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a dataclass (the string right after each field)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in itertools.pairwise(body):
+        is_field = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+        is_doc = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)
+        if is_field and is_doc:
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def reference(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, help) for every field, in order: the config reference."""
+    rows = []
+    defaults = cls()
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        value = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows.extend(
+                (f"{prefix}{f.name}.{k}", getattr(value, k.split(".")[-1], d), h)
+                for k, d, h in reference(hints[f.name], "")
+            )
+        else:
+            rows.append((prefix + f.name, value, docs.get(f.name, "")))
+    return rows
+
+
+def all_keys() -> list[str]:
+    return [k for k, _, _ in reference()]
+
+
+def reference_text() -> str:
+    lines = []
+    for key, default, help_text in reference():
+        lines.append(f"  {key} (default: {default!r})")
+        lines.extend("      " + line for line in textwrap.wrap(help_text, 92))
+    return "\n".join(lines)

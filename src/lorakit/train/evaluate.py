@@ -1,0 +1,126 @@
+"""Evaluation: token-level loss and perplexity, and greedy exact-match accuracy, from one forward pass.
+
+Greedy exact match without generating: greedy decoding reproduces a reference answer exactly when, with
+the reference fed in (teacher forcing), the most likely next token at every answer position is the
+reference token, end-of-turn token included. So one forward pass over (prompt + answer) decides it, by
+induction over the answer's tokens. The criterion is token-exact: an answer that spells the same text
+with other tokens counts as a miss. ``generate_batch`` still produces real answers, for display.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import IGNORE, Example, collate
+
+
+def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(sum of next-token cross-entropy over labelled tokens, number of those tokens) for a causal LM."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return _loss_sum(logits, batch["labels"]), int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def _loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    shifted = logits[:, :-1]
+    return F.cross_entropy(
+        shifted.reshape(-1, shifted.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    perplexity: float
+    exact_match: float | None  # share of scorable rows whose greedy answer is exactly the reference
+    scored: int
+    samples: list[tuple[str, str, str]]  # (prompt, reference, generated answer), a few rows for display
+
+    def as_record(self) -> dict:
+        return {
+            "loss": self.loss,
+            "perplexity": self.perplexity,
+            "exact_match": self.exact_match,
+            "scored": self.scored,
+        }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    tokenizer,
+    examples: list[Example],
+    batch_size: int = 16,
+    generate: bool = True,
+    max_new_tokens: int = 32,
+    samples: int = 3,
+) -> EvalResult:
+    """Loss / perplexity over ``examples``; greedy exact match on rows with a reference (if ``generate``)."""
+    was_training = model.training
+    model.eval()
+    pad = pad_id(tokenizer)
+    device = next(model.parameters()).device
+    total, count, hits, scored = 0.0, 0, 0, 0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in collate(chunk, pad).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        total += _loss_sum(logits, batch["labels"]).item()
+        count += int((batch["labels"][:, 1:] != IGNORE).sum())
+        if generate:
+            h, s = _greedy_hits(logits, batch["input_ids"], chunk)
+            hits, scored = hits + h, scored + s
+    mean = total / max(count, 1)
+    shown = []
+    if generate and samples:
+        rows = [e for e in examples if e.scorable and e.reference is not None][:samples]
+        if rows:
+            answers = generate_batch(model, tokenizer, [e.prompt_ids for e in rows], max_new_tokens)
+            shown = [
+                (tokenizer.decode(e.prompt_ids, skip_special_tokens=True), e.reference, a)
+                for e, a in zip(rows, answers, strict=True)
+            ]
+    model.train(was_training)
+    accuracy = hits / scored if generate and scored else None
+    return EvalResult(mean, math.exp(min(mean, 50)), accuracy, scored, shown)
+
+
+def _greedy_hits(logits: torch.Tensor, ids: torch.Tensor, chunk: list[Example]) -> tuple[int, int]:
+    hits = scored = 0
+    for i, example in enumerate(chunk):
+        if not example.scorable or example.reference is None:
+            continue
+        a, b = example.answer_start, example.answer_end
+        predicted = logits[i, a - 1 : b - 1].argmax(-1)
+        hits += bool((predicted == ids[i, a:b]).all())
+        scored += 1
+    return hits, scored
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def generate_batch(model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+    """Greedy continuations of token-id prompts, left-padded into one batch; decoded without special tokens."""
+    pad = pad_id(tokenizer)
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    device = next(model.parameters()).device
+    out = model.generate(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out.tolist()]

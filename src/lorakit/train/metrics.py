@@ -1,0 +1,67 @@
+"""Run metrics: one JSON object per line in metrics.jsonl, and a PNG of the loss and eval curves."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Appends records to ``metrics.jsonl`` (flushed per record, so a crash loses nothing written)."""
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.path = path
+        self.enabled = enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records beyond ``step`` (a resumed run rewrites them)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(records: list[dict[str, Any]], out: Path) -> Path:
+    """Training loss, eval loss and exact-match accuracy against the step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train" and math.isfinite(r["loss"])]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", color="tab:blue", linewidth=1)
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="eval loss", color="tab:orange")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    accuracy = [(r["step"], 100 * r["exact_match"]) for r in evals if r.get("exact_match") is not None]
+    if accuracy:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*accuracy, strict=True), "s--", color="tab:green", label="exact match %")
+        ax2.set_ylabel("exact match (%)")
+        ax2.set_ylim(0, 100)
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, loc="upper right")
+    ax.set_title("lorakit training")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out

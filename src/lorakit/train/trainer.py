@@ -1,0 +1,325 @@
+"""The training loop: one config in, a tested adapter out, on one process or many (torchrun + DDP).
+
+Loss normalisation: each optimizer step's loss is the sum of token losses over the whole global batch
+divided by the number of labelled tokens in it. Every process and micro-batch scales its part so that
+DDP's gradient averaging yields exactly that, which makes 1 process x batch 8, 2 processes x 4 and
+gradient accumulation give the same update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from .. import adapters
+from ..data import IGNORE, DataStats, Example, batch_indices, collate, pack, read_rows, split_eval, tokenize_rows
+from ..inject import inject
+from ..io import save_adapter
+from ..models import load_model
+from . import distributed as dist
+from .checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from .config import RunConfig
+from .evaluate import EvalResult, evaluate, pad_id, token_loss_sum
+from .metrics import MetricsLog, plot_metrics, read_metrics
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (non-finite loss); the last good checkpoint is kept."""
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    steps: int
+    final_loss: float
+    eval: EvalResult | None
+    eval_before: EvalResult | None = None
+    tokens_per_second: float = 0.0
+    wall_seconds: float = 0.0
+    skipped_steps: int = 0
+    data: dict[str, DataStats] = field(default_factory=dict)
+
+
+def prepare_data(cfg: RunConfig, tokenizer) -> tuple[list[Example], list[Example], dict[str, DataStats]]:
+    d = cfg.data
+    if not d.train:
+        raise ValueError("data.train is not set: give a .jsonl, .csv, .parquet file or a saved dataset directory")
+    train, train_stats = tokenize_rows(read_rows(d.train), tokenizer, d.max_length, d.completion_only)
+    stats = {"train": train_stats}
+    if d.eval:
+        held, stats["eval"] = tokenize_rows(read_rows(d.eval), tokenizer, d.max_length, d.completion_only)
+    else:
+        train, held = split_eval(train, d.eval_fraction, cfg.seed)
+    if d.max_eval_rows is not None:
+        held = held[: d.max_eval_rows]
+    if d.packing:
+        train = pack(train, d.max_length)
+    if not any(label != IGNORE for e in train for label in e.labels):
+        raise ValueError(f"{d.train}: no token carries a loss (every completion is empty or truncated away)")
+    return train, held, stats
+
+
+def _schedule(cfg: RunConfig):
+    t = cfg.train
+
+    def factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / (t.warmup_steps + 1)
+        if t.scheduler == "constant":
+            return 1.0
+        progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+        return max(0.0, 1 - progress) if t.scheduler == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def build_optimizer(
+    model: nn.Module, cfg: RunConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW over the trainable parameters; with LoRA+ the B matrices get lr * loraplus_lr_ratio."""
+    t = cfg.train
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    ratio = t.loraplus_lr_ratio
+    is_b = [".lora_B." in n or ".lora_embedding_B." in n for n, _ in params]
+    groups = [{"params": [p for (_, p), b in zip(params, is_b, strict=True) if not b or ratio is None], "lr": t.lr}]
+    if ratio is not None:
+        groups.append({"params": [p for (_, p), b in zip(params, is_b, strict=True) if b], "lr": t.lr * ratio})
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
+    return optimizer, scheduler
+
+
+def _check_output_dir(out: Path, cfg: RunConfig, resume: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir {out} is a file; choose a directory")
+    finished = (out / "adapter_config.json").exists() or (out / "metrics.jsonl").exists()
+    if finished and not resume and not cfg.overwrite:
+        raise ValueError(
+            f"output_dir {out} already holds a run; pass --resume to continue it, --overwrite (or "
+            "--set overwrite=true) to replace it, or choose another output_dir"
+        )
+
+
+def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunResult:
+    """Run the training described by ``cfg``; see the module docstring for the loss normalisation."""
+    started = time.perf_counter()
+    ctx = dist.setup()
+    out = Path(cfg.output_dir)
+    _check_output_dir(out, cfg, resume)
+    ckpt_root = out / "checkpoints"
+    if ctx.is_main:
+        if cfg.overwrite and not resume and out.exists():
+            for name in (
+                "checkpoints",
+                "metrics.jsonl",
+                "adapter_config.json",
+                "adapter_model.safetensors",
+                "loss.png",
+            ):
+                target = out / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    _seed(cfg.seed)
+    model, tokenizer = load_model(cfg.model, task=cfg.task, dtype=_DTYPES[cfg.dtype])
+    if tokenizer is None:
+        raise ValueError(f"model {cfg.model} has no tokenizer files; training needs one")
+    train_rows, eval_rows, stats = prepare_data(cfg, tokenizer)
+    log = _printer(ctx.is_main)
+    for name, s in stats.items():
+        log(s.describe(name))
+    per_process = cfg.train.batch_size / ctx.world_size
+    if cfg.train.batch_size % (ctx.world_size * cfg.train.grad_accum):
+        raise ValueError(
+            f"train.batch_size={cfg.train.batch_size} must be divisible by processes ({ctx.world_size}) x "
+            f"train.grad_accum ({cfg.train.grad_accum}); {per_process:g} rows per process does not split evenly"
+        )
+    model = model.to(ctx.device)
+    inject(model, cfg.lora)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    log(str(adapters.trainable_summary(model)))
+    optimizer, scheduler = build_optimizer(model, cfg)
+    metrics = MetricsLog(out / "metrics.jsonl", enabled=ctx.is_main)
+    start_step = 0
+    checkpoints = list_checkpoints(ckpt_root)
+    if resume and checkpoints:
+        state = load_checkpoint(checkpoints[-1], model, optimizer, scheduler)
+        start_step = state["step"]
+        metrics.truncate_after(start_step)
+        log(f"resumed from {checkpoints[-1]} (step {start_step})")
+    elif resume:
+        log("no checkpoint found; starting from step 0")
+    wrapped = dist.wrap(model, ctx)
+    loop = _Loop(cfg, ctx, model, wrapped, tokenizer, optimizer, scheduler, train_rows, metrics, ckpt_root)
+    eval_before = None
+    if eval_rows and start_step == 0 and ctx.is_main:
+        eval_before = _evaluate(cfg, model, tokenizer, eval_rows)
+        metrics.write({"kind": "eval", "step": 0, **eval_before.as_record()})
+        log(_describe_eval("before training", eval_before))
+    dist.barrier(ctx)
+    try:
+        final_loss = loop.run(start_step, eval_rows, progress)
+    except KeyboardInterrupt:
+        path = loop.checkpoint(loop.step)
+        log(f"\ninterrupted: checkpoint written to {path}; continue with --resume")
+        raise
+    result = RunResult(out, loop.step, final_loss, None, eval_before, loop.tokens_per_second, 0.0, loop.skipped, stats)
+    if ctx.is_main:
+        if eval_rows:
+            result.eval = _evaluate(cfg, model, tokenizer, eval_rows)
+            metrics.write({"kind": "eval", "step": loop.step, **result.eval.as_record()})
+            log(_describe_eval("after training", result.eval))
+        save_adapter(model, out)
+        plot_metrics(read_metrics(out / "metrics.jsonl"), out / "loss.png")
+        log(f"adapter, config.yaml, metrics.jsonl and loss.png written to {out}")
+    dist.barrier(ctx)
+    dist.teardown(ctx)
+    result.wall_seconds = time.perf_counter() - started
+    return result
+
+
+def _evaluate(cfg: RunConfig, model, tokenizer, rows) -> EvalResult:
+    return evaluate(model, tokenizer, rows, generate=cfg.train.generate_eval, max_new_tokens=cfg.train.max_new_tokens)
+
+
+def _describe_eval(when: str, r: EvalResult) -> str:
+    acc = f", exact match {100 * r.exact_match:.1f}% of {r.scored}" if r.exact_match is not None else ""
+    return f"eval {when}: loss {r.loss:.4f}, perplexity {r.perplexity:.2f}{acc}"
+
+
+def _printer(enabled: bool):
+    def log(message: str) -> None:
+        if enabled:
+            print(message, file=sys.stderr, flush=True)
+
+    return log
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class _Loop:
+    """The step loop and its bookkeeping (kept apart from setup so each part reads top to bottom)."""
+
+    def __init__(self, cfg, ctx, model, wrapped, tokenizer, optimizer, scheduler, rows, metrics, ckpt_root):
+        self.cfg, self.ctx, self.model, self.wrapped = cfg, ctx, model, wrapped
+        self.tokenizer, self.optimizer, self.scheduler = tokenizer, optimizer, scheduler
+        self.rows, self.metrics, self.ckpt_root = rows, metrics, ckpt_root
+        self.pad = pad_id(tokenizer)
+        self.step = 0
+        self.skipped = 0
+        self.tokens_per_second = 0.0
+        self.last_good: Path | None = None
+
+    def run(self, start_step: int, eval_rows: list[Example], progress: bool) -> float:
+        t = self.cfg.train
+        self.step = start_step
+        bar = _progress_bar(t.max_steps, start_step, progress and self.ctx.is_main)
+        batches = batch_indices(len(self.rows), t.batch_size, self.cfg.seed, start=start_step)
+        loss = float("nan")
+        tokens_seen, clock = 0, time.perf_counter()
+        self.wrapped.train()
+        for position, indices in batches:
+            if position >= t.max_steps:
+                break
+            loss, tokens, grad_norm = self._step(indices)
+            self.step = position + 1
+            tokens_seen += tokens
+            self.tokens_per_second = tokens_seen / (time.perf_counter() - clock)
+            record = {"kind": "train", "step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                      "grad_norm": grad_norm, "tokens": tokens, "tokens_per_second": round(self.tokens_per_second, 1)}  # fmt: skip
+            self.metrics.write(record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{self.tokens_per_second:.0f}")
+            self._periodic(eval_rows)
+        if bar is not None:
+            bar.close()
+        return loss
+
+    def _periodic(self, eval_rows: list[Example]) -> None:
+        t = self.cfg.train
+        if t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
+            self.checkpoint(self.step)
+        if t.eval_every and eval_rows and self.step % t.eval_every == 0 and self.step < t.max_steps:
+            if self.ctx.is_main:
+                result = _evaluate(self.cfg, self.model, self.tokenizer, eval_rows)
+                self.metrics.write({"kind": "eval", "step": self.step, **result.as_record()})
+                _printer(True)(f"\n{_describe_eval(f'at step {self.step}', result)}")
+            dist.barrier(self.ctx)
+            self.wrapped.train()
+
+    def checkpoint(self, step: int) -> Path | None:
+        path = None
+        if self.ctx.is_main:
+            self.ckpt_root.mkdir(parents=True, exist_ok=True)
+            path = save_checkpoint(
+                self.ckpt_root, step, self.model, self.optimizer, self.scheduler, {"skipped": self.skipped}
+            )
+            prune_checkpoints(self.ckpt_root, self.cfg.train.keep_last)
+            self.last_good = path
+        dist.barrier(self.ctx)
+        return path
+
+    def _step(self, indices: list[int]) -> tuple[float, int, float | None]:
+        t = self.cfg.train
+        examples = [self.rows[i] for i in indices]
+        global_tokens = sum(sum(label != IGNORE for label in e.labels[1:]) for e in examples)
+        processed = sum(len(e.input_ids) for e in examples)
+        mine = examples[self.ctx.rank :: self.ctx.world_size]
+        micro = [mine[k :: t.grad_accum] for k in range(t.grad_accum)]
+        micro = [m for m in micro if m]
+        loss_sum = torch.zeros((), device=self.ctx.device)
+        for k, part in enumerate(micro):
+            batch = {key: v.to(self.ctx.device) for key, v in collate(part, self.pad).items()}
+            sync = k == len(micro) - 1
+            with contextlib.nullcontext() if sync else dist.no_sync(self.wrapped):
+                part_loss, _ = token_loss_sum(self.wrapped, batch)
+                (part_loss * self.ctx.world_size / max(global_tokens, 1)).backward()
+            loss_sum += part_loss.detach()
+        loss = dist.all_reduce_sum(loss_sum, self.ctx).item() / max(global_tokens, 1)
+        if not math.isfinite(loss):
+            return self._non_finite(loss), processed, None
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = None
+        if t.max_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm).item()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, processed, grad_norm
+
+    def _non_finite(self, loss: float) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.cfg.train.nan_policy == "skip":
+            self.skipped += 1
+            self.scheduler.step()
+            return loss
+        where = f"; the last good checkpoint is {self.last_good}" if self.last_good else ""
+        raise TrainingStopped(
+            f"loss became {loss} at step {self.step + 1}: stopping{where}. Lower train.lr, enable "
+            "train.max_grad_norm, or set train.nan_policy=skip"
+        )
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)

@@ -1,0 +1,238 @@
+"""End-to-end training on a tiny model: loss falls, outputs, resume equivalence, Ctrl-C, NaN, config errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorakit.cli.main import main
+from lorakit.train import trainer as trainer_module
+from lorakit.train.checkpoint import list_checkpoints
+from lorakit.train.config import all_keys, field_docs, load_config, reference
+from lorakit.train.trainer import TrainingStopped, train
+
+from .conftest import colour_rows, write_jsonl
+
+
+@pytest.fixture
+def run_config(tiny_lm_dir, tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", colour_rows(64))
+    write_jsonl(tmp_path / "eval.jsonl", colour_rows(12, seed=1))
+
+    def make(*overrides, out="run"):
+        base = [
+            f"model={tiny_lm_dir}",
+            f"output_dir={tmp_path / out}",
+            f"data.train={tmp_path / 'train.jsonl'}",
+            f"data.eval={tmp_path / 'eval.jsonl'}",
+            "data.max_length=32",
+            "lora.r=4",
+            "lora.alpha=8",
+            "lora.modules_to_save=[lm_head]",
+            "train.max_steps=12",
+            "train.batch_size=8",
+            "train.lr=5e-2",
+            "train.warmup_steps=2",
+            "train.max_new_tokens=4",
+        ]
+        return load_config(None, base + list(overrides))
+
+    return make
+
+
+def _adapter(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(directory / "adapter_model.safetensors")
+
+
+def test_training_lowers_loss_and_writes_outputs(run_config):
+    result = train(run_config(), progress=False)
+    out = result.output_dir
+    assert {"adapter_config.json", "adapter_model.safetensors", "config.yaml", "metrics.jsonl", "loss.png"} <= {
+        p.name for p in out.iterdir()
+    }
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert len(train_losses) == 12
+    assert sum(train_losses[-3:]) / 3 < 0.6 * sum(train_losses[:3]) / 3
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 12] and evals[1]["loss"] < evals[0]["loss"]
+    assert result.eval.exact_match is not None and result.eval_before is not None
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_schedules_warmup_and_loraplus(run_config):
+    from lorakit import inject
+    from lorakit.models import load_model
+    from lorakit.train.trainer import build_optimizer
+
+    for scheduler, expected_end in (("constant", 1.0), ("linear", 0.0), ("cosine", 0.0)):
+        cfg = run_config(f"train.scheduler={scheduler}", "train.loraplus_lr_ratio=16", "train.max_steps=10")
+        model, _ = load_model(cfg.model)
+        inject(model, cfg.lora)
+        opt, sched = build_optimizer(model, cfg)
+        assert [g["lr"] for g in opt.param_groups] == [pytest.approx(5e-2 / 3), pytest.approx(80e-2 / 3)]
+        assert all(
+            ".lora_B." not in n
+            for n, p in model.named_parameters()
+            if any(p is q for q in opt.param_groups[0]["params"])
+        )
+        for _ in range(10):
+            opt.step()
+            sched.step()
+        assert sched.get_last_lr()[0] == pytest.approx(5e-2 * expected_end, abs=1e-9)
+
+
+def test_resume_after_ctrl_c_matches_uninterrupted_run(run_config, monkeypatch):
+    reference_run = train(run_config("train.save_every=4", out="straight"), progress=False)
+    original = trainer_module._Loop._periodic
+
+    def interrupt_at_7(self, eval_rows):
+        original(self, eval_rows)
+        if self.step == 7:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module._Loop, "_periodic", interrupt_at_7)
+    with pytest.raises(KeyboardInterrupt):
+        train(run_config("train.save_every=4", out="resumed"), progress=False)
+    resumed_dir = reference_run.output_dir.parent / "resumed"
+    assert [p.name for p in list_checkpoints(resumed_dir / "checkpoints")] == ["step-0000004", "step-0000007"]
+    monkeypatch.setattr(trainer_module._Loop, "_periodic", original)
+    train(run_config("train.save_every=4", out="resumed"), resume=True, progress=False)
+    want, got = _adapter(reference_run.output_dir), _adapter(resumed_dir)
+    assert want.keys() == got.keys()
+    assert max((want[k] - got[k]).abs().max().item() for k in want) <= 1e-6
+    steps = [json.loads(line)["step"] for line in (resumed_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps.count(8) == 1  # the resumed run rewrote the steps after the checkpoint, not duplicated them
+
+
+def test_keep_last_checkpoints(run_config):
+    result = train(run_config("train.save_every=2", "train.keep_last=2"), progress=False)
+    assert [p.name for p in list_checkpoints(result.output_dir / "checkpoints")] == ["step-0000008", "step-0000010"]
+
+
+def test_gradient_accumulation_gives_the_same_adapter(run_config):
+    one = train(run_config("train.max_steps=3", out="one"), progress=False)
+    four = train(run_config("train.max_steps=3", "train.grad_accum=4", out="four"), progress=False)
+    a, b = _adapter(one.output_dir), _adapter(four.output_dir)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(run_config, monkeypatch):
+    real = trainer_module.token_loss_sum
+    calls = {"n": 0}
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        loss, n = real(model, batch)
+        return (loss * float("nan") if calls["n"] == 6 else loss), n
+
+    monkeypatch.setattr(trainer_module, "token_loss_sum", poisoned)
+    with pytest.raises(TrainingStopped, match=r"loss became nan at step 6.*last good checkpoint is .*step-0000004"):
+        train(run_config("train.save_every=2", "train.keep_last=5", "train.generate_eval=false"), progress=False)
+    calls["n"] = 0
+    result = train(run_config("train.nan_policy=skip", "train.generate_eval=false", out="skip"), progress=False)
+    assert result.skipped_steps == 1
+
+
+def test_existing_output_dir_is_refused(run_config, capsys):
+    train(run_config("train.max_steps=1"), progress=False)
+    with pytest.raises(ValueError, match="already holds a run; pass --resume"):
+        train(run_config("train.max_steps=1"), progress=False)
+    train(run_config("train.max_steps=1", "overwrite=true"), progress=False)
+
+
+def test_config_reference_documents_every_key():
+    keys = all_keys()
+    assert "train.lr" in keys and "lora.target_modules" in keys and "data.packing" in keys
+    assert all(help_text for _, _, help_text in reference()), "every config field needs a docstring"
+    assert field_docs(type(load_config(None).train))["lr"].startswith("Peak learning rate")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.lerning_rate=1"], "unknown config key 'train.lerning_rate'"),
+        (["trian.lr=1"], "Did you mean 'train'"),
+        (["lora.rr=3"], "Did you mean 'lora.r'"),
+        (["train.max_steps=many"], "train.max_steps='many' has the wrong type: expected int"),
+        (["train.scheduler=cosin"], "train.scheduler='cosin': use one of"),
+        (["lora.r=0"], "lora: r=0 is invalid"),
+        (["train.batch_size=6", "train.grad_accum=4"], "not divisible by train.grad_accum"),
+        (["no_equals_sign"], "write it as key=value"),
+    ],
+)
+def test_config_errors(overrides, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_config(None, overrides)
+
+
+def test_yaml_file_and_cli_errors(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
+    assert main(["train", str(tmp_path / "bad.yaml")]) == 2
+    assert "is not valid YAML" in capsys.readouterr().err
+    (tmp_path / "c.yaml").write_text("train:\n  lr: 1.0e-3\nlora:\n  r: 4\n")
+    cfg = load_config(tmp_path / "c.yaml", ["train.lr=2e-3"])
+    assert cfg.train.lr == 2e-3 and cfg.lora.r == 4 and cfg.lora.alpha == 32  # section defaults kept
+    assert main(["train", str(tmp_path / "c.yaml")]) == 2
+    assert "data.train is not set" in capsys.readouterr().err
+
+
+def test_train_help_lists_config_reference():
+    out = subprocess.run(
+        [sys.executable, "-m", "lorakit", "train", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "train.loraplus_lr_ratio (default: None)" in out.stdout and "--resume" in out.stdout
+
+
+def test_cli_train_eval_generate(run_config, tiny_lm_dir, tmp_path, capsys):
+    cfg = run_config()
+    sets = [arg for k, v in _flat(cfg).items() for arg in ("--set", f"{k}={v}")]
+    code = main(["train", "--no-progress", *sets])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "exact match:" in out and "adapter written to" in out
+    assert (
+        main(["eval", "--model", str(tiny_lm_dir), "--adapter", cfg.output_dir, "--data", cfg.data.eval, "--json"]) == 0
+    )
+    record = json.loads(capsys.readouterr().out)
+    assert record["scored"] == 12 and 0 <= record["exact_match"] <= 1
+    assert main(["generate", "--model", str(tiny_lm_dir), "--adapter", cfg.output_dir, "--chat", "colour of item 2?",
+                 "--max-new-tokens", "3"]) == 0  # fmt: skip
+    assert main(["generate", "--model", str(tiny_lm_dir), "--prompt", ""]) == 2
+    assert "--prompt is empty" in capsys.readouterr().err
+
+
+def _flat(cfg) -> dict:
+    return {
+        "model": cfg.model,
+        "output_dir": cfg.output_dir,
+        "data.train": cfg.data.train,
+        "data.eval": cfg.data.eval,
+        "data.max_length": cfg.data.max_length,
+        "lora.r": cfg.lora.r,
+        "train.max_steps": cfg.train.max_steps,
+        "train.lr": cfg.train.lr,
+        "train.max_new_tokens": 4,
+    }
+
+
+def test_ddp_two_processes_match_one(run_config, tmp_path):
+    single = train(run_config("train.max_steps=4", out="single"), progress=False)
+    cfg_path = tmp_path / "ddp.yaml"
+    import yaml
+
+    ddp_cfg = run_config("train.max_steps=4", out="ddp").to_dict()
+    cfg_path.write_text(yaml.safe_dump(ddp_cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
+           "-m", "lorakit", "train", str(cfg_path), "--no-progress"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = _adapter(single.output_dir), _adapter(Path(ddp_cfg["output_dir"]))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    assert done.stderr.count("trainable params") == 1  # only rank 0 prints
