@@ -236,3 +236,42 @@ def test_ddp_two_processes_match_one(run_config, tmp_path):
     a, b = _adapter(single.output_dir), _adapter(Path(ddp_cfg["output_dir"]))
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
     assert done.stderr.count("trainable params") == 1  # only rank 0 prints
+
+
+def test_docs_config_reference_is_current():
+    from lorakit.train.config import reference_markdown
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "config-reference.md"
+    assert doc.read_text() == reference_markdown(), "regenerate docs/config-reference.md (command in its header)"
+
+
+def test_gradient_checkpointing_gives_the_same_adapter(run_config):
+    plain = train(run_config("train.max_steps=2", "train.generate_eval=false", out="plain"), progress=False)
+    ckpt = train(
+        run_config("train.max_steps=2", "train.generate_eval=false", "train.gradient_checkpointing=true", out="gc"),
+        progress=False,
+    )
+    a, b = _adapter(plain.output_dir), _adapter(ckpt.output_dir)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+@pytest.mark.integration
+def test_default_model_trains_a_few_steps(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import make_dates
+
+    train_path, eval_path = make_dates.write(tmp_path / "data", train=16, eval_rows=4)
+    cfg = load_config(
+        Path(__file__).resolve().parents[1] / "examples" / "dates.yaml",
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"data.train={train_path}",
+            f"data.eval={eval_path}",
+            "train.max_steps=2",
+            "train.batch_size=4",
+            "train.warmup_steps=0",
+        ],
+    )
+    result = train(cfg, progress=False)
+    assert result.steps == 2 and result.eval.loss < result.eval_before.loss
+    assert (result.output_dir / "adapter_model.safetensors").stat().st_size > 1_000_000

@@ -105,7 +105,8 @@ class RunConfig:
     """Base model: a local Hugging Face directory, a .gguf file, or `default` (embedded SmolLM2-135M-Instruct)."""
 
     task: str = "causal-lm"
-    """causal-lm, seq2seq (T5 family) or classification (BERT family; the head is trained as modules_to_save)."""
+    """Model head to load: causal-lm. (seq2seq and classification models load with lorakit.load_model, but
+    training them is not available in this version.)"""
 
     dtype: str = "float32"
     """Model and adapter dtype: float32, bfloat16 or float16."""
@@ -136,6 +137,7 @@ def check_run(c: RunConfig) -> None:
 
     checks = [
         (c.task in TASKS, f"task={c.task!r}: use one of {list(TASKS)}"),
+        (c.task == "causal-lm", f"task={c.task!r}: lorakit train supports causal-lm models only in this version"),
         (c.dtype in DTYPES, f"dtype={c.dtype!r}: use one of {list(DTYPES)}"),
         (0 <= c.data.eval_fraction < 1, f"data.eval_fraction={c.data.eval_fraction}: use 0 <= value < 1"),
         (c.data.max_length >= 8, f"data.max_length={c.data.max_length}: use at least 8"),
@@ -308,3 +310,21 @@ def reference_text() -> str:
         lines.append(f"  {key} (default: {default!r})")
         lines.extend("      " + line for line in textwrap.wrap(help_text, 92))
     return "\n".join(lines)
+
+
+def reference_markdown() -> str:
+    """docs/config-reference.md: every config key with its default and help (tests keep the file in sync)."""
+    lines = [
+        "# Training config reference",
+        "",
+        "Every key of `lorakit train`'s YAML config, with its default. Override any of them on the command",
+        "line with `--set key=value` (for example `--set train.lr=1e-4`). Generated from",
+        "`src/lorakit/train/config.py` and `src/lorakit/config.py`; regenerate with",
+        "`python -c 'from lorakit.train.config import reference_markdown as r; print(r(), end=\"\")' > docs/config-reference.md`.",
+        "",
+        "| key | default | meaning |",
+        "|---|---|---|",
+    ]
+    for key, default, help_text in reference():
+        lines.append(f"| `{key}` | `{default!r}` | {help_text.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
