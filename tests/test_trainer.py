@@ -126,9 +126,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(run_config, monkeypatch):
     real = trainer_module.token_loss_sum
     calls = {"n": 0}
 
-    def poisoned(model, batch):
+    def poisoned(model, batch, task):
         calls["n"] += 1
-        loss, n = real(model, batch)
+        loss, n = real(model, batch, task)
         return (loss * float("nan") if calls["n"] == 6 else loss), n
 
     monkeypatch.setattr(trainer_module, "token_loss_sum", poisoned)
@@ -275,3 +275,87 @@ def test_default_model_trains_a_few_steps(tmp_path):
     result = train(cfg, progress=False)
     assert result.steps == 2 and result.eval.loss < result.eval_before.loss
     assert (result.output_dir / "adapter_model.safetensors").stat().st_size > 1_000_000
+
+
+@pytest.fixture(scope="module")
+def tiny_t5_and_bert(tmp_path_factory, tiny_tokenizer):
+    from transformers import BertConfig, BertForSequenceClassification, T5Config, T5ForConditionalGeneration
+
+    root = tmp_path_factory.mktemp("heads")
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(
+        T5Config(
+            vocab_size=len(tiny_tokenizer),
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            pad_token_id=0,
+            eos_token_id=tiny_tokenizer.eos_token_id,
+            decoder_start_token_id=0,
+        )
+    )
+    t5.save_pretrained(root / "t5")
+    bert = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=len(tiny_tokenizer),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            num_labels=3,
+            label2id={"red": 0, "blue": 1, "green": 2},
+            id2label={0: "red", 1: "blue", 2: "green"},
+        )
+    )
+    bert.save_pretrained(root / "bert")
+    for name in ("t5", "bert"):
+        tiny_tokenizer.save_pretrained(root / name)
+    return root
+
+
+def _head_rows(n, seed=0):
+    rows = colour_rows(n, seed)
+    return [{"prompt": r["messages"][0]["content"], "completion": r["messages"][1]["content"],
+             "text": r["messages"][0]["content"], "label": r["messages"][1]["content"]} for r in rows]  # fmt: skip
+
+
+@pytest.mark.parametrize(("task", "targets"), [("seq2seq", "[q, v, o, wi, wo]"), ("classification", "[query, value]")])
+def test_seq2seq_and_classification_training(tiny_t5_and_bert, tmp_path, task, targets):
+    model_dir = tiny_t5_and_bert / ("t5" if task == "seq2seq" else "bert")
+    rows = _head_rows(96)
+    if task == "classification":
+        rows = [{"text": r["text"], "label": r["label"]} for r in rows]
+    else:
+        rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
+    write_jsonl(tmp_path / "train.jsonl", rows[:80])
+    write_jsonl(tmp_path / "eval.jsonl", rows[80:])
+    cfg = load_config(None, [
+        f"model={model_dir}", f"task={task}", f"output_dir={tmp_path / 'run'}", f"data.train={tmp_path / 'train.jsonl'}",
+        f"data.eval={tmp_path / 'eval.jsonl'}", f"lora.target_modules={targets}", "lora.r=8", "train.max_steps=60",
+        "train.batch_size=8", "train.lr=3e-2", "train.max_new_tokens=4", "data.max_length=32",
+    ])  # fmt: skip
+    result = train(cfg, progress=False)
+    assert result.eval.loss < result.eval_before.loss
+    assert result.eval.exact_match is not None and result.eval.scored == 16
+    if task == "classification":
+        assert result.eval.exact_match >= 0.5  # 3 classes, chance is 1/3
+        saved = json.loads((result.output_dir / "adapter_config.json").read_text())
+        assert saved["modules_to_save"] == ["classifier"] and saved["task_type"] == "SEQ_CLS"
+        assert any(".classifier." in k for k in _adapter(result.output_dir))
+    assert main(["eval", "--model", str(model_dir), "--task", task, "--adapter", str(result.output_dir),
+                 "--data", str(tmp_path / "eval.jsonl"), "--json"]) == 0  # fmt: skip
+
+
+def test_task_row_errors(tiny_t5_and_bert, tmp_path):
+    write_jsonl(tmp_path / "bad.jsonl", [{"text": "colour?", "label": "purple"}])
+    cfg = load_config(None, [f"model={tiny_t5_and_bert / 'bert'}", "task=classification",
+                             f"data.train={tmp_path / 'bad.jsonl'}", f"output_dir={tmp_path / 'o'}"])  # fmt: skip
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: label 'purple' is not a class of this model"):
+        train(cfg, progress=False)
+    write_jsonl(tmp_path / "chat.jsonl", colour_rows(2))
+    cfg = load_config(None, [f"model={tiny_t5_and_bert / 't5'}", "task=seq2seq",
+                             f"data.train={tmp_path / 'chat.jsonl'}", f"output_dir={tmp_path / 'o2'}"])  # fmt: skip
+    with pytest.raises(ValueError, match=r"chat.jsonl:1: seq2seq training needs 'prompt' and 'completion'"):
+        train(cfg, progress=False)

@@ -43,7 +43,7 @@ class Example:
 
     @property
     def scorable(self) -> bool:
-        return self.answer_end is not None and self.answer_end <= len(self.input_ids)
+        return self.answer_end is not None and self.answer_end <= len(self.labels)
 
 
 @dataclass
@@ -230,14 +230,18 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 def tokenize_rows(
-    rows: list[tuple[str, dict[str, Any]]], tokenizer, max_length: int, completion_only: bool
+    rows: list[tuple[str, dict[str, Any]]], tokenizer, max_length: int, completion_only: bool, tokenize=None
 ) -> tuple[list[Example], DataStats]:
-    """Tokenize every row; rows longer than ``max_length`` are truncated and counted."""
+    """Tokenize every row (with ``tokenize(row, where)``, default: causal LM rows); rows longer than
+    ``max_length`` are truncated and counted."""
     examples, stats = [], DataStats()
     for where, row in rows:
-        example, kind = tokenize_row(row, where, tokenizer, completion_only)
+        if tokenize is None:
+            example, kind = tokenize_row(row, where, tokenizer, completion_only)
+        else:
+            example, kind = tokenize(row, where)
         stats.kinds[kind] = stats.kinds.get(kind, 0) + 1
-        if len(example.input_ids) > max_length:
+        if max(len(example.input_ids), len(example.labels)) > max_length:
             example.input_ids = example.input_ids[:max_length]
             example.labels = example.labels[:max_length]
             stats.truncated += 1

@@ -12,6 +12,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default", help="HF directory, .gguf file or 'default'")
     parser.add_argument("--adapter", help="adapter directory; omit to evaluate the base model")
     parser.add_argument("--data", required=True, help=".jsonl / .csv / .parquet file or saved dataset")
+    parser.add_argument("--task", default="causal-lm", help="causal-lm (default), seq2seq or classification")
     parser.add_argument("--max-length", type=int, default=512, help="truncate rows to this many tokens")
     parser.add_argument("--max-rows", type=int, help="evaluate only the first N rows")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="token limit of generated answers")
@@ -24,15 +25,25 @@ def run(args: argparse.Namespace) -> int:
     import lorakit
     from lorakit.data import read_rows, tokenize_rows
     from lorakit.train.evaluate import evaluate
+    from lorakit.train.tasks import TASKS
 
-    model, tokenizer = lorakit.load_model(args.model)
+    model, tokenizer = lorakit.load_model(args.model, task=args.task)
+    task = TASKS[args.task]
     if tokenizer is None:
         raise ValueError(f"--model {args.model} has no tokenizer files")
     if args.adapter:
         lorakit.load_adapter(model, args.adapter)
     rows = read_rows(args.data)[: args.max_rows]
-    examples, _ = tokenize_rows(rows, tokenizer, args.max_length, completion_only=True)
-    result = evaluate(model, tokenizer, examples, generate=not args.no_generate, max_new_tokens=args.max_new_tokens)
+    examples, _ = tokenize_rows(
+        rows,
+        tokenizer,
+        args.max_length,
+        True,
+        lambda row, where: task.tokenize(row, where, tokenizer, True, model.config),
+    )
+    result = evaluate(
+        model, tokenizer, examples, generate=not args.no_generate, max_new_tokens=args.max_new_tokens, task=task
+    )
     if args.json:
         print(json.dumps(result.as_record()))
         return 0

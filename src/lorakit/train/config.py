@@ -105,8 +105,8 @@ class RunConfig:
     """Base model: a local Hugging Face directory, a .gguf file, or `default` (embedded SmolLM2-135M-Instruct)."""
 
     task: str = "causal-lm"
-    """Model head to load: causal-lm. (seq2seq and classification models load with lorakit.load_model, but
-    training them is not available in this version.)"""
+    """causal-lm; seq2seq (T5 family: prompt/completion rows); classification (BERT family: text + label rows,
+    the head is trained whole as modules_to_save)."""
 
     dtype: str = "float32"
     """Model and adapter dtype: float32, bfloat16 or float16."""
@@ -137,7 +137,6 @@ def check_run(c: RunConfig) -> None:
 
     checks = [
         (c.task in TASKS, f"task={c.task!r}: use one of {list(TASKS)}"),
-        (c.task == "causal-lm", f"task={c.task!r}: lorakit train supports causal-lm models only in this version"),
         (c.dtype in DTYPES, f"dtype={c.dtype!r}: use one of {list(DTYPES)}"),
         (0 <= c.data.eval_fraction < 1, f"data.eval_fraction={c.data.eval_fraction}: use 0 <= value < 1"),
         (c.data.max_length >= 8, f"data.max_length={c.data.max_length}: use at least 8"),

@@ -13,23 +13,17 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..data import IGNORE, Example, collate
+from ..data import Example
+from .tasks import TASKS
+
+CAUSAL = TASKS["causal-lm"]
 
 
-def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(sum of next-token cross-entropy over labelled tokens, number of those tokens) for a causal LM."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return _loss_sum(logits, batch["labels"]), int((batch["labels"][:, 1:] != IGNORE).sum())
-
-
-def _loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    shifted = logits[:, :-1]
-    return F.cross_entropy(
-        shifted.reshape(-1, shifted.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )
+def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], task=CAUSAL) -> tuple[torch.Tensor, int]:
+    """(loss summed over the batch's labelled units, number of units): tokens, or rows for classification."""
+    return task.loss_sum(task.logits(model, batch), batch), task.batch_units(batch)
 
 
 @dataclass
@@ -58,6 +52,7 @@ def evaluate(
     generate: bool = True,
     max_new_tokens: int = 32,
     samples: int = 3,
+    task=CAUSAL,
 ) -> EvalResult:
     """Loss / perplexity over ``examples``; greedy exact match on rows with a reference (if ``generate``)."""
     was_training = model.training
@@ -67,38 +62,27 @@ def evaluate(
     total, count, hits, scored = 0.0, 0, 0, 0
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        batch = {k: v.to(device) for k, v in collate(chunk, pad).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        total += _loss_sum(logits, batch["labels"]).item()
-        count += int((batch["labels"][:, 1:] != IGNORE).sum())
+        batch = {k: v.to(device) for k, v in task.collate(chunk, pad).items()}
+        logits = task.logits(model, batch)
+        total += task.loss_sum(logits, batch).item()
+        count += task.batch_units(batch)
         if generate:
-            h, s = _greedy_hits(logits, batch["input_ids"], chunk)
+            h, s = task.hits(logits, batch, chunk)
             hits, scored = hits + h, scored + s
     mean = total / max(count, 1)
     shown = []
-    if generate and samples:
+    if generate and samples and task.name != "classification":
         rows = [e for e in examples if e.scorable and e.reference is not None][:samples]
         if rows:
-            answers = generate_batch(model, tokenizer, [e.prompt_ids for e in rows], max_new_tokens)
+            prompts = [task.prompt(e) for e in rows]
+            answers = generate_batch(model, tokenizer, prompts, max_new_tokens)
             shown = [
-                (tokenizer.decode(e.prompt_ids, skip_special_tokens=True), e.reference, a)
-                for e, a in zip(rows, answers, strict=True)
+                (tokenizer.decode(p, skip_special_tokens=True), e.reference, a)
+                for p, e, a in zip(prompts, rows, answers, strict=True)
             ]
     model.train(was_training)
     accuracy = hits / scored if generate and scored else None
     return EvalResult(mean, math.exp(min(mean, 50)), accuracy, scored, shown)
-
-
-def _greedy_hits(logits: torch.Tensor, ids: torch.Tensor, chunk: list[Example]) -> tuple[int, int]:
-    hits = scored = 0
-    for i, example in enumerate(chunk):
-        if not example.scorable or example.reference is None:
-            continue
-        a, b = example.answer_start, example.answer_end
-        predicted = logits[i, a - 1 : b - 1].argmax(-1)
-        hits += bool((predicted == ids[i, a:b]).all())
-        scored += 1
-    return hits, scored
 
 
 def pad_id(tokenizer) -> int:
@@ -123,4 +107,5 @@ def generate_batch(model: nn.Module, tokenizer, prompts: list[list[int]], max_ne
         pad_token_id=pad,
         eos_token_id=tokenizer.eos_token_id,
     )
-    return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out.tolist()]
+    start = 0 if getattr(model.config, "is_encoder_decoder", False) else width  # decoders echo the prompt
+    return [tokenizer.decode(row[start:], skip_special_tokens=True) for row in out.tolist()]

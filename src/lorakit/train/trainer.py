@@ -9,6 +9,7 @@ gradient accumulation give the same update.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import shutil
@@ -22,7 +23,8 @@ import yaml
 from torch import nn
 
 from .. import adapters
-from ..data import IGNORE, DataStats, Example, batch_indices, collate, pack, read_rows, split_eval, tokenize_rows
+from ..config import LoraConfig
+from ..data import IGNORE, DataStats, Example, batch_indices, pack, read_rows, split_eval, tokenize_rows
 from ..inject import inject
 from ..io import save_adapter
 from ..models import load_model
@@ -31,6 +33,7 @@ from .checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, sa
 from .config import RunConfig
 from .evaluate import EvalResult, evaluate, pad_id, token_loss_sum
 from .metrics import MetricsLog, plot_metrics, read_metrics
+from .tasks import HEAD_NAMES, TASKS
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -52,19 +55,28 @@ class RunResult:
     data: dict[str, DataStats] = field(default_factory=dict)
 
 
-def prepare_data(cfg: RunConfig, tokenizer) -> tuple[list[Example], list[Example], dict[str, DataStats]]:
+def prepare_data(
+    cfg: RunConfig, tokenizer, model_config=None
+) -> tuple[list[Example], list[Example], dict[str, DataStats]]:
     d = cfg.data
     if not d.train:
         raise ValueError("data.train is not set: give a .jsonl, .csv, .parquet file or a saved dataset directory")
-    train, train_stats = tokenize_rows(read_rows(d.train), tokenizer, d.max_length, d.completion_only)
+    task = TASKS[cfg.task]
+
+    def tokenize(row, where):
+        return task.tokenize(row, where, tokenizer, d.completion_only, model_config)
+
+    train, train_stats = tokenize_rows(read_rows(d.train), tokenizer, d.max_length, d.completion_only, tokenize)
     stats = {"train": train_stats}
     if d.eval:
-        held, stats["eval"] = tokenize_rows(read_rows(d.eval), tokenizer, d.max_length, d.completion_only)
+        held, stats["eval"] = tokenize_rows(read_rows(d.eval), tokenizer, d.max_length, d.completion_only, tokenize)
     else:
         train, held = split_eval(train, d.eval_fraction, cfg.seed)
     if d.max_eval_rows is not None:
         held = held[: d.max_eval_rows]
     if d.packing:
+        if task.name != "causal-lm":
+            raise ValueError(f"data.packing works for causal-lm only, not task={cfg.task!r}; set data.packing=false")
         train = pack(train, d.max_length)
     if not any(label != IGNORE for e in train for label in e.labels):
         raise ValueError(f"{d.train}: no token carries a loss (every completion is empty or truncated away)")
@@ -136,7 +148,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunRes
     model, tokenizer = load_model(cfg.model, task=cfg.task, dtype=_DTYPES[cfg.dtype])
     if tokenizer is None:
         raise ValueError(f"model {cfg.model} has no tokenizer files; training needs one")
-    train_rows, eval_rows, stats = prepare_data(cfg, tokenizer)
+    train_rows, eval_rows, stats = prepare_data(cfg, tokenizer, model.config)
     log = _printer(ctx.is_main)
     for name, s in stats.items():
         log(s.describe(name))
@@ -147,7 +159,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunRes
             f"train.grad_accum ({cfg.train.grad_accum}); {per_process:g} rows per process does not split evenly"
         )
     model = model.to(ctx.device)
-    inject(model, cfg.lora)
+    inject(model, _with_head(cfg, model, log))
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     log(str(adapters.trainable_summary(model)))
@@ -191,8 +203,29 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunRes
     return result
 
 
+def _with_head(cfg: RunConfig, model: nn.Module, log) -> LoraConfig:
+    """For classification, train the (freshly initialised) head whole: add it to modules_to_save."""
+    lora = cfg.lora
+    if cfg.task != "classification":
+        return lora
+    heads = [h for h in HEAD_NAMES if isinstance(getattr(model, h, None), nn.Module)]
+    saved = list(lora.modules_to_save or [])
+    missing = [h for h in heads if h not in saved]
+    if missing:
+        log(f"classification: training the head {', '.join(missing)} as modules_to_save")
+        lora = dataclasses.replace(lora, modules_to_save=saved + missing)
+    return lora
+
+
 def _evaluate(cfg: RunConfig, model, tokenizer, rows) -> EvalResult:
-    return evaluate(model, tokenizer, rows, generate=cfg.train.generate_eval, max_new_tokens=cfg.train.max_new_tokens)
+    return evaluate(
+        model,
+        tokenizer,
+        rows,
+        generate=cfg.train.generate_eval,
+        max_new_tokens=cfg.train.max_new_tokens,
+        task=TASKS[cfg.task],
+    )
 
 
 def _describe_eval(when: str, r: EvalResult) -> str:
@@ -221,6 +254,7 @@ class _Loop:
         self.tokenizer, self.optimizer, self.scheduler = tokenizer, optimizer, scheduler
         self.rows, self.metrics, self.ckpt_root = rows, metrics, ckpt_root
         self.pad = pad_id(tokenizer)
+        self.task = TASKS[cfg.task]
         self.step = 0
         self.skipped = 0
         self.tokens_per_second = 0.0
@@ -279,17 +313,17 @@ class _Loop:
     def _step(self, indices: list[int]) -> tuple[float, int, float | None]:
         t = self.cfg.train
         examples = [self.rows[i] for i in indices]
-        global_tokens = sum(sum(label != IGNORE for label in e.labels[1:]) for e in examples)
+        global_tokens = sum(self.task.units(e) for e in examples)
         processed = sum(len(e.input_ids) for e in examples)
         mine = examples[self.ctx.rank :: self.ctx.world_size]
         micro = [mine[k :: t.grad_accum] for k in range(t.grad_accum)]
         micro = [m for m in micro if m]
         loss_sum = torch.zeros((), device=self.ctx.device)
         for k, part in enumerate(micro):
-            batch = {key: v.to(self.ctx.device) for key, v in collate(part, self.pad).items()}
+            batch = {key: v.to(self.ctx.device) for key, v in self.task.collate(part, self.pad).items()}
             sync = k == len(micro) - 1
             with contextlib.nullcontext() if sync else dist.no_sync(self.wrapped):
-                part_loss, _ = token_loss_sum(self.wrapped, batch)
+                part_loss, _ = token_loss_sum(self.wrapped, batch, self.task)
                 (part_loss * self.ctx.world_size / max(global_tokens, 1)).backward()
             loss_sum += part_loss.detach()
         loss = dist.all_reduce_sum(loss_sum, self.ctx).item() / max(global_tokens, 1)
