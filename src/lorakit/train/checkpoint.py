@@ -14,22 +14,21 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..io import adapter_tensors, save_adapter
-
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def save_checkpoint(
-    root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, extra: dict[str, Any]
+    root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, method, extra: dict[str, Any]
 ) -> Path:
     """Write checkpoint ``step`` under ``root`` (a temp dir renamed into place) and return its path."""
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        save_adapter(model, tmp)
+        tmp.mkdir(parents=True)
+        method.save(model, tmp)  # for LoRA: an ordinary adapter directory, usable on its own
         tensors, meta = _optimizer_state(optimizer)
         tensors["rng.torch"] = torch.get_rng_state()
         state = {
@@ -73,16 +72,16 @@ def _tupled(value: Any) -> Any:
     return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> dict[str, Any]:
-    """Restore adapter weights, optimizer, scheduler and RNG states; return the JSON state."""
-    from ..io import read_adapter
-
-    _, weights = read_adapter(path)
-    with torch.no_grad():
-        for key, target in adapter_tensors(model, "default").items():
-            if key not in weights or weights[key].shape != target.shape:
-                raise ValueError(f"checkpoint {path} does not match this run's adapter (at {key}); start a new run")
-            target.copy_(weights[key])
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, method
+) -> dict[str, Any]:
+    """Restore the trained weights (through ``method``), optimizer, scheduler and RNG states; return the JSON state."""
+    try:
+        method.restore(model, path)
+    except (KeyError, ValueError) as err:
+        raise ValueError(
+            f"checkpoint {path} does not match this run ({err}); start a new run in another output_dir"
+        ) from None
     state = json.loads((path / STATE_JSON).read_text())
     tensors = load_file(str(path / STATE_TENSORS))
     optimizer_state: dict[int, dict[str, Any]] = {}

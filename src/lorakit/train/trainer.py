@@ -25,8 +25,7 @@ from torch import nn
 from .. import adapters
 from ..config import LoraConfig
 from ..data import IGNORE, DataStats, Example, batch_indices, pack, read_rows, split_eval, tokenize_rows
-from ..inject import inject
-from ..io import save_adapter
+from ..methods.lora import LoraMethod
 from ..models import load_model
 from . import distributed as dist
 from .checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
@@ -124,8 +123,11 @@ def _check_output_dir(out: Path, cfg: RunConfig, resume: bool) -> None:
         )
 
 
-def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunResult:
-    """Run the training described by ``cfg``; see the module docstring for the loss normalisation."""
+def train(cfg: RunConfig, resume: bool = False, progress: bool = True, method=None) -> RunResult:
+    """Run the training described by ``cfg``; see the module docstring for the loss normalisation.
+
+    ``method`` (see ``lorakit.methods``) decides what trains; the default is LoRA with ``cfg.lora``.
+    """
     started = time.perf_counter()
     ctx = dist.setup()
     out = Path(cfg.output_dir)
@@ -159,23 +161,24 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunRes
             f"train.grad_accum ({cfg.train.grad_accum}); {per_process:g} rows per process does not split evenly"
         )
     model = model.to(ctx.device)
-    inject(model, _with_head(cfg, model, log))
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    method = method or LoraMethod(_with_head(cfg, model, log))
+    model = method.prepare(model)
     log(str(adapters.trainable_summary(model)))
     optimizer, scheduler = build_optimizer(model, cfg)
     metrics = MetricsLog(out / "metrics.jsonl", enabled=ctx.is_main)
     start_step = 0
     checkpoints = list_checkpoints(ckpt_root)
     if resume and checkpoints:
-        state = load_checkpoint(checkpoints[-1], model, optimizer, scheduler)
+        state = load_checkpoint(checkpoints[-1], model, optimizer, scheduler, method)
         start_step = state["step"]
         metrics.truncate_after(start_step)
         log(f"resumed from {checkpoints[-1]} (step {start_step})")
     elif resume:
         log("no checkpoint found; starting from step 0")
     wrapped = dist.wrap(model, ctx)
-    loop = _Loop(cfg, ctx, model, wrapped, tokenizer, optimizer, scheduler, train_rows, metrics, ckpt_root)
+    loop = _Loop(cfg, ctx, model, wrapped, tokenizer, optimizer, scheduler, train_rows, metrics, ckpt_root, method)
     eval_before = None
     if eval_rows and start_step == 0 and ctx.is_main:
         eval_before = _evaluate(cfg, model, tokenizer, eval_rows)
@@ -194,7 +197,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunRes
             result.eval = _evaluate(cfg, model, tokenizer, eval_rows)
             metrics.write({"kind": "eval", "step": loop.step, **result.eval.as_record()})
             log(_describe_eval("after training", result.eval))
-        save_adapter(model, out)
+        method.save(model, out)
         plot_metrics(read_metrics(out / "metrics.jsonl"), out / "loss.png")
         log(f"adapter, config.yaml, metrics.jsonl and loss.png written to {out}")
     dist.barrier(ctx)
@@ -249,8 +252,8 @@ def _seed(seed: int) -> None:
 class _Loop:
     """The step loop and its bookkeeping (kept apart from setup so each part reads top to bottom)."""
 
-    def __init__(self, cfg, ctx, model, wrapped, tokenizer, optimizer, scheduler, rows, metrics, ckpt_root):
-        self.cfg, self.ctx, self.model, self.wrapped = cfg, ctx, model, wrapped
+    def __init__(self, cfg, ctx, model, wrapped, tokenizer, optimizer, scheduler, rows, metrics, ckpt_root, method):
+        self.cfg, self.ctx, self.model, self.wrapped, self.method = cfg, ctx, model, wrapped, method
         self.tokenizer, self.optimizer, self.scheduler = tokenizer, optimizer, scheduler
         self.rows, self.metrics, self.ckpt_root = rows, metrics, ckpt_root
         self.pad = pad_id(tokenizer)
@@ -271,12 +274,15 @@ class _Loop:
         for position, indices in batches:
             if position >= t.max_steps:
                 break
+            step_started = time.perf_counter()
             loss, tokens, grad_norm = self._step(indices)
+            step_seconds = time.perf_counter() - step_started
             self.step = position + 1
             tokens_seen += tokens
             self.tokens_per_second = tokens_seen / (time.perf_counter() - clock)
             record = {"kind": "train", "step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
-                      "grad_norm": grad_norm, "tokens": tokens, "tokens_per_second": round(self.tokens_per_second, 1)}  # fmt: skip
+                      "grad_norm": grad_norm, "tokens": tokens, "seconds": round(step_seconds, 4),
+                      "tokens_per_second": round(self.tokens_per_second, 1)}  # fmt: skip
             self.metrics.write(record)
             if bar is not None:
                 bar.update(1)
@@ -303,7 +309,7 @@ class _Loop:
         if self.ctx.is_main:
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
             path = save_checkpoint(
-                self.ckpt_root, step, self.model, self.optimizer, self.scheduler, {"skipped": self.skipped}
+                self.ckpt_root, step, self.model, self.optimizer, self.scheduler, self.method, {"skipped": self.skipped}
             )
             prune_checkpoints(self.ckpt_root, self.cfg.train.keep_last)
             self.last_good = path
