@@ -150,7 +150,17 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory, tiny_tokenizer):
     """A saved tiny LLaMA + tokenizer directory, loadable by lorakit.load_model like any HF model."""
-    directory = tmp_path_factory.mktemp("tiny-lm")
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny-lm"), tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def steerable_lm_dir(tmp_path_factory, tiny_tokenizer):
+    """Like tiny_lm_dir with larger random weights (std 0.2, not 0.02): the frozen network then has
+    outputs that methods which keep it frozen (adapters, prompts, LoRA) can steer within a few steps."""
+    return save_tiny_lm(tmp_path_factory.mktemp("steerable-lm"), tiny_tokenizer, initializer_range=0.2)
+
+
+def save_tiny_lm(directory, tiny_tokenizer, **extra):
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tiny_tokenizer),
@@ -163,6 +173,7 @@ def tiny_lm_dir(tmp_path_factory, tiny_tokenizer):
         eos_token_id=tiny_tokenizer.eos_token_id,
         pad_token_id=tiny_tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        **extra,
     )
     LlamaForCausalLM(config).save_pretrained(directory)
     tiny_tokenizer.save_pretrained(directory)

@@ -6,12 +6,19 @@ import argparse
 import sys
 
 from .. import __version__
+from . import compare as compare_cmd
 from . import eval as eval_cmd
 from . import generate as generate_cmd
 from . import merge as merge_cmd
 from . import train as train_cmd
 
-SUBCOMMANDS = {"train": train_cmd, "eval": eval_cmd, "generate": generate_cmd, "merge": merge_cmd}
+SUBCOMMANDS = {
+    "train": train_cmd,
+    "eval": eval_cmd,
+    "generate": generate_cmd,
+    "merge": merge_cmd,
+    "compare": compare_cmd,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

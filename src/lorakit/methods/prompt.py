@@ -28,15 +28,26 @@ class SoftPromptModel(nn.Module):
     def config(self):
         return self.model.config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+    def _prompted(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
         embeds = self.model.get_input_embeddings()(input_ids)
         n = self.soft_prompt.shape[0]
         prompt = self.soft_prompt.to(embeds.dtype).unsqueeze(0).expand(input_ids.shape[0], -1, -1)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         mask = torch.cat([attention_mask.new_ones(input_ids.shape[0], n), attention_mask], dim=1)
-        out = self.model(inputs_embeds=torch.cat([prompt, embeds], dim=1), attention_mask=mask, **kwargs)
-        return SimpleNamespace(logits=out.logits[:, n:])
+        return torch.cat([prompt, embeds], dim=1), mask
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        embeds, mask = self._prompted(input_ids, attention_mask)
+        out = self.model(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+        return SimpleNamespace(logits=out.logits[:, self.soft_prompt.shape[0] :])
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """Like ``model.generate``: returns the input ids followed by the new tokens."""
+        embeds, mask = self._prompted(input_ids, attention_mask)
+        new = self.model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+        return torch.cat([input_ids, new], dim=1)
 
 
 class PromptTuning:

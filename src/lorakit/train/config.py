@@ -98,6 +98,39 @@ class TrainLoopConfig:
     nan_policy: str = "stop"
     """On a NaN or infinite loss: stop (keep the last good checkpoint) or skip (drop the step, count it)."""
 
+    eval_before: bool = True
+    """Evaluate the untrained model first (the 'before' of a before/after comparison)."""
+
+
+@dataclass
+class CompareConfig:
+    methods: list[str] = field(default_factory=lambda: ["full", "adapter", "prompt", "lora"])
+    """Methods `lorakit compare` runs, in order: full, adapter (bottleneck layers), prompt (prompt tuning), lora."""
+
+    lr_full: float = 5e-5
+    """Learning rate for full fine-tuning (every weight moves, so it needs a small one)."""
+
+    lr_adapter: float = 2e-3
+    """Learning rate for bottleneck adapter layers."""
+
+    lr_prompt: float = 3e-2
+    """Learning rate for prompt tuning (soft prompts need large steps)."""
+
+    lr_lora: float | None = None
+    """Learning rate for LoRA; unset: train.lr."""
+
+    adapter_size: int = 64
+    """Bottleneck width m of the adapter layers (down: d -> m, up: m -> d)."""
+
+    prompt_length: int = 20
+    """Number of soft-prompt embeddings for prompt tuning."""
+
+    prompt_init_text: str = "Write the date as YYYY-MM-DD."
+    """Text whose token embeddings (repeated to prompt_length) initialise the soft prompt."""
+
+    latency_repeats: int = 5
+    """Forward passes timed per model for the inference-latency column (median reported)."""
+
 
 @dataclass
 class RunConfig:
@@ -123,6 +156,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=16, alpha=32, target_modules="all-linear"))
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     def __post_init__(self) -> None:
         check_run(self)

@@ -52,6 +52,7 @@ class RunResult:
     wall_seconds: float = 0.0
     skipped_steps: int = 0
     data: dict[str, DataStats] = field(default_factory=dict)
+    model: nn.Module | None = field(default=None, repr=False)  # the trained module, for callers that measure it
 
 
 def prepare_data(
@@ -180,7 +181,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, method=No
     wrapped = dist.wrap(model, ctx)
     loop = _Loop(cfg, ctx, model, wrapped, tokenizer, optimizer, scheduler, train_rows, metrics, ckpt_root, method)
     eval_before = None
-    if eval_rows and start_step == 0 and ctx.is_main:
+    if eval_rows and start_step == 0 and ctx.is_main and cfg.train.eval_before:
         eval_before = _evaluate(cfg, model, tokenizer, eval_rows)
         metrics.write({"kind": "eval", "step": 0, **eval_before.as_record()})
         log(_describe_eval("before training", eval_before))
@@ -203,6 +204,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, method=No
     dist.barrier(ctx)
     dist.teardown(ctx)
     result.wall_seconds = time.perf_counter() - started
+    result.model = model
     return result
 
 

@@ -1,0 +1,311 @@
+"""`lorakit compare`: LoRA against full fine-tuning, adapter layers and prompt tuning, measured side by side.
+
+Every method trains with the same model, data, seed, step budget and batch (one learning rate per
+method), through the same trainer, each in a fresh process so that its peak memory is its own. The
+parent collects one JSON record per method and writes results.json, results.md and results.png.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from .methods import METHODS
+from .train.config import RunConfig
+
+RESULT_NAME = "result.json"
+FIELDS = [
+    "method", "status", "trainable_params", "total_params", "trainable_percent", "peak_memory_mb", "memory_kind",
+    "median_step_seconds", "tokens_per_second", "eval_loss", "exact_match", "exact_match_before", "artifact_bytes",
+    "latency_vs_base", "latency_merged_vs_base", "base_weights_changed", "steps", "lr", "wall_seconds", "error",
+]  # fmt: skip
+
+
+def check_methods(names: list[str]) -> list[str]:
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or not names:
+        raise ValueError(f"unknown method(s) {unknown or names}: choose from {', '.join(METHODS)} (comma-separated)")
+    return names
+
+
+def method_lr(cfg: RunConfig, name: str) -> float:
+    c = cfg.compare
+    return {"full": c.lr_full, "adapter": c.lr_adapter, "prompt": c.lr_prompt}.get(name) or c.lr_lora or cfg.train.lr
+
+
+def build_method(cfg: RunConfig, name: str, tokenizer=None):
+    c = cfg.compare
+    if name == "adapter":
+        return METHODS["adapter"](size=c.adapter_size)
+    if name == "prompt":
+        return METHODS["prompt"](length=c.prompt_length, init_text=c.prompt_init_text, tokenizer=tokenizer)
+    if name == "lora":
+        return METHODS["lora"](cfg.lora)
+    return METHODS[name]()
+
+
+# ----- the parent: one worker process per method -----------------------------------------------------------
+def run_compare(cfg: RunConfig, methods: list[str], progress: bool = True) -> list[dict[str, Any]]:
+    """Run every method in its own process; return (and write) their records."""
+    check_methods(methods)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = out / "compare-config.yaml"
+    data = cfg.to_dict()
+    data["compare"]["methods"] = methods  # the worker of the first one also measures the untrained base
+    resolved.write_text(yaml.safe_dump(data, sort_keys=False))
+    records = []
+    for k, name in enumerate(methods, start=1):
+        print(f"[{k}/{len(methods)}] {name}: training in a fresh process...", file=sys.stderr, flush=True)
+        records.append(_run_worker(resolved, name, out / name, progress))
+        r = records[-1]
+        summary = (f"exact match {_pct(r.get('exact_match'))}, step {r['median_step_seconds']:.2f} s"
+                   if r["status"] == "ok" else f"FAILED: {r['error']}")  # fmt: skip
+        print(f"[{k}/{len(methods)}] {name}: {summary}", file=sys.stderr, flush=True)
+    write_outputs(records, out)
+    return records
+
+
+def _run_worker(config: Path, name: str, out: Path, progress: bool) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "lorakit.compare", str(config), name, str(out)] + ([] if progress else ["--quiet"])
+    started = time.perf_counter()
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    result_file = out / RESULT_NAME
+    if done.returncode == 0 and result_file.is_file():
+        return json.loads(result_file.read_text())
+    error = _last_error(out) or f"worker exited with status {done.returncode}"
+    return {"method": name, "status": "failed", "error": error, "wall_seconds": time.perf_counter() - started}
+
+
+def _last_error(out: Path) -> str | None:
+    path = out / "error.txt"
+    return path.read_text().strip() if path.is_file() else None
+
+
+# ----- the worker: train one method and measure it ---------------------------------------------------------
+class _Recording:
+    """Wraps a method to checksum the base weights it receives, before training touches them."""
+
+    def __init__(self, method) -> None:
+        self.method, self.name = method, method.name
+        self.originals: list[nn.Parameter] = []
+        self.checksum_before = ""
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        self.originals = list(model.parameters())
+        self.checksum_before = checksum(self.originals)
+        return self.method.prepare(model)
+
+    def save(self, trained, directory):
+        return self.method.save(trained, directory)
+
+    def restore(self, prepared, directory):
+        return self.method.restore(prepared, directory)
+
+
+def checksum(params: list[torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for p in params:
+        digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def worker(config_path: Path, name: str, out: Path, progress: bool) -> dict[str, Any]:
+    from .train.config import from_dict
+    from .train.trainer import train
+
+    data = yaml.safe_load(config_path.read_text())
+    cfg = from_dict(RunConfig, data, "")
+    lr = method_lr(cfg, name)
+    cfg.output_dir, cfg.overwrite = str(out), True
+    cfg.train.lr, cfg.train.save_every, cfg.train.eval_every = lr, 0, 0
+    cfg.train.eval_before = name == cfg.compare.methods[0]
+    from .models import load_model
+
+    _, tokenizer = load_model(cfg.model)
+    method = _Recording(build_method(cfg, name, tokenizer))
+    started = time.perf_counter()
+    result = train(cfg, progress=progress, method=method)
+    peak_mb = _peak_memory_mb()
+    trained = result.model
+    record = {
+        "method": name, "status": "ok", "lr": lr, "steps": result.steps,
+        "peak_memory_mb": peak_mb, "memory_kind": "peak CUDA allocated" if torch.cuda.is_available() else "peak RSS",
+        **_counts(trained), **_step_stats(out / "metrics.jsonl"),
+        "eval_loss": result.eval.loss if result.eval else None,
+        "exact_match": result.eval.exact_match if result.eval else None,
+        "exact_match_before": result.eval_before.exact_match if result.eval_before else None,
+        "artifact_bytes": _artifact_bytes(out),
+        "base_weights_changed": checksum(method.originals) != method.checksum_before,
+    }  # fmt: skip
+    record.update(_latency(cfg, trained, name))
+    record["wall_seconds"] = time.perf_counter() - started
+    return record
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _counts(model: nn.Module) -> dict[str, Any]:
+    from .adapters import trainable_summary
+
+    s = trainable_summary(model)
+    return {"trainable_params": s.trainable, "total_params": s.total, "trainable_percent": s.percent}
+
+
+def _step_stats(metrics: Path) -> dict[str, float]:
+    steps = [json.loads(line) for line in metrics.read_text().splitlines() if '"kind": "train"' in line]
+    timed = steps[1:] or steps  # the first step pays one-off costs
+    seconds = [s["seconds"] for s in timed]
+    return {
+        "median_step_seconds": statistics.median(seconds),
+        "tokens_per_second": sum(s["tokens"] for s in timed) / sum(seconds),
+    }
+
+
+def _artifact_bytes(out: Path) -> int:
+    bookkeeping = {"config.yaml", "metrics.jsonl", "loss.png", RESULT_NAME, "error.txt"}
+    return sum(p.stat().st_size for p in out.iterdir() if p.is_file() and p.name not in bookkeeping)
+
+
+def _latency(cfg: RunConfig, trained: nn.Module, name: str) -> dict[str, float | None]:
+    """Median forward time of the trained model over a fresh base model's, same batch, same process."""
+    from . import adapters
+    from .data import read_rows, tokenize_rows
+    from .models import load_model
+    from .train.evaluate import pad_id
+
+    base, tokenizer = load_model(cfg.model)
+    rows = read_rows(cfg.data.eval or cfg.data.train)[:8]
+    batch = _collated(tokenize_rows(rows, tokenizer, cfg.data.max_length, True)[0], pad_id(tokenizer))
+    repeats = cfg.compare.latency_repeats
+    base_time = _time_forward(base, batch, repeats)
+    result: dict[str, float | None] = {"latency_vs_base": _time_forward(trained, batch, repeats) / base_time}
+    result["latency_merged_vs_base"] = None
+    if name == "lora":
+        adapters.merge(trained)
+        result["latency_merged_vs_base"] = _time_forward(trained, batch, repeats) / _time_forward(base, batch, repeats)
+        adapters.unmerge(trained)
+    return result
+
+
+def _collated(examples, pad: int) -> dict[str, torch.Tensor]:
+    from .data import collate
+
+    batch = collate(examples, pad)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+@torch.no_grad()
+def _time_forward(model: nn.Module, batch: dict[str, torch.Tensor], repeats: int) -> float:
+    model.eval()
+    model(**batch)  # warm-up
+    times = []
+    for _ in range(max(1, repeats)):
+        started = time.perf_counter()
+        model(**batch)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+# ----- outputs -----------------------------------------------------------------------------------------------
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+LABELS = {"full": "full fine-tuning", "adapter": "adapter layers", "prompt": "prompt tuning", "lora": "LoRA"}
+
+
+def markdown_table(records: list[dict[str, Any]]) -> str:
+    head = ("| method | trainable parameters | peak memory | median step | tokens/s | eval loss | exact match "
+            "| artifact | inference vs base | modifies the pretrained model |")  # fmt: skip
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        label = LABELS.get(r["method"], r["method"])
+        if r["status"] != "ok":
+            lines.append(f"| {label} | failed: {r.get('error', '')[:120]} |" + " |" * 8)
+            continue
+        latency = f"{r['latency_vs_base']:.2f}x"
+        if r.get("latency_merged_vs_base") is not None:
+            latency += f" ({r['latency_merged_vs_base']:.2f}x merged)"
+        lines.append(
+            f"| {label} | {r['trainable_params']:,} ({r['trainable_percent']:.2f} %) | {r['peak_memory_mb']:,.0f} MB "
+            f"| {r['median_step_seconds']:.2f} s | {r['tokens_per_second']:.0f} | {r['eval_loss']:.4f} "
+            f"| {_pct(r['exact_match'])} | {_size(r['artifact_bytes'])} | {latency} "
+            f"| {'yes' if r['base_weights_changed'] else 'no'} |"
+        )
+    before = next((r["exact_match_before"] for r in records if r.get("exact_match_before") is not None), None)
+    if before is not None:
+        lines.append(f"\nBase model before training: exact match {_pct(before)}.")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(records: list[dict[str, Any]], out: Path) -> None:
+    (out / "results.json").write_text(json.dumps([{k: r.get(k) for k in FIELDS} for r in records], indent=2) + "\n")
+    (out / "results.md").write_text(markdown_table(records))
+    chart(records, out / "results.png")
+    print(markdown_table(records))
+    print(f"results: {out / 'results.md'}, {out / 'results.json'}, {out / 'results.png'}")
+
+
+def chart(records: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in records if r["status"] == "ok"]
+    panels = [("trainable_percent", "trainable share (%)", True), ("peak_memory_mb", "peak memory (MB)", False),
+              ("median_step_seconds", "median step (s)", False), ("exact_match", "exact match (%)", False)]  # fmt: skip
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.4), dpi=110)
+    for ax, (key, title, log) in zip(axes, panels, strict=True):
+        values = [(r[key] or 0) * (100 if key == "exact_match" else 1) for r in ok]
+        ax.bar([LABELS.get(r["method"], r["method"]).replace(" ", "\n") for r in ok], values, color="tab:blue")
+        ax.set_title(title, fontsize=10)
+        if log:
+            ax.set_yscale("log")
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle("lorakit compare: same model, data, seed, steps and batch")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _worker_main(argv: list[str]) -> int:
+    config, name, out = Path(argv[0]), argv[1], Path(argv[2])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "error.txt").unlink(missing_ok=True)
+    try:
+        record = worker(config, name, out, progress="--quiet" not in argv)
+    except Exception as err:  # reported in the table; the other methods still run
+        (out / "error.txt").write_text(f"{type(err).__name__}: {err}")
+        raise
+    (out / RESULT_NAME).write_text(json.dumps(record, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(_worker_main(sys.argv[1:]))

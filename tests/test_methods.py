@@ -1,0 +1,159 @@
+"""The four fine-tuning methods on a tiny model: loss falls, counts match formulas, base untouched, reload exact."""
+
+import json
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.cli.main import main
+from lorakit.compare import FIELDS, build_method, checksum, markdown_table
+from lorakit.methods import METHODS
+from lorakit.methods.bottleneck import bottleneck_parameters
+from lorakit.train.config import load_config
+from lorakit.train.trainer import train
+
+from .conftest import colour_rows, write_jsonl
+
+LRS = {"full": 3e-3, "adapter": 1e-2, "prompt": 5e-2, "lora": 3e-2}
+
+
+@pytest.fixture
+def cfg_for(steerable_lm_dir, tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", colour_rows(64))
+    write_jsonl(tmp_path / "eval.jsonl", colour_rows(12, seed=1))
+
+    def make(*overrides):
+        return load_config(
+            None,
+            [
+                f"model={steerable_lm_dir}",
+                f"data.train={tmp_path / 'train.jsonl'}",
+                f"data.eval={tmp_path / 'eval.jsonl'}",
+                "data.max_length=32",
+                "lora.r=4",
+                "lora.alpha=8",
+                "compare.adapter_size=8",
+                "compare.prompt_length=5",
+                "compare.prompt_init_text=colour of item",
+                "train.batch_size=8",
+                "train.max_new_tokens=3",
+                f"output_dir={tmp_path / 'out'}",
+                *overrides,
+            ],
+        )
+
+    return make
+
+
+def _trainable(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_each_method_trains_and_its_loss_falls(cfg_for, name, tmp_path):
+    cfg = cfg_for(f"train.lr={LRS[name]}", "train.max_steps=15", f"output_dir={tmp_path / name}", "overwrite=true")
+    _, tokenizer = lorakit.load_model(cfg.model)
+    result = train(cfg, progress=False, method=build_method(cfg, name, tokenizer))
+    losses = [json.loads(line)["loss"] for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()
+              if '"train"' in line]  # fmt: skip
+    assert sum(losses[-3:]) < 0.9 * sum(losses[:3]), losses  # each method drops it by 16 % or more here
+    assert result.eval.loss < result.eval_before.loss
+
+
+def test_trainable_counts_equal_formulas(cfg_for):
+    cfg = cfg_for()
+    model, tokenizer = lorakit.load_model(cfg.model)
+    d, layers, total = (
+        model.config.hidden_size,
+        model.config.num_hidden_layers,
+        sum(p.numel() for p in model.parameters()),
+    )
+    inter, kv = (
+        model.config.intermediate_size,
+        model.config.num_key_value_heads * (d // model.config.num_attention_heads),
+    )
+    expected = {
+        "full": total,
+        "adapter": bottleneck_parameters(d, 8, layers),
+        "prompt": 5 * d,
+        # r * (d_in + d_out) for q, k, v, o, gate, up, down in every layer
+        "lora": layers * 4 * ((d + d) + (d + kv) + (d + kv) + (d + d) + (d + inter) * 2 + (inter + d)),
+    }
+    for name, want in expected.items():
+        fresh, _ = lorakit.load_model(cfg.model)
+        assert _trainable(build_method(cfg, name, tokenizer).prepare(fresh)) == want, name
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_base_weights_untouched_except_full_and_reload_reproduces(cfg_for, name, tmp_path):
+    cfg = cfg_for(f"train.lr={LRS[name]}", "train.max_steps=3", "train.generate_eval=false")
+    model, tokenizer = lorakit.load_model(cfg.model)
+    originals = list(model.parameters())
+    before = checksum(originals)
+    method = build_method(cfg, name, tokenizer)
+    prepared = method.prepare(model)
+    opt = torch.optim.AdamW([p for p in prepared.parameters() if p.requires_grad], lr=LRS[name])
+    ids = torch.tensor([tokenizer("colour of item 3? blue")["input_ids"]] * 2)
+    for _ in range(3):
+        prepared(input_ids=ids).logits.float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert (checksum(originals) != before) == (name == "full")
+    method.save(prepared, tmp_path / "saved")
+    fresh, _ = lorakit.load_model(cfg.model)
+    restored = method.restore(build_method(cfg, name, tokenizer).prepare(fresh), tmp_path / "saved")
+    with torch.no_grad():
+        torch.testing.assert_close(restored(input_ids=ids).logits, prepared(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_compare_writes_every_field(cfg_for, tmp_path, capsys):
+    overrides = [arg for o in ("train.max_steps=4", "train.lr=1e-2", f"output_dir={tmp_path / 'cmp'}",
+                               *_cfg_overrides(cfg_for())) for arg in ("--set", o)]  # fmt: skip
+    assert main(["compare", "--no-progress", "--methods", "prompt,lora", *overrides]) == 0
+    records = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    assert [r["method"] for r in records] == ["prompt", "lora"]
+    for r in records:
+        assert set(r) == set(FIELDS) and r["status"] == "ok" and r["error"] is None
+        assert r["peak_memory_mb"] > 0 and r["median_step_seconds"] > 0 and r["artifact_bytes"] > 0
+        assert r["base_weights_changed"] is False
+    assert records[0]["exact_match_before"] is not None  # the first method's worker measures the base
+    assert records[1]["latency_merged_vs_base"] is not None
+    table = (tmp_path / "cmp" / "results.md").read_text()
+    assert "| prompt tuning |" in table and "| LoRA |" in table
+    assert (tmp_path / "cmp" / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _cfg_overrides(cfg) -> list[str]:
+    return [f"model={cfg.model}", f"data.train={cfg.data.train}", f"data.eval={cfg.data.eval}", "data.max_length=32",
+            "lora.r=4", "compare.prompt_length=5", "train.max_new_tokens=3"]  # fmt: skip
+
+
+def test_unknown_method_is_a_clear_error(capsys):
+    assert main(["compare", "--methods", "lora,qlora"]) == 2
+    assert "unknown method(s) ['qlora']: choose from full, adapter, prompt, lora" in capsys.readouterr().err
+
+
+def test_failed_method_is_reported_in_the_table():
+    records = [
+        {"method": "full", "status": "failed", "error": "OutOfMemoryError: ..."},
+        {
+            "method": "lora",
+            "status": "ok",
+            "trainable_params": 10,
+            "trainable_percent": 1.0,
+            "peak_memory_mb": 5.0,
+            "median_step_seconds": 0.5,
+            "tokens_per_second": 9.0,
+            "eval_loss": 0.1,
+            "exact_match": 0.9,
+            "exact_match_before": 0.1,
+            "artifact_bytes": 2048,
+            "latency_vs_base": 1.05,
+            "latency_merged_vs_base": 1.0,
+            "base_weights_changed": False,
+        },
+    ]
+    table = markdown_table(records)
+    assert "| full fine-tuning | failed: OutOfMemoryError" in table
+    assert "| LoRA | 10 (1.00 %) | 5 MB | 0.50 s | 9 | 0.1000 | 90.0% | 2 KiB | 1.05x (1.00x merged) | no |" in table
