@@ -162,7 +162,7 @@ def steerable_lm_dir(tmp_path_factory, tiny_tokenizer):
 
 def save_tiny_lm(directory, tiny_tokenizer, **extra):
     torch.manual_seed(0)
-    config = LlamaConfig(
+    settings = dict(
         vocab_size=len(tiny_tokenizer),
         hidden_size=32,
         intermediate_size=64,
@@ -173,8 +173,8 @@ def save_tiny_lm(directory, tiny_tokenizer, **extra):
         eos_token_id=tiny_tokenizer.eos_token_id,
         pad_token_id=tiny_tokenizer.pad_token_id,
         tie_word_embeddings=False,
-        **extra,
     )
+    config = LlamaConfig(**{**settings, **extra})
     LlamaForCausalLM(config).save_pretrained(directory)
     tiny_tokenizer.save_pretrained(directory)
     return directory

@@ -89,6 +89,23 @@ def test_route_mixed_rows_equal_each_row_alone(family):
     _assert_route_matches_rows_alone(model, family, family.inputs(batch=4), ["b", None, "a", "b"])
 
 
+def test_route_with_kept_stacks_equals_fresh_stacks_until_cleared():
+    llama = FAMILIES["llama"]
+    model = _two_adapters(llama)
+    inputs = llama.inputs(batch=3)
+    stacks: dict = {}
+    with lorakit.route(model, ["a", None, "a"]):
+        fresh = llama.logits(model, inputs)
+    for _ in range(2):  # the first call fills the stacks, the second reuses them
+        with lorakit.route(model, ["a", None, "a"], stacks=stacks):
+            assert_close(llama.logits(model, inputs), fresh, rtol=1e-6, atol=1e-6)
+    assert stacks and all(key[1] == ("a", "b") for key in stacks)  # one stack of all adapters per layer
+    with lorakit.route(model, ["b", "b", None], stacks=stacks):  # other rows, same stacks
+        other = llama.logits(model, inputs)
+    with lorakit.route(model, ["b", "b", None]):
+        assert_close(llama.logits(model, inputs), other, rtol=1e-6, atol=1e-6)
+
+
 def test_route_with_modules_to_save_copies():
     bert = FAMILIES["bert"]
     model = bert.build()

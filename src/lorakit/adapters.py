@@ -61,10 +61,13 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextlib.contextmanager
-def route(model: nn.Module, per_row_names: Sequence[str | None]) -> Iterator[nn.Module]:
+def route(model: nn.Module, per_row_names: Sequence[str | None], *, stacks: dict | None = None) -> Iterator[nn.Module]:
     """Mixed batch: row i of the next forwards uses adapter ``per_row_names[i]`` (``None``: the base model).
 
     One forward serves every adapter: linear layers gather each row's A and B and run batched matmuls.
+    ``stacks`` (inference only): a dict kept by the caller across forwards in which each layer keeps its
+    stacked A and B of *all* the model's adapters, so repeated forwards skip rebuilding them. Clear it
+    whenever an adapter is added, removed or changed.
 
     Raises:
         ValueError: an unknown adapter name, an empty list, or merged adapters (unmerge first).
@@ -73,12 +76,14 @@ def route(model: nn.Module, per_row_names: Sequence[str | None]) -> Iterator[nn.
     if not rows:
         raise ValueError("route() needs one adapter name (or None) per batch row; got an empty list")
     names = sorted({n for n in rows if n is not None})
-    for name in names:
+    if stacks is not None:
+        names = sorted(registry(model).adapters)
+    for name in {n for n in rows if n is not None}:
         check_adapter_name(model, name)
     if _merged_names(model):
         raise ValueError("route() needs unmerged adapters; call lorakit.unmerge(model) first")
     index = torch.tensor([0 if n is None else names.index(n) + 1 for n in rows], dtype=torch.long)
-    routing = Routing(names, index)
+    routing = Routing(names, index, stacks)
     modules = [m for _, m in adapter_modules(model)]
     for module in modules:
         module.routing = routing

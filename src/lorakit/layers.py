@@ -28,11 +28,17 @@ except ImportError:  # pragma: no cover - transformers is a dependency, this onl
 
 
 class Routing:
-    """Per-row adapter choice for one forward: ``names[k]`` is adapter k+1; index 0 means the base model."""
+    """Per-row adapter choice for one forward: ``names[k]`` is adapter k+1; index 0 means the base model.
 
-    def __init__(self, names: list[str], index: torch.Tensor) -> None:
+    ``stacks``, when given, keeps each layer's stacked adapter tensors across forwards (keyed by layer and names):
+    an inference server passes one dict for as long as its set of adapters and their weights stay the same,
+    and clears it when they change. Without it the stacks are rebuilt on every forward (what training needs).
+    """
+
+    def __init__(self, names: list[str], index: torch.Tensor, stacks: dict | None = None) -> None:
         self.names = names
         self.index = index
+        self.stacks = stacks
 
     def index_on(self, device: torch.device) -> torch.Tensor:
         return self.index.to(device, non_blocking=True)
@@ -273,7 +279,14 @@ class LoraLinear(LoraLayer):
         index = self._row_index(x, routing)
         if not any(n in self.r for n in routing.names):
             return x.new_zeros(*x.shape[:-1], self.in_out[1])
-        a_stack, b_stack = self._stacked(routing.names, self.lora_A[self._first(routing.names)].weight)
+        key = (id(self), tuple(routing.names))
+        cached = routing.stacks.get(key) if routing.stacks is not None else None
+        if cached is None:
+            cached = self._stacked(routing.names, self.lora_A[self._first(routing.names)].weight)
+            if routing.stacks is not None:
+                cached = (cached[0].detach(), cached[1].detach())
+                routing.stacks[key] = cached
+        a_stack, b_stack = cached
         xs = x.to(a_stack.dtype).reshape(x.shape[0], -1, x.shape[-1])
         xs = self._row_dropout(xs, routing.names, index)
         hidden = torch.bmm(xs, a_stack[index].transpose(1, 2))  # (rows, tokens, r_max)

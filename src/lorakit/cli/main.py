@@ -10,6 +10,7 @@ from . import compare as compare_cmd
 from . import eval as eval_cmd
 from . import generate as generate_cmd
 from . import merge as merge_cmd
+from . import serve as serve_cmd
 from . import train as train_cmd
 
 SUBCOMMANDS = {
@@ -18,6 +19,7 @@ SUBCOMMANDS = {
     "generate": generate_cmd,
     "merge": merge_cmd,
     "compare": compare_cmd,
+    "serve": serve_cmd,
 }
 
 

@@ -1,0 +1,107 @@
+"""Serve a base model and many adapters over an OpenAI-compatible HTTP API (FastAPI + uvicorn).
+
+The request's `model` field picks the adapter; the base model's name means no adapter. Concurrent
+requests on different adapters are batched into one forward pass per step.
+
+Example:
+    lorakit serve --model default --adapter dates=runs/dates/adapter --adapter-dir runs/adapters
+    curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+        -d '{"model": "dates", "prompt": "Convert 3 March 2021 to ISO format:", "max_tokens": 16}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HELP = "serve the model and adapters over an OpenAI-compatible API"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_parser(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--model", default="default", help="base model: HF directory, .gguf file or 'default'")
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="an adapter to serve as model NAME (repeat for more)",
+    )
+    parser.add_argument("--adapter-dir", help="directory from which POST /v1/adapters may load adapters by name")
+    parser.add_argument("--served-model-name", help="name of the base model in the API (default: from --model)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request but /health")
+    parser.add_argument("--max-batch-size", type=int, default=16, help="most requests decoded together")
+    parser.add_argument("--max-queue", type=int, default=64, help="most waiting requests; more get HTTP 429")
+    parser.add_argument("--max-tokens", type=int, default=512, help="most new tokens one request may ask for")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take in all")
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted")
+    parser.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: float32 on CPU, bfloat16 on GPU)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
+    parser.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
+
+
+def parse_adapters(specs: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for spec in specs:
+        name, sep, directory = spec.partition("=")
+        if not sep or not name or not directory:
+            raise ValueError(f"--adapter {spec!r}: write NAME=DIR, for example --adapter dates=runs/dates/adapter")
+        pairs.append((name, directory))
+    names = [n for n, _ in pairs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--adapter names repeat: {names}; give each adapter its own name")
+    return pairs
+
+
+def base_model_name(spec: str) -> str:
+    if spec == "default":
+        return "SmolLM2-135M-Instruct"
+    path = Path(spec)
+    return path.stem if path.suffix == ".gguf" else path.resolve().name
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    from ..models import load_model
+    from ..serve.api import ServeLimits, create_app
+    from ..serve.engine import Engine
+    from ..serve.registry import AdapterRegistry
+
+    for flag in ("max_batch_size", "max_tokens", "port"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.max_queue < 0 or args.timeout <= 0:
+        raise ValueError("--max-queue must be >= 0 and --timeout > 0")
+    adapters = parse_adapters(args.adapter)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, dtype_name))
+    if tokenizer is None:
+        raise ValueError(f"--model {args.model} has no tokenizer files; the server needs them")
+    model.to(device)
+    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+    name = args.served_model_name or base_model_name(args.model)
+    registry = AdapterRegistry(model, engine, name, args.adapter_dir)
+    for adapter_name, directory in adapters:
+        try:
+            registry.load_at_start(adapter_name, directory)
+        except Exception as err:
+            raise ValueError(f"--adapter {adapter_name}={directory}: {err}") from None
+    limits = ServeLimits(max_tokens=args.max_tokens, timeout_s=args.timeout, max_body_bytes=args.max_body_bytes)
+    context = getattr(model.config, "max_position_embeddings", None)
+    app = create_app(engine, registry, tokenizer, limits=limits, api_key=args.api_key, context_length=context)
+    listed = ", ".join(registry.names()) or "none"
+    print(
+        f"lorakit serve: {name} ({dtype_name} on {device}) with adapters: {listed}\n"
+        f"  OpenAI API at http://{args.host}:{args.port}/v1 (Ctrl-C stops)",
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0

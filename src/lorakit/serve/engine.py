@@ -1,0 +1,428 @@
+"""Continuous-batching generation over one base model and many LoRA adapters.
+
+One engine thread owns the model. Each iteration it (1) runs queued commands (adapter load/unload),
+(2) drops requests that were cancelled or ran out of time, (3) admits waiting requests up to the batch
+limit and prefills them together in one forward, and (4) decodes one token for every running request in
+one forward. Rows of a forward may use different adapters: ``lorakit.route`` gathers each row's A and B
+and applies them with batched matmuls (Punica's BGMV idea, in torch), with the stacked adapter tensors
+kept across steps until the set of adapters changes.
+
+The KV cache is one left-padded batch: per layer keys/values of shape (rows, heads, T, head_dim) and a
+(rows, T) attention mask. Requests join by padding the shorter side on the left; finished rows are
+removed and all-padding columns trimmed, so a long request that ends frees its memory.
+
+The engine knows nothing of HTTP: a request carries a ``sink`` callable that receives ``Event``s on the
+engine thread (the API forwards them to its event loop).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import inspect
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..adapters import route
+from ..inject import has_adapters
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its limit; the caller should answer 429."""
+
+
+@dataclass
+class SamplingParams:
+    """How one request is decoded. ``temperature == 0`` is greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    ignore_eos: bool = False  # keep generating past EOS (benchmarks that need exact lengths)
+
+
+@dataclass
+class Event:
+    """Produced for a request: new text, and at the end a finish reason (or an error)."""
+
+    text: str = ""
+    finish_reason: str | None = None  # "stop", "length", or None while running
+    error: str | None = None  # set when the request failed or timed out
+    error_status: int = 500
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Request:
+    """One generation: prompt token ids, the adapter (None: base model), sampling, and where events go."""
+
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        adapter: str | None,
+        params: SamplingParams,
+        sink: Callable[[Event], None],
+        timeout_s: float | None = None,
+    ) -> None:
+        assert prompt_ids, "empty prompts are refused before they reach the engine"
+        self.prompt_ids = list(prompt_ids)
+        self.adapter = adapter
+        self.params = params
+        self.sink = sink
+        self.deadline = time.monotonic() + timeout_s if timeout_s else None
+        self.generated: list[int] = []
+        self.emitted = 0  # characters of text already sent
+        self.sampled = 0  # tokens sampled so far, EOS included
+        self.cancelled = False
+        self.done = False
+        self.generator: torch.Generator | None = None
+        if params.temperature > 0:
+            self.generator = torch.Generator()
+            if params.seed is not None:
+                self.generator.manual_seed(params.seed)
+            else:
+                self.generator.seed()
+
+    def cancel(self) -> None:
+        """Stop this request's work (thread-safe: the engine checks the flag between steps)."""
+        self.cancelled = True
+
+
+class Engine:
+    """Continuous batching of generation requests across adapters, one forward per step.
+
+    Args:
+        model: a causal LM with lorakit adapters injected (or none), unmerged.
+        tokenizer: its tokenizer (decodes the generated text, knows EOS).
+        max_batch_size: most requests decoded together.
+        max_queue: most requests waiting for a batch slot; ``submit`` raises ``QueueFull`` beyond it.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, *, max_batch_size: int = 16, max_queue: int = 64) -> None:
+        if max_batch_size < 1 or max_queue < 0:
+            raise ValueError(f"max_batch_size must be >= 1 and max_queue >= 0, got {max_batch_size}, {max_queue}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        param = next(model.parameters())
+        self.device = param.device
+        self.pad_id = _pad_id(model, tokenizer)
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self._keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []
+        self._commands: deque[tuple[Callable[[], object], concurrent.futures.Future]] = deque()
+        self._cv = threading.Condition()
+        self._stop = False
+        self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._mask: torch.Tensor | None = None
+        self._stacks: dict = {}
+        self.steps = 0
+        self.generated_tokens = 0
+        self._thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
+
+    # ----- control, called from other threads ----------------------------------------------------------
+    def start(self) -> Engine:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def submit(self, request: Request) -> None:
+        """Queue a request. Raises ``QueueFull`` when ``max_queue`` requests already wait."""
+        with self._cv:
+            if self._stop:
+                raise RuntimeError("the engine has stopped")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting (limit {self.max_queue})")
+            self._waiting.append(request)
+            self._cv.notify_all()
+
+    def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
+        """Run ``fn`` on the engine thread between two steps (to change the model's adapters safely)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cv:
+            self._commands.append((fn, future))
+            self._cv.notify_all()
+        return future
+
+    def adapters_in_use(self) -> set[str | None]:
+        return {r.adapter for r in list(self._running) + list(self._waiting)}
+
+    def invalidate_adapters(self) -> None:
+        """Forget the stacked adapter tensors (engine thread only: after adapters change)."""
+        self._stacks.clear()
+
+    # ----- the loop ----------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._stop or self._waiting or self._running or self._commands):
+                    self._cv.wait()
+                if self._stop:
+                    break
+                commands = list(self._commands)
+                self._commands.clear()
+            for fn, future in commands:
+                self._run_command(fn, future)
+            self._reap()
+            joiners = self._admit()
+            try:
+                with torch.inference_mode():
+                    if joiners:
+                        self._prefill(joiners)
+                    if self._running:
+                        self._decode()
+            except Exception as err:  # keep serving: fail the batch in flight, not the server
+                self._fail_all(f"generation failed: {type(err).__name__}: {err}")
+        self._fail_all("the server is shutting down", status=503, include_waiting=True)
+
+    def _run_command(self, fn, future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as err:
+            future.set_exception(err)
+
+    def _admit(self) -> list[Request]:
+        joiners: list[Request] = []
+        with self._cv:
+            while self._waiting and len(self._running) + len(joiners) < self.max_batch_size:
+                joiners.append(self._waiting.popleft())
+        return joiners
+
+    def _reap(self) -> None:
+        """Drop cancelled requests and fail timed-out ones, waiting or running."""
+        now = time.monotonic()
+        with self._cv:
+            waiting = list(self._waiting)
+        for req in waiting + self._running:
+            if req.cancelled:
+                req.done = True
+            elif req.deadline is not None and now > req.deadline:
+                self._finish_error(req, "the request timed out before it finished; raise the server's --timeout", 408)
+        with self._cv:
+            self._waiting = deque(r for r in self._waiting if not r.done)
+        self._drop_done()
+
+    # ----- forwards ----------------------------------------------------------------------------------------
+    def _forward(self, ids, mask, positions, cache, adapters: list[str | None]) -> torch.Tensor:
+        kwargs = {"logits_to_keep": 1} if self._keep_last else {}
+        inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        if has_adapters(self.model):  # always route: rows without an adapter must not see the active one
+            with route(self.model, adapters, stacks=self._stacks):
+                out = self.model(**inputs, **kwargs)
+        else:
+            out = self.model(**inputs, **kwargs)
+        self.steps += 1
+        return out.logits[:, -1, :].float()
+
+    def _prefill(self, joiners: list[Request]) -> None:
+        from transformers import DynamicCache
+
+        length = max(len(r.prompt_ids) for r in joiners)
+        ids = torch.full((len(joiners), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(joiners), length), dtype=torch.long)
+        for i, req in enumerate(joiners):
+            ids[i, length - len(req.prompt_ids) :] = torch.tensor(req.prompt_ids)
+            mask[i, length - len(req.prompt_ids) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        ids, mask, positions = (t.to(self.device) for t in (ids, mask, positions))
+        logits = self._forward(ids, mask, positions, cache, [r.adapter for r in joiners])
+        self._join([(layer.keys, layer.values) for layer in cache.layers], mask, joiners)
+        self._emit_tokens(joiners, logits)
+
+    def _join(self, kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, joiners: list[Request]) -> None:
+        if not self._running:
+            self._kv, self._mask = kv, mask
+        else:
+            total = max(self._mask.shape[1], mask.shape[1])
+            self._kv = [
+                (_cat_left(k0, k1, total), _cat_left(v0, v1, total))
+                for (k0, v0), (k1, v1) in zip(self._kv, kv, strict=True)
+            ]
+            self._mask = torch.cat([_pad_left(self._mask, total, -1), _pad_left(mask, total, -1)])
+        self._running.extend(joiners)
+
+    def _decode(self) -> None:
+        from transformers import DynamicCache
+
+        rows = self._running
+        ids = torch.tensor([[r.generated[-1]] for r in rows], dtype=torch.long, device=self.device)
+        positions = torch.tensor(
+            [[len(r.prompt_ids) + r.sampled - 1] for r in rows], dtype=torch.long, device=self.device
+        )
+        mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
+        cache = DynamicCache(ddp_cache_data=self._kv)
+        logits = self._forward(ids, mask, positions, cache, [r.adapter for r in rows])
+        self._kv = [(layer.keys, layer.values) for layer in cache.layers]
+        self._mask = mask
+        self._emit_tokens(rows, logits)
+
+    def _emit_tokens(self, rows: list[Request], logits: torch.Tensor) -> None:
+        tokens = self._choose(rows, logits)
+        for req, token in zip(rows, tokens, strict=True):
+            if not req.done:
+                self._accept(req, token)
+        self._drop_done()
+
+    def _drop_done(self) -> None:
+        if not any(r.done for r in self._running):
+            return
+        keep = [i for i, r in enumerate(self._running) if not r.done]
+        self._running = [self._running[i] for i in keep]
+        if not keep:
+            self._kv, self._mask = [], None
+            return
+        index = torch.tensor(keep, device=self._mask.device)
+        mask = self._mask.index_select(0, index)
+        start = int((mask.sum(0) > 0).nonzero()[0])  # leading columns that are padding in every row
+        self._mask = mask[:, start:]
+        self._kv = [
+            (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:]) for k, v in self._kv
+        ]
+
+    # ----- sampling and text -------------------------------------------------------------------------------
+    def _choose(self, rows: list[Request], logits: torch.Tensor) -> list[int]:
+        tokens = logits.argmax(dim=-1).tolist()
+        for i, req in enumerate(rows):
+            if req.params.temperature > 0:
+                tokens[i] = _sample(logits[i], req.params.temperature, req.params.top_p, req.generator)
+        return tokens
+
+    def _accept(self, req: Request, token: int) -> None:
+        req.sampled += 1
+        self.generated_tokens += 1
+        if token in self.eos_ids and not req.params.ignore_eos:
+            self._finish(req, self._text(req), "stop")
+            return
+        req.generated.append(token)
+        text = self._text(req)
+        cut = _first_stop(
+            text, req.params.stop, max(0, req.emitted - max((len(s) for s in req.params.stop), default=0))
+        )
+        if cut is not None:
+            self._finish(req, text[:cut], "stop")
+        elif len(req.generated) >= req.params.max_tokens:
+            self._finish(req, text, "length")
+        else:
+            safe = len(text) - _held_back(text, req.params.stop)
+            if safe > req.emitted:
+                req.sink(Event(text=text[req.emitted : safe]))
+                req.emitted = safe
+
+    def _text(self, req: Request) -> str:
+        return self.tokenizer.decode(req.generated, skip_special_tokens=True)
+
+    def _finish(self, req: Request, text: str, reason: str) -> None:
+        req.done = True
+        tail = text[req.emitted :] if len(text) > req.emitted else ""
+        req.emitted = max(req.emitted, len(text))
+        req.sink(
+            Event(
+                text=tail,
+                finish_reason=reason,
+                prompt_tokens=len(req.prompt_ids),
+                completion_tokens=req.sampled,  # EOS included
+            )
+        )
+
+    def _finish_error(self, req: Request, message: str, status: int) -> None:
+        req.done = True
+        req.sink(Event(error=message, error_status=status, prompt_tokens=len(req.prompt_ids)))
+
+    def _fail_all(self, message: str, status: int = 500, include_waiting: bool = False) -> None:
+        victims = list(self._running)
+        if include_waiting:
+            with self._cv:
+                victims += list(self._waiting)
+                self._waiting.clear()
+        for req in victims:
+            if not req.done:
+                self._finish_error(req, message, status)
+        self._running, self._kv, self._mask = [], [], None
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # the smallest set whose mass reaches top_p
+        sorted_probs = sorted_probs * keep
+        choice = torch.multinomial(sorted_probs.cpu(), 1, generator=generator)
+        return int(order[choice.to(order.device)])
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def _first_stop(text: str, stops: list[str], start: int) -> int | None:
+    hits = [i for i in (text.find(s, start) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Characters at the end of ``text`` not safe to send yet: an incomplete UTF-8 character, or the start of
+    a stop string that the next tokens may complete."""
+    hold = len(text) - len(text.rstrip("\ufffd"))
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                hold = max(hold, k)
+                break
+    return hold
+
+
+def _pad_left(t: torch.Tensor, total: int, dim: int) -> torch.Tensor:
+    missing = total - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _cat_left(old: torch.Tensor, new: torch.Tensor, total: int) -> torch.Tensor:
+    return torch.cat([_pad_left(old, total, -2), _pad_left(new, total, -2)])
+
+
+def _pad_id(model: nn.Module, tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, getattr(model.config, "pad_token_id", None), tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    for source in (
+        getattr(gen, "eos_token_id", None),
+        getattr(model.config, "eos_token_id", None),
+        tokenizer.eos_token_id,
+    ):
+        if source is None:
+            continue
+        ids.update(source if isinstance(source, list | tuple) else [source])
+    return {int(i) for i in ids}

@@ -1,0 +1,414 @@
+"""`lorakit serve` as a real process on 127.0.0.1, called with the official openai client.
+
+A tiny LLaMA with three adapters (a, b, c) loaded at start and a fourth (d) in --adapter-dir for run-time
+loading. Greedy outputs are compared with offline `lorakit generate`, concurrent mixed-adapter requests
+with the same requests sent one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import lorakit
+from lorakit.cli.main import main
+
+from .conftest import randomize_adapters, save_tiny_lm
+
+ADAPTERS = ("a", "b", "c")
+PROMPTS = ("the colour of item 3 is", "the colour", "item 12 is", "the colour of item 45 is green and")
+KEY = "sekret-key"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_tokenizer):
+    """Model dir, adapter dirs, and a running server with a, b, c loaded and d available by name."""
+    root = tmp_path_factory.mktemp("serve")
+    model_dir = save_tiny_lm(root / "lm", tiny_tokenizer, initializer_range=0.2, max_position_embeddings=4096)
+    model, _ = lorakit.load_model(model_dir)
+    adapter_dir = root / "adapters"
+    for i, name in enumerate((*ADAPTERS, "d")):
+        targets = "all-linear" if i % 2 == 0 else ["q_proj", "v_proj", "down_proj"]
+        lorakit.inject(model, lorakit.LoraConfig(r=2 + 2 * i, alpha=8, target_modules=targets, init="random"), name)
+        randomize_adapters(model, seed=i, scale=0.3)
+        lorakit.save_adapter(model, adapter_dir / name, name)
+    outside = root / "outside"
+    lorakit.save_adapter(model, outside / "x", "d")
+    (adapter_dir / "escape").symlink_to(outside / "x")
+    port = _free_port()
+    args = ["--model", str(model_dir), "--adapter-dir", str(adapter_dir), "--port", str(port), "--max-tokens", "3000"]
+    for name in ADAPTERS:
+        args += ["--adapter", f"{name}={adapter_dir / name}"]
+    proc = _start(args, port)
+    yield {"model": model_dir, "adapters": adapter_dir, "port": port, "root": root, "base": "lm"}
+    _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def limited(served):
+    """A second server: API key, batch of 1, queue of 1, 2-second timeout."""
+    port = _free_port()
+    args = ["--model", str(served["model"]), "--port", str(port), "--api-key", KEY, "--max-batch-size", "1"]
+    args += ["--max-queue", "1", "--timeout", "2", "--max-tokens", "4000", "--max-body-bytes", "4096"]
+    proc = _start(args, port, key=KEY)
+    yield {**served, "port": port}
+    _stop(proc)
+
+
+def _start(args: list[str], port: int, key: str | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lorakit", "serve", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("server exited:\n" + proc.stdout.read().decode())
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
+                return proc
+        except OSError:
+            time.sleep(0.25)
+    proc.kill()
+    raise RuntimeError("server did not come up in 120 s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def client(port: int, key: str = "unused", **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=60, **kw)
+
+
+def raw(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    """(status, parsed JSON or text) of one HTTP request, errors included."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method=method, headers=headers or {})
+    if body is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            status, text = resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        status, text = err.code, err.read().decode()
+    try:
+        return status, json.loads(text)
+    except json.JSONDecodeError:
+        return status, text
+
+
+def offline(served, capsys, adapter: str | None, *, prompt: str | None = None, chat: str | None = None, n=12) -> str:
+    args = ["generate", "--model", str(served["model"]), "--max-new-tokens", str(n)]
+    args += ["--adapter", str(served["adapters"] / adapter)] if adapter else []
+    args += ["--prompt", prompt] if prompt is not None else ["--chat", chat]
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.endswith("\n")
+    return out[:-1]
+
+
+def complete(port: int, model: str, prompt: str, **kw) -> str:
+    kw = {"max_tokens": 12, "temperature": 0, **kw}
+    if kw.pop("ignore_eos", False):
+        kw["extra_body"] = {"ignore_eos": True}
+    return client(port).completions.create(model=model, prompt=prompt, **kw).choices[0].text
+
+
+# ----- the main server -------------------------------------------------------------------------------------------
+def test_models_lists_base_and_adapters(served):
+    ids = [m.id for m in client(served["port"]).models.list().data]
+    assert ids == ["lm", "a", "b", "c"]
+
+
+@pytest.mark.parametrize("adapter", [None, *ADAPTERS])
+def test_greedy_completion_and_chat_equal_offline_generate(served, capsys, adapter):
+    model = adapter or served["base"]
+    prompt = PROMPTS[0]
+    assert complete(served["port"], model, prompt) == offline(served, capsys, adapter, prompt=prompt)
+    chat = client(served["port"]).chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "colour of item 7?"}], max_tokens=12, temperature=0
+    )
+    assert chat.choices[0].message.content == offline(served, capsys, adapter, chat="colour of item 7?")
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.usage.completion_tokens == 12 or chat.choices[0].finish_reason == "stop"
+
+
+def test_adapters_change_the_output(served):
+    outputs = {m: complete(served["port"], m, PROMPTS[0]) for m in ["lm", *ADAPTERS]}
+    assert len(set(outputs.values())) == 4, outputs
+
+
+def test_streaming_gives_the_same_text_in_openai_chunks(served):
+    c = client(served["port"])
+    full = complete(served["port"], "b", PROMPTS[1], max_tokens=20)
+    stream = c.completions.create(model="b", prompt=PROMPTS[1], max_tokens=20, temperature=0, stream=True)
+    chunks = list(stream)
+    assert "".join(ch.choices[0].text for ch in chunks) == full
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert all(ch.object == "text_completion" for ch in chunks)
+    chat_kw = {"model": "c", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 15, "temperature": 0}
+    whole = c.chat.completions.create(**chat_kw).choices[0].message.content
+    parts = list(c.chat.completions.create(**chat_kw, stream=True, stream_options={"include_usage": True}))
+    assert parts[0].choices[0].delta.role == "assistant"
+    assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == whole
+    assert parts[-1].usage.completion_tokens >= 1 and parts[-1].choices == []
+
+
+def test_concurrent_mixed_adapters_equal_one_at_a_time(served):
+    port = served["port"]
+    jobs = [(m, p) for p in PROMPTS for m in ["lm", *ADAPTERS]]
+    one_by_one = [complete(port, m, p, max_tokens=24) for m, p in jobs]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(lambda job: complete(port, *job, max_tokens=24), jobs))
+    assert together == one_by_one
+
+
+def test_sampling_with_seed_is_reproducible_under_concurrency(served):
+    port = served["port"]
+    kw = {"temperature": 1.0, "top_p": 0.9, "seed": 7, "max_tokens": 16}
+    alone = complete(port, "a", PROMPTS[2], **kw)
+    with ThreadPoolExecutor(6) as pool:
+        noise = [pool.submit(complete, port, m, PROMPTS[0], max_tokens=30) for m in ADAPTERS]
+        again = pool.submit(complete, port, "a", PROMPTS[2], **kw).result()
+        [f.result() for f in noise]
+    assert again == alone
+    others = {complete(port, "a", PROMPTS[2], **{**kw, "seed": s}) for s in range(8)}
+    assert len(others) > 1  # the seed matters: sampling is not greedy in disguise
+
+
+def test_stop_strings_cut_the_text(served):
+    port = served["port"]
+    full = complete(port, "a", PROMPTS[0], max_tokens=20)
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    assert stop.strip(), f"pick a visible stop string from {full!r}"
+    cut = client(port).completions.create(model="a", prompt=PROMPTS[0], max_tokens=20, temperature=0, stop=[stop])
+    assert cut.choices[0].text == full[: full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = client(port).completions.create(
+        model="a", prompt=PROMPTS[0], max_tokens=20, temperature=0, stop=stop, stream=True
+    )
+    assert "".join(ch.choices[0].text for ch in streamed) == full[: full.index(stop)]
+
+
+def test_several_prompts_and_n_choices(served):
+    port = served["port"]
+    resp = client(port).completions.create(model="c", prompt=list(PROMPTS[:2]), max_tokens=8, temperature=0)
+    assert [ch.text for ch in resp.choices] == [complete(port, "c", p, max_tokens=8) for p in PROMPTS[:2]]
+    assert [ch.index for ch in resp.choices] == [0, 1]
+    sampled = client(port).completions.create(model="c", prompt=PROMPTS[0], max_tokens=8, n=3, seed=1)
+    assert len(sampled.choices) == 3
+
+
+def test_load_and_unload_adapters_at_run_time(served, capsys):
+    port = served["port"]
+    status, body = raw(port, "POST", "/v1/adapters", json.dumps({"name": "d"}).encode())
+    assert status == 200 and body["id"] == "d"
+    assert "d" in [m.id for m in client(port).models.list().data]
+    assert complete(port, "d", PROMPTS[0]) == offline(served, capsys, "d", prompt=PROMPTS[0])
+    status, _ = raw(port, "POST", "/v1/adapters", json.dumps({"name": "d2", "path": "d"}).encode())
+    assert status == 200 and complete(port, "d2", PROMPTS[0]) == complete(port, "d", PROMPTS[0])
+    status, body = raw(port, "POST", "/v1/adapters", json.dumps({"name": "d"}).encode())
+    assert status == 409 and "already loaded" in body["error"]["message"]
+    for name in ("d", "d2"):
+        status, body = raw(port, "DELETE", f"/v1/adapters/{name}")
+        assert status == 200 and body["deleted"] is True
+    assert "d" not in [m.id for m in client(port).models.list().data]
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        complete(port, "d", PROMPTS[0])
+    status, body = raw(port, "DELETE", "/v1/adapters/d")
+    assert status == 404
+    # the adapters that stayed are untouched
+    assert complete(port, "a", PROMPTS[0]) == offline(served, capsys, "a", prompt=PROMPTS[0])
+
+
+def test_unloading_waits_for_requests_using_the_adapter(served):
+    port = served["port"]
+    assert raw(port, "POST", "/v1/adapters", json.dumps({"name": "busy", "path": "d"}).encode())[0] == 200
+    with ThreadPoolExecutor(1) as pool:
+        long = pool.submit(complete, port, "busy", PROMPTS[0], max_tokens=1500, ignore_eos=True)
+        time.sleep(0.3)
+        status, _ = raw(port, "DELETE", "/v1/adapters/busy")
+        assert status == 200
+        assert long.done()  # the delete returned only after the request using it finished
+        assert len(long.result()) > 0
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        ({"name": "p1", "path": "/etc"}, 400, "absolute adapter paths are refused"),
+        ({"name": "p2", "path": "../outside/x"}, 400, "'..' is refused"),
+        ({"name": "p3", "path": "escape"}, 400, "leads outside the adapter directory"),
+        ({"name": "p4", "path": "missing"}, 404, "no adapter at"),
+        ({"name": "../x"}, 400, "invalid adapter name"),
+        ({"name": "lm"}, 400, "base model's name"),
+        ({"name": "a"}, 409, "already loaded"),
+        ({"name": 5}, 400, "name"),
+        ({"name": "p5", "extra": 1}, 400, "extra"),
+    ],
+)
+def test_adapter_loading_refuses_paths_outside_the_directory(served, body, status, words):
+    got, answer = raw(served["port"], "POST", "/v1/adapters", json.dumps(body).encode())
+    assert got == status, answer
+    assert words in answer["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "words"),
+    [
+        ("/v1/completions", b'{"model": "a", "prompt": ', 400, "not valid JSON"),
+        ("/v1/completions", b'{"model": "a", "prompt": "x", "max_tokens": "many"}', 400, "max_tokens"),
+        ("/v1/completions", b'{"model": "a", "prompt": "x", "temperature": "hot"}', 400, "temperature"),
+        ("/v1/completions", b'{"model": "a", "prompt": 17}', 400, "prompt"),
+        ("/v1/completions", b'{"model": "a"}', 400, "prompt"),
+        ("/v1/completions", b'{"model": "nope", "prompt": "x"}', 404, "does not exist"),
+        ("/v1/completions", b'{"model": "a", "prompt": "x", "max_tokens": 100000}', 400, "exceeds this server's limit"),
+        ("/v1/completions", b'{"model": "a", "prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
+        ("/v1/completions", b'{"model": "a", "prompt": ""}', 400, "prompt is empty"),
+        ("/v1/completions", b'{"model": "a", "prompt": []}', 400, "prompt is empty"),
+        ("/v1/completions", b'{"model": "a", "prompt": [99999]}', 400, "outside the vocabulary"),
+        ("/v1/completions", b'{"model": "a", "prompt": "x", "top_p": 0}', 400, "top_p"),
+        ("/v1/completions", b'{"model": "a", "prompt": "x", "logprobs": 2}', 400, "logprobs"),
+        ("/v1/completions", b"[1, 2]", 400, "invalid request"),
+        ("/v1/chat/completions", b'{"model": "a", "messages": []}', 400, "messages"),
+        ("/v1/chat/completions", b'{"model": "a", "messages": [{"role": "user", "content": ""}]}', 400, "empty"),
+        ("/v1/chat/completions", b'{"model": "a", "messages": [{"role": "robot", "content": "x"}]}', 400, "role"),
+        ("/v1/chat/completions", b'{"model": "a", "messages": "hi"}', 400, "messages"),
+        ("/v1/nothing", b"{}", 404, "no such endpoint"),
+    ],
+)
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served, path, body, status, words):
+    got, answer = raw(served["port"], "POST", path, body)
+    assert got == status, answer
+    assert set(answer["error"]) == {"message", "type", "param", "code"}
+    assert words in answer["error"]["message"]
+    assert complete(served["port"], "a", PROMPTS[1], max_tokens=2)
+
+
+def test_openai_client_sees_typed_errors(served):
+    c = client(served["port"])
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="nope", prompt="x")
+    with pytest.raises(openai.BadRequestError, match="exceeds this server's limit"):
+        c.chat.completions.create(model="a", messages=[{"role": "user", "content": "x"}], max_tokens=10**6)
+
+
+def test_health_and_prometheus_metrics(served):
+    status, body = raw(served["port"], "GET", "/health")
+    assert status == 200 and body["status"] == "ok"
+    complete(served["port"], "a", PROMPTS[0], max_tokens=3)
+    status, text = raw(served["port"], "GET", "/metrics")
+    assert status == 200
+    for name in (
+        'lorakit_requests_total{endpoint="/v1/completions",status="200"}',
+        "lorakit_completion_tokens_total",
+        "lorakit_prompt_tokens_total",
+        "lorakit_request_latency_seconds_bucket",
+        "lorakit_queue_depth",
+        "lorakit_running_requests",
+    ):
+        assert name in text
+    tokens = next(line for line in text.splitlines() if line.startswith("lorakit_completion_tokens_total"))
+    assert float(tokens.split()[-1]) >= 3
+
+
+# ----- limits: API key, queue, timeout, disconnects ----------------------------------------------------------
+def test_api_key_is_required_when_set(limited):
+    port = limited["port"]
+    with pytest.raises(openai.AuthenticationError):
+        client(port, key="wrong").models.list()
+    assert raw(port, "GET", "/v1/models")[0] == 401
+    assert raw(port, "GET", "/metrics")[0] == 401
+    assert raw(port, "GET", "/health")[0] == 200
+    assert [m.id for m in client(port, key=KEY).models.list().data] == ["lm"]
+
+
+def _wait_for(port: int, key: str, field: str, value: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if raw(port, "GET", "/health")[1][field] == value:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"/health never showed {field}={value}")
+
+
+def test_queue_full_gives_429_and_timeouts_408(limited):
+    port = limited["port"]
+    c = client(port, key=KEY)
+    first = c.completions.create(model="lm", prompt="x", max_tokens=3900, stream=True, extra_body={"ignore_eos": True})
+    next(iter(first))  # running: the batch (size 1) is full
+    with ThreadPoolExecutor(1) as pool:
+        queued = pool.submit(lambda: c.completions.create(model="lm", prompt="x", max_tokens=2))
+        _wait_for(port, KEY, "waiting", 1)
+        with pytest.raises(openai.RateLimitError, match="busy"):
+            c.completions.create(model="lm", prompt="x", max_tokens=2)
+        first.close()
+        assert queued.result().choices[0].text is not None
+    with pytest.raises(openai.APIStatusError, match="timed out") as err:
+        c.completions.create(model="lm", prompt="x", max_tokens=3900, extra_body={"ignore_eos": True})
+    assert err.value.status_code == 408
+
+
+def test_client_disconnect_stops_its_work(limited):
+    port = limited["port"]
+    c = client(port, key=KEY)
+    stream = c.completions.create(model="lm", prompt="x", max_tokens=3900, stream=True, extra_body={"ignore_eos": True})
+    next(iter(stream))
+    _wait_for(port, KEY, "running", 1)
+    stream.close()
+    started = time.monotonic()
+    _wait_for(port, KEY, "running", 0, timeout=5)
+    assert time.monotonic() - started < 1.9  # well before the 2 s timeout would have ended it
+
+
+def test_oversized_body_is_refused(limited):
+    status, body = raw(limited["port"], "POST", "/v1/completions", b'{"prompt": "' + b"x" * 5000 + b'"}')
+    assert status == 413 and "exceeds the limit" in body["error"]["message"]
+
+
+# ----- merge export --------------------------------------------------------------------------------------------
+def test_merged_export_generates_like_the_adapter_in_plain_transformers(served, capsys, tmp_path):
+    out = tmp_path / "merged"
+    args = ["merge", "--model", str(served["model"]), "--adapter", str(served["adapters"] / "b"), "--out", str(out)]
+    assert main(args) == 0
+    assert {"config.json", "generation_config.json", "tokenizer.json", "model.safetensors"} <= {
+        p.name for p in out.iterdir()
+    }
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = torch.tensor([tok(PROMPTS[0])["input_ids"]])
+    with torch.no_grad():
+        new = merged.generate(input_ids=ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert tok.decode(new[0, ids.shape[1] :], skip_special_tokens=True) == offline(
+        served, capsys, "b", prompt=PROMPTS[0]
+    )
+
+
+def test_serve_cli_errors_are_one_line(capsys, tmp_path):
+    assert main(["serve", "--model", str(tmp_path), "--adapter", "oops"]) == 2
+    assert "write NAME=DIR" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path), "--max-batch-size", "0"]) == 2
+    assert "--max-batch-size must be >= 1" in capsys.readouterr().err
