@@ -219,3 +219,15 @@ def test_modules_to_save_trains_a_copy():
             FAMILIES["bert"].build(),
             lorakit.LoraConfig(target_modules=["query"], modules_to_save=["clasifier"]),
         )
+
+
+def test_injection_keeps_the_model_mode():
+    llama = FAMILIES["llama"]
+    model = llama.build()  # eval mode
+    lorakit.inject(model, lorakit.LoraConfig(r=2, dropout=0.5, target_modules=llama.targets, init="random"), "a")
+    lorakit.inject(model, lorakit.LoraConfig(r=2, dropout=0.5, target_modules=llama.targets, init="random"), "b")
+    assert not any(m.training for m in model.modules())
+    first = llama.logits(model)
+    assert torch.equal(llama.logits(model), first)  # no dropout at inference
+    model.train()
+    assert all(m.training for m in model.modules())

@@ -65,9 +65,9 @@ def route(model: nn.Module, per_row_names: Sequence[str | None], *, stacks: dict
     """Mixed batch: row i of the next forwards uses adapter ``per_row_names[i]`` (``None``: the base model).
 
     One forward serves every adapter: linear layers gather each row's A and B and run batched matmuls.
-    ``stacks`` (inference only): a dict kept by the caller across forwards in which each layer keeps its
-    stacked A and B of *all* the model's adapters, so repeated forwards skip rebuilding them. Clear it
-    whenever an adapter is added, removed or changed.
+    ``stacks`` (inference only): a dict kept by the caller across forwards in which each linear layer keeps
+    its concatenated A and B of the adapters in the batch, so the next forwards with the same adapters skip
+    rebuilding them and no per-row copies are made. Clear it whenever an adapter's weights change.
 
     Raises:
         ValueError: an unknown adapter name, an empty list, or merged adapters (unmerge first).
@@ -76,8 +76,6 @@ def route(model: nn.Module, per_row_names: Sequence[str | None], *, stacks: dict
     if not rows:
         raise ValueError("route() needs one adapter name (or None) per batch row; got an empty list")
     names = sorted({n for n in rows if n is not None})
-    if stacks is not None:
-        names = sorted(registry(model).adapters)
     for name in {n for n in rows if n is not None}:
         check_adapter_name(model, name)
     if _merged_names(model):

@@ -295,6 +295,7 @@ def _wrap(model: nn.Module, path: str, factory) -> nn.Module:
     if isinstance(module, LoraLayer | ModulesToSave):
         return module
     wrapper = factory(module)
+    wrapper.train(module.training)  # an eval-mode model stays in eval mode (no LoRA dropout at inference)
     set_submodule(model, path, wrapper)
     return wrapper
 

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fastpath import skinny_matmul
+
 try:  # GPT-2 style layers: y = x @ W + b with W stored as (d_in, d_out)
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency, this only guards odd installs
@@ -30,15 +32,27 @@ except ImportError:  # pragma: no cover - transformers is a dependency, this onl
 class Routing:
     """Per-row adapter choice for one forward: ``names[k]`` is adapter k+1; index 0 means the base model.
 
-    ``stacks``, when given, keeps each layer's stacked adapter tensors across forwards (keyed by layer and names):
-    an inference server passes one dict for as long as its set of adapters and their weights stay the same,
-    and clears it when they change. Without it the stacks are rebuilt on every forward (what training needs).
+    ``stacks`` (inference only), when given, keeps each layer's concatenated adapter tensors across forwards
+    for the current ``names``: an inference server passes one dict for as long as its adapters' weights stay
+    the same, and clears it when they change. Without it nothing is kept (what training needs).
     """
 
     def __init__(self, names: list[str], index: torch.Tensor, stacks: dict | None = None) -> None:
         self.names = names
+        self.key = tuple(names)
         self.index = index
         self.stacks = stacks
+        self._masks: dict = {}
+
+    def mask(self, layout: tuple, tokens: int, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(rows * tokens, sum of ranks) 0/1 mask keeping each row's own adapter columns; ``layout`` lists
+        (adapter number, rank) in column order. Built once per forward for each layout and length."""
+        key = (layout, tokens, dtype)
+        if key not in self._masks:
+            owner = torch.cat([torch.full((r,), k, dtype=torch.long) for k, r in layout]).to(index.device)
+            mask = (index[:, None] == owner[None, :]).to(dtype)
+            self._masks[key] = mask.repeat_interleave(tokens, dim=0) if tokens > 1 else mask
+        return self._masks[key]
 
     def index_on(self, device: torch.device) -> torch.Tensor:
         return self.index.to(device, non_blocking=True)
@@ -99,6 +113,7 @@ class LoraLayer(_BaseWrapper):
         weight = self.base_layer.weight
         for param in self.adapter_parameters(name):
             param.data = param.data.to(device=weight.device, dtype=weight.dtype)
+        self.train(self.training)  # the new dropout and A/B modules follow the layer's mode
 
     def remove_adapter(self, name: str) -> None:
         assert name not in self.merged_adapters, "unmerge before removing"
@@ -157,6 +172,8 @@ class LoraLayer(_BaseWrapper):
         if self.disabled:
             return result
         if self.routing is not None:
+            if not self.routing.names:  # every row on the base model
+                return result
             if self.merged_adapters:
                 raise RuntimeError("route() needs unmerged adapters; call lorakit.unmerge(model) first")
             return result + self._routed_update(x, self.routing).to(result.dtype)
@@ -279,19 +296,33 @@ class LoraLinear(LoraLayer):
         index = self._row_index(x, routing)
         if not any(n in self.r for n in routing.names):
             return x.new_zeros(*x.shape[:-1], self.in_out[1])
-        key = (id(self), tuple(routing.names))
-        cached = routing.stacks.get(key) if routing.stacks is not None else None
-        if cached is None:
-            cached = self._stacked(routing.names, self.lora_A[self._first(routing.names)].weight)
-            if routing.stacks is not None:
-                cached = (cached[0].detach(), cached[1].detach())
-                routing.stacks[key] = cached
-        a_stack, b_stack = cached
+        if routing.stacks is not None and not self.training:
+            return self._routed_concat(x, routing, index)
+        a_stack, b_stack = self._stacked(routing.names, self.lora_A[self._first(routing.names)].weight)
         xs = x.to(a_stack.dtype).reshape(x.shape[0], -1, x.shape[-1])
         xs = self._row_dropout(xs, routing.names, index)
-        hidden = torch.bmm(xs, a_stack[index].transpose(1, 2))  # (rows, tokens, r_max)
-        out = torch.bmm(hidden, b_stack[index].transpose(1, 2))  # (rows, tokens, d_out)
+        hidden = torch.bmm(xs, a_stack.index_select(0, index).transpose(1, 2))  # (rows, tokens, r_max)
+        out = torch.bmm(hidden, b_stack.index_select(0, index).transpose(1, 2))  # (rows, tokens, d_out)
         return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def _routed_concat(self, x: torch.Tensor, routing: Routing, index: torch.Tensor) -> torch.Tensor:
+        """Inference routing without per-row copies: x @ [A_1; ...; A_n]^T, each row masked to its own adapter's
+        rank columns, then @ [s_1 B_1^T; ...; s_n B_n^T]. The concatenations are built once per set of names and
+        kept in ``routing.stacks``; the row mask is built once per forward and rank layout."""
+        entry = routing.stacks.get(id(self))
+        if entry is None or entry[0] != routing.key:
+            present = [n for n in routing.names if n in self.r]
+            a_cat = torch.cat([self.lora_A[n].weight for n in present]).detach()  # (R, d_in)
+            b_cat = torch.cat([(self.lora_B[n].weight * self.scaling[n]).T for n in present]).contiguous().detach()
+            layout = tuple((routing.names.index(n) + 1, self.r[n]) for n in present)
+            entry = (routing.key, a_cat.contiguous(), b_cat.T.contiguous(), layout)
+            routing.stacks[id(self)] = entry
+        _, a_cat, b_cat_t, layout = entry
+        tokens = x.numel() // (x.shape[0] * x.shape[-1])
+        mask = routing.mask(layout, tokens, index, a_cat.dtype)
+        hidden = skinny_matmul(x.reshape(-1, x.shape[-1]).to(a_cat.dtype), a_cat)  # (rows * tokens, R)
+        hidden = hidden * mask
+        return skinny_matmul(hidden, b_cat_t).reshape(*x.shape[:-1], b_cat_t.shape[0])
 
     def _first(self, names: list[str]) -> str:
         return next(n for n in names if n in self.r)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..adapters import route
+from ..fastpath import enable_skinny_linear
 from ..inject import has_adapters
 
 
@@ -117,6 +118,8 @@ class Engine:
         self.pad_id = _pad_id(model, tokenizer)
         self.eos_ids = _eos_ids(model, tokenizer)
         self._keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+        if self.device.type == "cpu":
+            enable_skinny_linear(model)
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._commands: deque[tuple[Callable[[], object], concurrent.futures.Future]] = deque()
