@@ -198,3 +198,33 @@ def test_conv2d_with_groups_is_refused_clearly():
     m = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
     with pytest.raises(ValueError, match="groups=1 and dilation=1"):
         lorakit.inject(m, lorakit.LoraConfig(r=2, target_modules=["0"]))
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("bias", ["none", "all"])
+def test_fused_lora_function_matches_the_general_path(name, bias, monkeypatch):
+    from .conftest import FAMILIES, randomize_adapters
+
+    family = FAMILIES[name]
+    model = family.build()  # eval mode: GPT-2's own dropout would make the two runs differ
+    lorakit.inject(model, lorakit.LoraConfig(r=3, alpha=5, target_modules=family.targets, init="random", bias=bias))
+    randomize_adapters(model)
+    inputs = family.inputs()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads():
+        model.zero_grad()
+        out = model(**inputs).logits
+        (out.square().mean()).backward()
+        return out.detach(), [p.grad.clone() for p in params]
+
+    fused_out, fused_grads = loss_and_grads()
+    calls = []
+    original = LoraLinear._fused_adapter
+    monkeypatch.setattr(LoraLinear, "_fused_adapter", lambda self, *a: calls.append(1) or None)
+    plain_out, plain_grads = loss_and_grads()
+    assert calls  # the general path really ran the second time
+    monkeypatch.setattr(LoraLinear, "_fused_adapter", original)
+    assert_close(fused_out, plain_out, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fused_grads, plain_grads, strict=True):
+        assert_close(a, b, rtol=1e-4, atol=1e-6)

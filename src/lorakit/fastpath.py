@@ -9,6 +9,8 @@ BENCHMARKS.md: the 49152 x 576 output head with 8 rows, 47.6 ms against 16.0 ms;
 
 from __future__ import annotations
 
+import ctypes
+import sys
 import types
 
 import torch
@@ -43,3 +45,24 @@ def enable_skinny_linear(model: nn.Module) -> int:
             module.forward = types.MethodType(_forward, module)
             count += 1
     return count
+
+
+def return_freed_memory_to_os(threshold: int = 1 << 20) -> bool:
+    """Serve allocations of ``threshold`` bytes or more with their own memory mappings (glibc only).
+
+    glibc's default raises its mmap threshold as large blocks are freed, after which activations are carved
+    from the heap and their memory stays with the process once freed: a training step's peak RSS then sits
+    well above the tensors alive at any moment (measured on SmolLM2-135M, batch 8 x 128, LoRA: 4.5 GB
+    against 2.8 GB with this setting, at about the same step time). With a fixed threshold, freed activations
+    go back to the OS at once. Returns whether the setting took effect (False off glibc).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):
+        return False
+
+
+_M_MMAP_THRESHOLD = -3

@@ -229,6 +229,46 @@ def _dropout_p(module: nn.Module) -> float:
     return module.p if isinstance(module, nn.Dropout) else 0.0
 
 
+class _LoraLinearFunction(torch.autograd.Function):
+    """y = x W^T + b + s (x A^T) B^T in one function that keeps only x and x A^T for backward.
+
+    The update is added with one ``addmm`` (no separate scaled copy, no extra sum), and backward computes
+    the input gradient as ``g W + (s g B) A`` in one ``addmm``. Weight gradients are formed only for tensors
+    that require them (the frozen W never gets one).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scaling: float, fan_in_fan_out: bool):
+        x2 = x.reshape(-1, x.shape[-1])
+        w = weight.T if fan_in_fan_out else weight  # (d_out, d_in)
+        out = F.linear(x2, w, bias)
+        hidden = x2 @ a.T  # (N, r)
+        out.addmm_(hidden, b.T, alpha=scaling)
+        ctx.save_for_backward(x2, hidden, weight, a, b)
+        ctx.scaling, ctx.fan_in_fan_out, ctx.in_shape, ctx.has_bias = scaling, fan_in_fan_out, x.shape, bias is not None
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, hidden, weight, a, b = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        w = weight.T if ctx.fan_in_fan_out else weight
+        grad_hidden = (g @ b).mul_(ctx.scaling)  # (N, r)
+        grad_x = grad_w = grad_bias = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.addmm(g @ w, grad_hidden, a).view(ctx.in_shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = g.T @ x2
+            grad_w = grad_w.T if ctx.fan_in_fan_out else grad_w
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = g.sum(0)
+        if ctx.needs_input_grad[3]:
+            grad_a = grad_hidden.T @ x2
+        if ctx.needs_input_grad[4]:
+            grad_b = (g.T @ hidden).mul_(ctx.scaling)
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
+
+
 class LoraLinear(LoraLayer):
     """LoRA for ``nn.Linear`` (weight d_out x d_in)."""
 
@@ -238,6 +278,36 @@ class LoraLinear(LoraLayer):
         super().__init__(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = self._fused_adapter(x, args, kwargs)
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        base = self.base_layer
+        return _LoraLinearFunction.apply(
+            x,
+            base.weight,
+            base.bias,
+            self.lora_A[name].weight,
+            self.lora_B[name].weight,
+            self.scaling[name],
+            self.fan_in_fan_out,
+        )
+
+    def _fused_adapter(self, x: torch.Tensor, args, kwargs) -> str | None:
+        """The one adapter the fused function can run, or None for the general path (several adapters,
+        routing, merged or disabled adapters, dropout while training, mixed dtypes, autocast, odd bases)."""
+        if args or kwargs or self.disabled or self.routing is not None or len(self.active_adapters) != 1:
+            return None
+        name = self.active_adapters[0]
+        if name in self.merged_adapters or type(self.base_layer) not in _FUSABLE_BASES:
+            return None
+        if self.training and _dropout_p(self.lora_dropout[name]) > 0:
+            return None
+        weight = self.base_layer.weight
+        if not (x.dtype == weight.dtype == self.lora_A[name].weight.dtype) or torch.is_autocast_enabled():
+            return None
+        return name
 
     @property
     def in_out(self) -> tuple[int, int]:
@@ -332,6 +402,9 @@ class LoraConv1D(LoraLinear):
     """LoRA for transformers' GPT-2 ``Conv1D`` (weight stored transposed: d_in x d_out)."""
 
     fan_in_fan_out = True
+
+
+_FUSABLE_BASES = (nn.Linear, Conv1D) if Conv1D is not None else (nn.Linear,)
 
 
 class LoraEmbedding(LoraLayer):

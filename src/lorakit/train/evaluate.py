@@ -23,7 +23,7 @@ CAUSAL = TASKS["causal-lm"]
 
 def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], task=CAUSAL) -> tuple[torch.Tensor, int]:
     """(loss summed over the batch's labelled units, number of units): tokens, or rows for classification."""
-    return task.loss_sum(task.logits(model, batch), batch), task.batch_units(batch)
+    return task.train_loss_sum(model, batch), task.batch_units(batch)
 
 
 @dataclass

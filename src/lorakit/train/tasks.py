@@ -16,10 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import IGNORE, Example, collate, tokenize_row
+from .fused_loss import causal_loss_sum, supports_fused_loss
 
 
 class CausalLM:
     name = "causal-lm"
+    fused_loss = True  # training loss without materialising the logits, where the model allows it
 
     def tokenize(
         self, row: dict[str, Any], where: str, tokenizer, completion_only: bool, model_config
@@ -43,6 +45,13 @@ class CausalLM:
     def logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
+    def train_loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss to train on (summed over labelled units); ``model`` may be a DDP wrapper."""
+        inner = getattr(model, "module", model)
+        if self.fused_loss and supports_fused_loss(inner):
+            return causal_loss_sum(model, inner, batch)
+        return self.loss_sum(self.logits(model, batch), batch)
+
     def loss_sum(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         shifted = logits[:, :-1]
         return F.cross_entropy(
@@ -64,6 +73,7 @@ class CausalLM:
 
 
 class Seq2Seq(CausalLM):
+    fused_loss = False
     name = "seq2seq"
 
     def tokenize(self, row, where, tokenizer, completion_only, model_config) -> tuple[Example, str]:
@@ -120,6 +130,7 @@ class Seq2Seq(CausalLM):
 
 
 class Classification(CausalLM):
+    fused_loss = False
     name = "classification"
 
     def tokenize(self, row, where, tokenizer, completion_only, model_config) -> tuple[Example, str]:

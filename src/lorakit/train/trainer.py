@@ -25,6 +25,7 @@ from torch import nn
 from .. import adapters
 from ..config import LoraConfig
 from ..data import IGNORE, DataStats, Example, batch_indices, pack, read_rows, split_eval, tokenize_rows
+from ..fastpath import return_freed_memory_to_os
 from ..methods.lora import LoraMethod
 from ..models import load_model
 from . import distributed as dist
@@ -131,6 +132,8 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, method=No
     """
     started = time.perf_counter()
     ctx = dist.setup()
+    if ctx.device.type == "cpu":
+        return_freed_memory_to_os()  # peak RSS follows the live tensors (see lorakit.fastpath)
     out = Path(cfg.output_dir)
     _check_output_dir(out, cfg, resume)
     ckpt_root = out / "checkpoints"

@@ -1,0 +1,122 @@
+"""Causal-LM loss without the full logits tensor: output head and cross-entropy fused, in chunks.
+
+For a small model the output head dominates training memory: 8 x 128 tokens x 49,152 vocabulary entries
+is 200 MB of float32 logits, kept for backward along with as much again for their gradient and the
+softmax. Here the model runs with its head swapped for the identity, so its forward returns the final
+hidden states; the loss then walks over the *labelled* positions in chunks, computing each chunk's logits,
+its cross-entropy and, at once, the gradient with respect to the hidden states (and to the head's weight
+and bias when they train). Backward only scales the stored gradients. Peak memory for the head drops to
+one chunk's logits, and unlabelled positions (prompts, padding) never meet the head at all.
+
+Same maths as ``F.cross_entropy(logits, labels, reduction="sum")`` on the model's own logits (tested to
+float tolerance, loss and gradients). Models whose head is not a plain linear layer (logit soft-capping,
+logit scaling, wrappers such as prompt tuning) keep the ordinary path: see ``supports_fused_loss``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+IGNORE = -100
+CHUNK = 512  # labelled positions per chunk: 512 x 49,152 float32 logits = 100 MB at a time
+_SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def supports_fused_loss(model: nn.Module) -> bool:
+    """True for transformers causal LMs whose logits are exactly ``head(hidden_states)`` with a linear head."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel) or getattr(model.config, "is_encoder_decoder", False):
+        return False
+    config = model.config
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _SCALED_LOGITS):
+        return False
+    head = model.get_output_embeddings()
+    return type(head) is nn.Linear
+
+
+@contextlib.contextmanager
+def head_as_identity(model: nn.Module) -> Iterator[nn.Linear]:
+    """Inside the block the model's forward returns its final hidden states where the logits would be."""
+    head = model.get_output_embeddings()
+    model.set_output_embeddings(nn.Identity())
+    try:
+        yield head
+    finally:
+        model.set_output_embeddings(head)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk):
+        rows = (labels != IGNORE).nonzero().squeeze(1)
+        want_h = ctx.needs_input_grad[0]
+        want_w = ctx.needs_input_grad[1]
+        want_b = bias is not None and ctx.needs_input_grad[2]
+        grad_h = torch.zeros_like(hidden) if want_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if want_b else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, rows.numel(), chunk):
+            index = rows[start : start + chunk]
+            h = hidden.index_select(0, index)
+            target = labels.index_select(0, index)
+            logits = (h @ weight.T).float()
+            if bias is not None:
+                logits += bias.float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            if want_h or want_w or want_b:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs[torch.arange(index.numel(), device=probs.device), target] -= 1  # d loss / d logits
+                if want_h:
+                    grad_h.index_copy_(0, index, (probs.to(weight.dtype) @ weight).to(hidden.dtype))
+                if want_w:
+                    grad_w += probs.T @ h.float()
+                if want_b:
+                    grad_b += probs.sum(0)
+        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_h, grad_w, grad_b)))
+        ctx.wanted = (want_h, want_w, want_b)
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        want_h, want_w, want_b = ctx.wanted
+        return (
+            grad_h * grad_out if want_h else None,
+            (grad_w * grad_out).to(ctx.weight_dtype) if want_w else None,
+            (grad_b * grad_out).to(ctx.bias_dtype) if want_b else None,
+            None,
+            None,
+        )
+
+
+def linear_cross_entropy_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, chunk: int = CHUNK
+) -> torch.Tensor:
+    """Sum over positions with ``labels != -100`` of the cross-entropy of ``hidden @ weight.T + bias``.
+
+    ``hidden``: (N, d); ``labels``: (N,). Returns a float32 scalar.
+    """
+    if hidden.dim() != 2 or labels.shape != hidden.shape[:1]:
+        raise ValueError(f"hidden must be (N, d) and labels (N,), got {tuple(hidden.shape)} and {tuple(labels.shape)}")
+    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, chunk)
+
+
+def causal_loss_sum(model: nn.Module, inner: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token loss summed over labelled tokens, without materialising the logits.
+
+    ``model`` is what to call (a DDP wrapper, say), ``inner`` the transformers model inside it.
+    """
+    with head_as_identity(inner) as head:
+        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    labels = batch["labels"][:, 1:].reshape(-1)
+    return linear_cross_entropy_sum(hidden, head.weight, head.bias, labels)

@@ -1,0 +1,92 @@
+"""The fused head + cross-entropy gives the ordinary loss and gradients without the logits tensor."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+import lorakit
+from lorakit.train.fused_loss import causal_loss_sum, linear_cross_entropy_sum, supports_fused_loss
+from lorakit.train.tasks import CausalLM
+
+from .conftest import FAMILIES, randomize_adapters
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk", [1, 3, 512])
+def test_linear_cross_entropy_matches_cross_entropy(bias, chunk):
+    torch.manual_seed(0)
+    hidden = torch.randn(10, 6, requires_grad=True)
+    weight = torch.randn(11, 6, requires_grad=True)
+    b = torch.randn(11, requires_grad=True) if bias else None
+    labels = torch.tensor([1, -100, 3, 10, 0, -100, -100, 5, 2, 7])
+    ours = linear_cross_entropy_sum(hidden, weight, b, labels, chunk=chunk)
+    (ours * 0.5).backward()
+    grads = [hidden.grad.clone(), weight.grad.clone()] + ([b.grad.clone()] if bias else [])
+    for t in [hidden, weight] + ([b] if bias else []):
+        t.grad = None
+    ref = F.cross_entropy(F.linear(hidden, weight, b), labels, ignore_index=-100, reduction="sum")
+    (ref * 0.5).backward()
+    assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, [hidden.grad, weight.grad] + ([b.grad] if bias else []), strict=True):
+        assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert hidden.grad[1].abs().sum() == 0  # ignored positions get no gradient
+
+
+def test_frozen_head_gets_no_gradient_and_all_ignored_gives_zero():
+    hidden = torch.randn(4, 3, requires_grad=True)
+    weight = torch.randn(5, 3)
+    loss = linear_cross_entropy_sum(hidden, weight, None, torch.full((4,), -100))
+    loss.backward()
+    assert loss.item() == 0 and hidden.grad.abs().sum() == 0 and weight.grad is None
+    with pytest.raises(ValueError, match="labels"):
+        linear_cross_entropy_sum(hidden, weight, None, torch.zeros(3, dtype=torch.long))
+
+
+def _batch():
+    ids = torch.randint(1, 64, (3, 9), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[:, :4] = -100  # a prompt without loss
+    labels[2, 7:] = -100  # padding
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_causal_loss_matches_logits_path_for_lora(name):
+    family = FAMILIES[name]
+    model = family.build()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=family.targets, init="random"))
+    randomize_adapters(model)
+    assert supports_fused_loss(model)
+    batch, task = _batch(), CausalLM()
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = causal_loss_sum(model, model, batch)
+    fused.backward()
+    fused_grads = [p.grad.clone() for p in params]
+    model.zero_grad()
+    plain = task.loss_sum(task.logits(model, batch), batch)
+    plain.backward()
+    assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fused_grads, [p.grad for p in params], strict=True):
+        assert_close(a, b, rtol=1e-4, atol=3e-5)
+    assert type(model.get_output_embeddings()) is torch.nn.Linear  # the head is back in place
+
+
+def test_full_fine_tuning_trains_the_head_too():
+    family = FAMILIES["llama"]
+    model = family.build()
+    model.train()
+    batch, task = _batch(), CausalLM()
+    causal_loss_sum(model, model, batch).backward()
+    head_grad = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    task.loss_sum(task.logits(model, batch), batch).backward()
+    assert_close(head_grad, model.lm_head.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_unsupported_models_keep_the_ordinary_path():
+    assert not supports_fused_loss(FAMILIES["t5"].build())
+    assert not supports_fused_loss(FAMILIES["bert"].build())
+    model = FAMILIES["llama"].build()
+    model.config.final_logit_softcapping = 30.0
+    assert not supports_fused_loss(model)
