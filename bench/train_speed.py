@@ -207,14 +207,12 @@ def render(summary: dict, args, check: dict | None) -> str:
     ]
     for mode, s in summary.items():
         peft_ref = "peft-gc" if mode.endswith("-gc") else ("peft-unmerged" if mode in INFER_MODES else "peft")
-        peft_mem_ref = "peft"
         vs_peft = ratio(mode, peft_ref, "median_s")
         vs_full = ratio(mode, "full", "median_s") if mode in TRAIN_MODES else ratio(mode, "base", "median_s")
-        mem = ratio(mode, peft_mem_ref, "peak_gb") if mode in TRAIN_MODES else None
-        fmt = lambda v: f"{v:.2f}x" if v is not None else ""  # noqa: E731
+        mem = ratio(mode, "peft", "peak_gb") if mode in TRAIN_MODES else None
         lines.append(
-            f"| {mode} | {s['median_s']:.3f} | {s['tokens_per_s']:.0f} | {s['peak_gb']:.2f} | {fmt(vs_peft)} | "
-            f"{fmt(vs_full)} | {fmt(mem)} |"
+            f"| {mode} | {s['median_s']:.3f} | {s['tokens_per_s']:.0f} | {s['peak_gb']:.2f} | {_times(vs_peft)} | "
+            f"{_times(vs_full)} | {_times(mem)} |"
         )
     lines.append("")
     lines.append("For inference modes the 'time vs full' column is the ratio to the base model's forward.")
@@ -224,6 +222,10 @@ def render(summary: dict, args, check: dict | None) -> str:
             f"difference {check['max_abs_loss_diff']:.2e} ({'within' if check['ok'] else 'OUTSIDE'} 1e-4)."
         )
     return "\n".join(lines) + "\n"
+
+
+def _times(value: float | None) -> str:
+    return f"{value:.2f}x" if value is not None else ""
 
 
 def main() -> int:

@@ -346,7 +346,7 @@ def test_api_key_is_required_when_set(limited):
     assert [m.id for m in client(port, key=KEY).models.list().data] == ["lm"]
 
 
-def _wait_for(port: int, key: str, field: str, value: int, timeout: float = 10) -> None:
+def _wait_for(port: int, field: str, value: int, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if raw(port, "GET", "/health")[1][field] == value:
@@ -362,7 +362,7 @@ def test_queue_full_gives_429_and_timeouts_408(limited):
     next(iter(first))  # running: the batch (size 1) is full
     with ThreadPoolExecutor(1) as pool:
         queued = pool.submit(lambda: c.completions.create(model="lm", prompt="x", max_tokens=2))
-        _wait_for(port, KEY, "waiting", 1)
+        _wait_for(port, "waiting", 1)
         with pytest.raises(openai.RateLimitError, match="busy"):
             c.completions.create(model="lm", prompt="x", max_tokens=2)
         first.close()
@@ -377,10 +377,10 @@ def test_client_disconnect_stops_its_work(limited):
     c = client(port, key=KEY)
     stream = c.completions.create(model="lm", prompt="x", max_tokens=3900, stream=True, extra_body={"ignore_eos": True})
     next(iter(stream))
-    _wait_for(port, KEY, "running", 1)
+    _wait_for(port, "running", 1)
     stream.close()
     started = time.monotonic()
-    _wait_for(port, KEY, "running", 0, timeout=5)
+    _wait_for(port, "running", 0, timeout=5)
     assert time.monotonic() - started < 1.9  # well before the 2 s timeout would have ended it
 
 

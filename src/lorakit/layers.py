@@ -208,17 +208,10 @@ class LoraLayer(_BaseWrapper):
         keep = torch.rand_like(x) >= p
         return x * keep / (1 - p)
 
-    def _concat_ranks(self, names: list[str]) -> tuple[list[str], list[int]]:
-        present = [n for n in names if n in self.r]
-        return present, [self.r[n] for n in present]
-
-    def _rank_mask(self, names: list[str], index: torch.Tensor, device, dtype) -> torch.Tensor:
-        """(rows, sum of ranks) mask: row i keeps only the rank columns of its own adapter."""
-        present, ranks = self._concat_ranks(names)
-        owner = torch.cat(
-            [torch.full((r,), names.index(n) + 1, dtype=torch.long) for n, r in zip(present, ranks, strict=True)]
-        ).to(device)
-        return (index[:, None] == owner[None, :]).to(dtype)
+    def _present(self, routing: Routing) -> tuple[list[str], tuple[tuple[int, int], ...]]:
+        """The routed adapters this layer has, and their (adapter number, rank) layout for ``Routing.mask``."""
+        present = [n for n in routing.names if n in self.r]
+        return present, tuple((routing.names.index(n) + 1, self.r[n]) for n in present)
 
     def extra_repr(self) -> str:
         parts = [f"{n}: r={self.r[n]}, scaling={self.scaling[n]:g}" for n in self.r]
@@ -381,10 +374,9 @@ class LoraLinear(LoraLayer):
         kept in ``routing.stacks``; the row mask is built once per forward and rank layout."""
         entry = routing.stacks.get(id(self))
         if entry is None or entry[0] != routing.key:
-            present = [n for n in routing.names if n in self.r]
+            present, layout = self._present(routing)
             a_cat = torch.cat([self.lora_A[n].weight for n in present]).detach()  # (R, d_in)
             b_cat = torch.cat([(self.lora_B[n].weight * self.scaling[n]).T for n in present]).contiguous().detach()
-            layout = tuple((routing.names.index(n) + 1, self.r[n]) for n in present)
             entry = (routing.key, a_cat.contiguous(), b_cat.T.contiguous(), layout)
             routing.stacks[id(self)] = entry
         _, a_cat, b_cat_t, layout = entry
@@ -457,13 +449,13 @@ class LoraEmbedding(LoraLayer):
 
     def _routed_update(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         index = self._row_index(x, routing)
-        present, _ = self._concat_ranks(routing.names)
+        present, layout = self._present(routing)
         if not present:
             return self.base_layer.weight.new_zeros(*x.shape, self.in_out[1])
         a_cat = torch.cat([self.lora_embedding_A[n] for n in present])  # (sum r, num)
         b_cat = torch.cat([self.lora_embedding_B[n] * self.scaling[n] for n in present], dim=1)
         hidden = self._lookup(x, a_cat.T)  # (rows, ..., sum r)
-        mask = self._rank_mask(routing.names, index, x.device, hidden.dtype)
+        mask = routing.mask(layout, 1, index, hidden.dtype)
         hidden = hidden * mask.view(mask.shape[0], *([1] * (hidden.dim() - 2)), mask.shape[1])
         return hidden @ b_cat.T
 
@@ -517,7 +509,7 @@ class LoraConv2d(LoraLayer):
 
     def _routed_update(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         index = self._row_index(x, routing)
-        present, _ = self._concat_ranks(routing.names)
+        present, layout = self._present(routing)
         if not present:
             return torch.zeros_like(self.base_layer(x))
         base = self.base_layer
@@ -525,7 +517,7 @@ class LoraConv2d(LoraLayer):
         b_cat = torch.cat([self.lora_B[n].weight * self.scaling[n] for n in present], dim=1)
         xs = self._row_dropout(x.to(a_cat.dtype), routing.names, index)
         hidden = F.conv2d(xs, a_cat, None, base.stride, base.padding)
-        hidden = hidden * self._rank_mask(routing.names, index, x.device, hidden.dtype)[:, :, None, None]
+        hidden = hidden * routing.mask(layout, 1, index, hidden.dtype)[:, :, None, None]
         return F.conv2d(hidden, b_cat)
 
 

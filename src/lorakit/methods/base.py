@@ -23,6 +23,20 @@ class Method(Protocol):
         """Load state written by ``save`` into a model that ``prepare`` produced; return it."""
 
 
+class TrainableStateMethod:
+    """For methods whose whole state is the trainable parameters, kept in one safetensors file."""
+
+    state_file = "trainable.safetensors"
+
+    def save(self, trained: nn.Module, directory: Path) -> Path:
+        save_trainable(trained, directory / self.state_file)
+        return directory
+
+    def restore(self, prepared: nn.Module, directory: Path) -> nn.Module:
+        restore_trainable(prepared, directory / self.state_file)
+        return prepared
+
+
 def save_trainable(module: nn.Module, path: Path) -> Path:
     """Trainable parameters by name, as one safetensors file."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,12 +5,10 @@ h -> h + up(act(down(h)))      down: d -> m,  up: m -> d (initialised to zero: t
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from .base import hidden_size, restore_trainable, save_trainable
+from .base import TrainableStateMethod, hidden_size
 
 # Sublayer names per family: attention and MLP blocks whose output the adapter follows.
 SUBLAYERS = ("self_attn", "attn", "attention", "mlp")
@@ -44,8 +42,9 @@ class AdaptedSublayer(nn.Module):
         return self.adapter(out)
 
 
-class BottleneckAdapters:
+class BottleneckAdapters(TrainableStateMethod):
     name = "adapter"
+    state_file = "adapters.safetensors"
 
     def __init__(self, size: int = 64) -> None:
         if size < 1:
@@ -65,14 +64,6 @@ class BottleneckAdapters:
             if isinstance(module, Bottleneck):
                 module.requires_grad_(True)
         return model
-
-    def save(self, trained: nn.Module, directory: Path) -> Path:
-        save_trainable(trained, directory / "adapters.safetensors")
-        return directory
-
-    def restore(self, prepared: nn.Module, directory: Path) -> nn.Module:
-        restore_trainable(prepared, directory / "adapters.safetensors")
-        return prepared
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:

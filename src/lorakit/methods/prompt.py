@@ -7,13 +7,12 @@ line up with the unprompted input.
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from torch import nn
 
-from .base import restore_trainable, save_trainable
+from .base import TrainableStateMethod
 
 
 class SoftPromptModel(nn.Module):
@@ -50,8 +49,9 @@ class SoftPromptModel(nn.Module):
         return torch.cat([input_ids, new], dim=1)
 
 
-class PromptTuning:
+class PromptTuning(TrainableStateMethod):
     name = "prompt"
+    state_file = "soft_prompt.safetensors"
 
     def __init__(self, length: int = 20, init_text: str = "Write the date as YYYY-MM-DD.", tokenizer=None) -> None:
         if length < 1:
@@ -63,11 +63,3 @@ class PromptTuning:
         ids = self.tokenizer(self.init_text, add_special_tokens=False)["input_ids"] if self.tokenizer else [0]
         ids = (ids * (self.length // max(len(ids), 1) + 1))[: self.length]
         return SoftPromptModel(model, ids)
-
-    def save(self, trained: nn.Module, directory: Path) -> Path:
-        save_trainable(trained, directory / "soft_prompt.safetensors")
-        return directory
-
-    def restore(self, prepared: nn.Module, directory: Path) -> nn.Module:
-        restore_trainable(prepared, directory / "soft_prompt.safetensors")
-        return prepared

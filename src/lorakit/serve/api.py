@@ -170,8 +170,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if not engine._thread.is_alive():
-            engine.start()
+        engine.start()
         yield
         await asyncio.to_thread(engine.stop)
 

@@ -134,7 +134,9 @@ class Engine:
 
     # ----- control, called from other threads ----------------------------------------------------------
     def start(self) -> Engine:
-        self._thread.start()
+        """Start the engine thread (a second call does nothing)."""
+        if not self._thread.is_alive():
+            self._thread.start()
         return self
 
     def stop(self) -> None:
@@ -171,7 +173,9 @@ class Engine:
         return future
 
     def adapters_in_use(self) -> set[str | None]:
-        return {r.adapter for r in list(self._running) + list(self._waiting)}
+        with self._cv:
+            waiting = list(self._waiting)
+        return {r.adapter for r in list(self._running) + waiting}
 
     def invalidate_adapters(self) -> None:
         """Forget the stacked adapter tensors (engine thread only: after adapters change)."""
@@ -342,7 +346,7 @@ class Engine:
 
     def _finish(self, req: Request, text: str, reason: str) -> None:
         req.done = True
-        tail = text[req.emitted :] if len(text) > req.emitted else ""
+        tail = text[req.emitted :]
         req.emitted = max(req.emitted, len(text))
         req.sink(
             Event(
