@@ -359,3 +359,19 @@ def test_task_row_errors(tiny_t5_and_bert, tmp_path):
                              f"data.train={tmp_path / 'chat.jsonl'}", f"output_dir={tmp_path / 'o2'}"])  # fmt: skip
     with pytest.raises(ValueError, match=r"chat.jsonl:1: seq2seq training needs 'prompt' and 'completion'"):
         train(cfg, progress=False)
+
+
+def test_lean_cpu_memory_sets_the_allocator_policy_only_when_asked(run_config, monkeypatch):
+    import lorakit.train.trainer as trainer_module
+
+    calls = []
+    monkeypatch.setattr(trainer_module, "return_freed_memory_to_os", lambda: calls.append(1) or True)
+    plain = train(run_config("train.max_steps=2", "train.generate_eval=false", out="plain"), progress=False)
+    assert calls == []
+    lean = train(
+        run_config("train.max_steps=2", "train.generate_eval=false", "train.lean_cpu_memory=true", out="lean"),
+        progress=False,
+    )
+    assert calls == [1]
+    a, b = _adapter(plain.output_dir), _adapter(lean.output_dir)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from .. import __version__
+from . import bench as bench_cmd
 from . import compare as compare_cmd
 from . import eval as eval_cmd
 from . import generate as generate_cmd
@@ -20,6 +21,7 @@ SUBCOMMANDS = {
     "merge": merge_cmd,
     "compare": compare_cmd,
     "serve": serve_cmd,
+    "bench": bench_cmd,
 }
 
 

@@ -61,17 +61,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if want_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        buffer = None  # one chunk's float32 logits, reused: fresh 100 MB blocks cost page faults on every chunk
         for start in range(0, rows.numel(), chunk):
             index = rows[start : start + chunk]
             h = hidden.index_select(0, index)
             target = labels.index_select(0, index)
-            logits = (h @ weight.T).float()
+            if weight.dtype == torch.float32:
+                if buffer is None:
+                    buffer = hidden.new_empty((min(chunk, rows.numel()), weight.shape[0]), dtype=torch.float32)
+                logits = torch.mm(h.float(), weight.T, out=buffer[: index.numel()])
+            else:
+                logits = (h @ weight.T).float()
             if bias is not None:
                 logits += bias.float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            # log-sum-exp and softmax from one exponential pass, in place: exp(logits - max), its row sums
+            top = logits.amax(dim=1, keepdim=True)
+            picked = logits.gather(1, target[:, None]).squeeze(1)
+            sums = logits.sub_(top).exp_().sum(dim=1)
+            total += (top.squeeze(1) + sums.log() - picked).sum()
             if want_h or want_w or want_b:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs = logits.div_(sums[:, None])  # softmax
                 probs[torch.arange(index.numel(), device=probs.device), target] -= 1  # d loss / d logits
                 if want_h:
                     grad_h.index_copy_(0, index, (probs.to(weight.dtype) @ weight).to(hidden.dtype))
