@@ -62,7 +62,9 @@ def test_disabled_gives_base_and_restores(family):
     adapted = family.logits(model)
     with lorakit.disabled(model):
         assert torch.equal(family.logits(model), base)
-    assert torch.equal(family.logits(model), adapted)
+    # not bit-equal for T5: the first forward finds that cross-attention's q and v read different inputs
+    # (their SharedInput group switches off), so q's update is summed in a different order afterwards
+    assert_close(family.logits(model), adapted, rtol=1e-6, atol=1e-6)
     lorakit.merge(model)
     with lorakit.disabled(model):
         assert_close(family.logits(model), base, rtol=1e-5, atol=1e-5)

@@ -228,3 +228,134 @@ def test_fused_lora_function_matches_the_general_path(name, bias, monkeypatch):
     assert_close(fused_out, plain_out, rtol=1e-5, atol=1e-5)
     for a, b in zip(fused_grads, plain_grads, strict=True):
         assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _grads_by_path(model, inputs, loss=lambda out: out.square().mean()):
+    model.zero_grad()
+    out = model(**inputs).logits
+    loss(out).backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("bias", ["none", "all"])
+def test_shared_input_groups_match_the_general_path_with_different_ranks(bias, monkeypatch):
+    """q/k/v and gate/up run as stacked-A groups; outputs and gradients equal the layer-by-layer reference."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorakit.layers import SharedInput, _SharedInputLoraFunction
+
+    from .conftest import FAMILIES, randomize_adapters
+
+    family = FAMILIES["llama"]
+    torch.manual_seed(0)
+    llama = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4)
+    model = LlamaForCausalLM(LlamaConfig(**llama, num_key_value_heads=2, attention_bias=True, mlp_bias=True))
+    config = lorakit.LoraConfig(
+        r=3,
+        alpha=5,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        rank_pattern={"k_proj": 2, "v_proj": 5, "up_proj": 1},
+        alpha_pattern={"v_proj": 9.0},
+        init="random",
+        bias=bias,
+    )
+    lorakit.inject(model, config)
+    randomize_adapters(model)
+    groups = {id(m.__dict__["_shared_input"]) for m in model.modules() if "_shared_input" in m.__dict__}
+    assert len(groups) == 2 * model.config.num_hidden_layers  # q/k/v and gate/up in every layer
+    model.train()  # no dropout configured: train mode only makes the fused path form weight gradients
+    inputs = family.inputs()
+    applied = []
+    original_apply = _SharedInputLoraFunction.apply
+    monkeypatch.setattr(_SharedInputLoraFunction, "apply", lambda *a: applied.append(1) or original_apply(*a))
+    grouped_out, grouped = _grads_by_path(model, inputs)
+    assert len(applied) == len(groups)
+    assert all(
+        m.enabled for m in {m.__dict__["_shared_input"] for m in model.modules() if "_shared_input" in m.__dict__}
+    )
+    monkeypatch.setattr(SharedInput, "output", lambda self, member, x: None)
+    monkeypatch.setattr(LoraLinear, "_fused_adapter", lambda self, *a: None)  # the reference path throughout
+    plain_out, plain = _grads_by_path(model, inputs)
+    assert_close(grouped_out, plain_out, rtol=1e-5, atol=1e-6)
+    assert grouped.keys() == plain.keys()
+    assert any("lora_A" in n for n in grouped) and (bias == "none" or any(n.endswith(".bias") for n in grouped))
+    for name in plain:
+        assert_close(grouped[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_shared_input_group_switches_off_when_members_read_different_inputs():
+    """Cross-attention: q reads the decoder, k and v the encoder; results stay right and the group steps aside."""
+    from lorakit.layers import SharedInput
+
+    class CrossAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = nn.Linear(6, 4), nn.Linear(6, 4), nn.Linear(6, 4)
+
+        def forward(self, x, memory):
+            return self.q_proj(x) * self.k_proj(memory) + self.v_proj(memory)
+
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.attn = CrossAttention()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj"], init="random"))
+    group = model.attn.q_proj.__dict__["_shared_input"]
+    assert isinstance(group, SharedInput) and group.enabled
+    x, memory = torch.randn(3, 6), torch.randn(3, 6)
+
+    def expected():
+        layers = model.attn.q_proj, model.attn.k_proj, model.attn.v_proj
+        q, k, v = (m.base_layer(t) + m._update(t, "default") for m, t in zip(layers, (x, memory, memory), strict=True))
+        return q * k + v
+
+    first = model.attn(x, memory)
+    assert not group.enabled and not group._pending
+    assert_close(first, expected())
+    assert_close(model.attn(x, memory), expected())
+
+
+def test_shared_input_group_handles_unused_outputs_and_no_input_gradient():
+    """A member whose output goes unused gets no gradient; an input that needs none gets none."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj = nn.Linear(5, 7), nn.Linear(5, 7)
+
+        def forward(self, x):
+            gate, _unused = self.gate_proj(x), self.up_proj(x)
+            return gate
+
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.block = Block()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["gate_proj", "up_proj"], init="random"))
+    model.train()
+    x = torch.randn(2, 4, 5)
+    model.block(x).sum().backward()
+    gate, up = model.block.gate_proj, model.block.up_proj
+    assert gate.lora_A["default"].weight.grad is not None and gate.lora_B["default"].weight.grad is not None
+    assert up.lora_A["default"].weight.grad is None and up.lora_B["default"].weight.grad is None
+    a = gate.lora_A["default"].weight.detach().clone().requires_grad_(True)
+    b = gate.lora_B["default"].weight.detach().clone().requires_grad_(True)
+    x_ref = x.clone().requires_grad_(True)
+    (gate.base_layer(x_ref) + gate.scaling["default"] * (x_ref @ a.T) @ b.T).sum().backward()
+    assert_close(gate.lora_A["default"].weight.grad, a.grad, rtol=1e-5, atol=1e-6)
+    assert_close(gate.lora_B["default"].weight.grad, b.grad, rtol=1e-5, atol=1e-6)
+    model.zero_grad()
+    x_grad = x.clone().requires_grad_(True)
+    model.block(x_grad).sum().backward()
+    assert_close(x_grad.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_deleting_an_adapter_relinks_the_groups():
+    from .conftest import FAMILIES
+
+    model = FAMILIES["llama"].build()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), "one")
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["k_proj"]), "two")
+    attn = model.model.layers[0].self_attn
+    assert len(attn.q_proj.__dict__["_shared_input"].members) == 3
+    lorakit.delete_adapter(model, "two")
+    assert type(attn.k_proj) is nn.Linear
+    assert attn.q_proj.__dict__["_shared_input"].members == [attn.q_proj, attn.v_proj]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .inject import adapter_modules, check_adapter_name, registry, set_submodule, update_trainable
-from .layers import LoraLayer, ModulesToSave, Routing
+from .layers import LoraLayer, ModulesToSave, Routing, link_shared_inputs
 
 
 def _names(model: nn.Module, names: str | Sequence[str]) -> list[str]:
@@ -104,6 +104,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         module.remove_adapter(name)
         if not module.adapter_names:
             set_submodule(model, path, module.base_layer if isinstance(module, LoraLayer) else module.original_module)
+    link_shared_inputs(model)
     del reg.adapters[name]
     reg.active = [n for n in reg.active if n != name]
     if reg.adapters:

@@ -262,6 +262,145 @@ class _LoraLinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
 
 
+class _SharedInputLoraFunction(torch.autograd.Function):
+    """The outputs of n LoRA linear layers that read the same x, with one product ``x [A_1; ...; A_n]^T``.
+
+    ``y_i = x W_i^T + b_i + s_i h_i B_i^T`` where ``h = x [A_1; ...; A_n]^T`` and ``h_i`` its columns of
+    member i (ranks may differ). Backward sums the input gradient in place, ``g_1 W_1 + ... + g_n W_n +
+    [s_1 g_1 B_1, ...] [A_1; ...; A_n]``, and forms ``[A_1; ...]``'s gradient with one product. Keeps x, h
+    and the weights for backward, like the single-layer function.
+    """
+
+    @staticmethod
+    def forward(ctx, x, layout, *tensors):
+        ctx.set_materialize_grads(False)
+        x2 = x.reshape(-1, x.shape[-1])
+        weights, biases, a_list, b_list = tensors[0::4], tensors[1::4], tensors[2::4], tensors[3::4]
+        a_cat = torch.cat(a_list) if len(a_list) > 1 else a_list[0]
+        hidden = x2 @ a_cat.T  # (N, r_1 + ... + r_n)
+        outs, start = [], 0
+        for (rank, scaling), weight, bias, b in zip(layout, weights, biases, b_list, strict=True):
+            out = F.linear(x2, weight, bias)
+            out.addmm_(hidden[:, start : start + rank], b.T, alpha=scaling)
+            outs.append(out.view(*x.shape[:-1], out.shape[-1]))
+            start += rank
+        ctx.save_for_backward(x2, hidden, a_cat, *weights, *b_list)
+        ctx.layout, ctx.in_shape, ctx.has_bias = layout, x.shape, [bias is not None for bias in biases]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        n = len(ctx.layout)
+        x2, hidden, a_cat, *rest = ctx.saved_tensors
+        weights, b_list = rest[:n], rest[n:]
+        need = ctx.needs_input_grad
+        grad_x = None
+        grad_hidden = []
+        member_grads: list = []
+        start = 0
+        for i, ((rank, scaling), weight, b, grad) in enumerate(zip(ctx.layout, weights, b_list, grads, strict=True)):
+            w_need, bias_need, a_need, b_need = need[2 + 4 * i : 6 + 4 * i]
+            if grad is None:  # this member's output was not used
+                grad_hidden.append(hidden.new_zeros(hidden.shape[0], rank))
+                member_grads += [None, None, None, None]
+                start += rank
+                continue
+            g = grad.reshape(-1, grad.shape[-1])
+            grad_hidden.append((g @ b).mul_(scaling))
+            if need[0]:
+                grad_x = g @ weight if grad_x is None else grad_x.addmm_(g, weight)
+            grad_w = g.T @ x2 if w_need else None
+            grad_bias = g.sum(0) if ctx.has_bias[i] and bias_need else None
+            grad_b = (g.T @ hidden[:, start : start + rank]).mul_(scaling) if b_need else None
+            member_grads += [grad_w, grad_bias, a_need, grad_b]  # A's gradient comes from the stacked product
+            start += rank
+        grad_hidden = torch.cat(grad_hidden, dim=1) if n > 1 else grad_hidden[0]
+        if need[0]:
+            grad_x = grad_hidden @ a_cat if grad_x is None else grad_x.addmm_(grad_hidden, a_cat)
+            grad_x = grad_x.view(ctx.in_shape)
+        if any(need[4::4]):
+            grad_a = (grad_hidden.T @ x2).split([rank for rank, _ in ctx.layout])
+            for i in range(n):
+                member_grads[4 * i + 2] = grad_a[i] if member_grads[4 * i + 2] else None
+        return (grad_x, None, *member_grads)
+
+
+class SharedInput:
+    """LoRA linear layers of one parent that read the same input, such as q/k/v or gate/up projections.
+
+    The first member called with an input computes every member's output at once (one ``x A^T`` product
+    against the stacked A matrices, see ``_SharedInputLoraFunction``); the others then pick theirs up when
+    the model calls them with that same tensor. Should the model call a member with some other input, or
+    skip a member (cross-attention, where k and v read the encoder's states), the group switches itself
+    off for good and every member runs on its own. It also steps aside, for that call, whenever some member
+    cannot take the fused path (several or merged adapters, dropout in training, mixed dtypes, routing).
+    """
+
+    def __init__(self, members: list[LoraLinear]) -> None:
+        self.members = members
+        self.enabled = True
+        self._input: torch.Tensor | None = None
+        self._version = -1
+        self._pending: dict[int, torch.Tensor] = {}
+
+    def output(self, member: LoraLinear, x: torch.Tensor) -> torch.Tensor | None:
+        """``member``'s output for ``x``, or None when the member should run on its own."""
+        if not self.enabled:
+            return None
+        if self._pending:
+            if self._input is x and x._version == self._version and id(member) in self._pending:
+                out = self._pending.pop(id(member))
+                if not self._pending:
+                    self._input = None
+                return out
+            # the previous input's outputs were not all collected: the members do not share one input
+            self.enabled = False
+            self._pending.clear()
+            self._input = None
+            return None
+        names = [m._fused_adapter(x, (), {}) for m in self.members]
+        if None in names:
+            return None
+        tensors, layout = [], []
+        for m, name in zip(self.members, names, strict=True):
+            base = m.base_layer
+            tensors += [base.weight, base.bias, m.lora_A[name].weight, m.lora_B[name].weight]
+            layout.append((m.r[name], m.scaling[name]))
+        outs = _SharedInputLoraFunction.apply(x, tuple(layout), *tensors)
+        self._pending = {id(m): out for m, out in zip(self.members, outs, strict=True) if m is not member}
+        self._input, self._version = x, x._version
+        return outs[self.members.index(member)]
+
+
+# Sibling layers that read the same input in common model families (LLaMA, Mistral, Qwen, Gemma, BERT,
+# T5, Mixtral experts): grouped by name under one parent.
+SHARED_INPUT_NAMES = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("gate_proj", "up_proj"),
+    ("query", "key", "value"),
+    ("q", "k", "v"),
+    ("wq", "wk", "wv"),
+    ("w1", "w3"),
+)
+
+
+def link_shared_inputs(model: nn.Module) -> int:
+    """(Re)build the ``SharedInput`` groups of a model's LoRA linear layers; returns how many groups."""
+    count = 0
+    for parent in model.modules():
+        for names in SHARED_INPUT_NAMES:
+            members = [parent._modules.get(n) for n in names]
+            members = [m for m in members if type(m) is LoraLinear]
+            for m in members:
+                m.__dict__.pop("_shared_input", None)
+            if len(members) > 1:
+                group = SharedInput(members)
+                for m in members:
+                    m.__dict__["_shared_input"] = group
+                count += 1
+    return count
+
+
 class LoraLinear(LoraLayer):
     """LoRA for ``nn.Linear`` (weight d_out x d_in)."""
 
@@ -276,6 +415,11 @@ class LoraLinear(LoraLayer):
         name = self._fused_adapter(x, args, kwargs)
         if name is None:
             return super().forward(x, *args, **kwargs)
+        group = self.__dict__.get("_shared_input")
+        if group is not None:
+            out = group.output(self, x)
+            if out is not None:
+                return out
         base = self.base_layer
         return _LoraLinearFunction.apply(
             x,
