@@ -359,3 +359,39 @@ def test_deleting_an_adapter_relinks_the_groups():
     lorakit.delete_adapter(model, "two")
     assert type(attn.k_proj) is nn.Linear
     assert attn.q_proj.__dict__["_shared_input"].members == [attn.q_proj, attn.v_proj]
+
+
+def test_gated_mlp_fusion_matches_the_model_forward_and_is_undone_on_unload():
+    from lorakit.layers import _gated_mlp_forward, fuse_gated_mlps, unfuse_gated_mlps
+
+    from .conftest import FAMILIES, randomize_adapters
+
+    family = FAMILIES["llama"]
+    model = family.build()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["gate_proj", "down_proj"], init="random"))
+    randomize_adapters(model)
+    model.train()
+    mlps = [layer.mlp for layer in model.model.layers]
+    assert all(mlp.forward.__func__ is _gated_mlp_forward for mlp in mlps)
+    inputs = family.inputs()
+    fused_out, fused = _grads_by_path(model, inputs)
+    unfuse_gated_mlps(model)
+    assert all("forward" not in mlp.__dict__ for mlp in mlps)
+    plain_out, plain = _grads_by_path(model, inputs)
+    assert_close(fused_out, plain_out, rtol=1e-5, atol=1e-6)
+    assert fused.keys() == plain.keys() and any("gate_proj.lora_A" in n for n in fused)
+    for name in plain:
+        assert_close(fused[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert fuse_gated_mlps(model) == len(mlps)
+    lorakit.unload(model)
+    assert all("forward" not in mlp.__dict__ for mlp in mlps)
+
+
+def test_gated_mlp_fusion_leaves_other_mlps_alone():
+    from .conftest import FAMILIES
+
+    for name in ("gpt2", "bert", "t5"):
+        family = FAMILIES[name]
+        model = family.build()
+        lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=family.targets))
+        assert not any("forward" in m.__dict__ for m in model.modules() if not isinstance(m, nn.Linear)), name

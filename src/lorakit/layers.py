@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import types
 from collections.abc import Iterable
 
 import torch
@@ -399,6 +400,69 @@ def link_shared_inputs(model: nn.Module) -> int:
                     m.__dict__["_shared_input"] = group
                 count += 1
     return count
+
+
+class _SiluGate(torch.autograd.Function):
+    """``silu(g) * u`` keeping only g and u for backward (autograd would also keep ``silu(g)``)."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate).mul_(up)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        grad_up = F.silu(gate).mul_(grad) if ctx.needs_input_grad[1] else None
+        return grad_gate, grad_up
+
+
+def _gated_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """LlamaMLP's forward, ``down(silu(gate(x)) * up(x))``, with the product's saved tensors cut by a third."""
+    if not torch.is_grad_enabled():
+        return type(self).forward(self, x)
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    if gate.dtype != up.dtype or gate.shape != up.shape:
+        return self.down_proj(self.act_fn(gate) * up)
+    return self.down_proj(_SiluGate.apply(gate, up))
+
+
+def _is_llama_style_mlp(module: nn.Module) -> bool:
+    """A module whose forward is exactly LlamaMLP's (same bytecode and names) with a SiLU activation."""
+    try:
+        from transformers.activations import SiLUActivation
+        from transformers.models.llama.modeling_llama import LlamaMLP
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    forward = getattr(type(module), "forward", None)
+    code, reference = getattr(forward, "__code__", None), LlamaMLP.forward.__code__
+    if code is None or code.co_code != reference.co_code or code.co_names != reference.co_names:
+        return False
+    return isinstance(getattr(module, "act_fn", None), nn.SiLU | SiLUActivation)
+
+
+def fuse_gated_mlps(model: nn.Module) -> int:
+    """Give LLaMA-style MLPs that hold LoRA layers the leaner ``silu(gate) * up`` (same maths); returns how many.
+
+    Saves one intermediate-size activation per layer in training (for SmolLM2-135M at 8 x 128 tokens,
+    6.3 MB a layer, 190 MB in all); inference runs the model's own forward.
+    """
+    count = 0
+    for module in model.modules():
+        if "forward" in module.__dict__ or not _is_llama_style_mlp(module):
+            continue
+        if any(isinstance(module._modules.get(n), LoraLayer) for n in ("gate_proj", "up_proj", "down_proj")):
+            module.forward = types.MethodType(_gated_mlp_forward, module)
+            count += 1
+    return count
+
+
+def unfuse_gated_mlps(model: nn.Module) -> None:
+    for module in model.modules():
+        forward = module.__dict__.get("forward")
+        if getattr(forward, "__func__", None) is _gated_mlp_forward:
+            del module.forward
 
 
 class LoraLinear(LoraLayer):
