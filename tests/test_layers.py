@@ -395,3 +395,17 @@ def test_gated_mlp_fusion_leaves_other_mlps_alone():
         model = family.build()
         lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=family.targets))
         assert not any("forward" in m.__dict__ for m in model.modules() if not isinstance(m, nn.Linear)), name
+
+
+def test_shared_input_groups_work_under_inference_mode():
+    from .conftest import FAMILIES, randomize_adapters
+
+    family = FAMILIES["llama"]
+    model = family.build()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj"], init="random"))
+    randomize_adapters(model)
+    inputs = family.inputs()
+    expected = family.logits(model, inputs)
+    with torch.inference_mode():
+        assert_close(model(**inputs).logits, expected)
+        assert_close(model(**inputs).logits, expected)

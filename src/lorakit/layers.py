@@ -349,7 +349,7 @@ class SharedInput:
         if not self.enabled:
             return None
         if self._pending:
-            if self._input is x and x._version == self._version and id(member) in self._pending:
+            if self._input is x and _version_of(x) == self._version and id(member) in self._pending:
                 out = self._pending.pop(id(member))
                 if not self._pending:
                     self._input = None
@@ -369,8 +369,13 @@ class SharedInput:
             layout.append((m.r[name], m.scaling[name]))
         outs = _SharedInputLoraFunction.apply(x, tuple(layout), *tensors)
         self._pending = {id(m): out for m, out in zip(self.members, outs, strict=True) if m is not member}
-        self._input, self._version = x, x._version
+        self._input, self._version = x, _version_of(x)
         return outs[self.members.index(member)]
+
+
+def _version_of(x: torch.Tensor) -> int:
+    """In-place modification counter; inference tensors keep none (and cannot change outside inference mode)."""
+    return -1 if x.is_inference() else x._version
 
 
 # Sibling layers that read the same input in common model families (LLaMA, Mistral, Qwen, Gemma, BERT,
