@@ -205,3 +205,45 @@ def colour_rows(n: int, seed: int = 0):
             }
         )
     return rows
+
+
+@pytest.fixture
+def run_config(tiny_lm_dir, tmp_path):
+    """make(*overrides, out=...): a training config on tiny_lm_dir with a learnable toy task."""
+    write_jsonl(tmp_path / "train.jsonl", colour_rows(64))
+    write_jsonl(tmp_path / "eval.jsonl", colour_rows(12, seed=1))
+
+    def make(*overrides, out="run"):
+        base = [
+            f"model={tiny_lm_dir}",
+            f"output_dir={tmp_path / out}",
+            f"data.train={tmp_path / 'train.jsonl'}",
+            f"data.eval={tmp_path / 'eval.jsonl'}",
+            "data.max_length=32",
+            "lora.r=4",
+            "lora.alpha=8",
+            "lora.modules_to_save=[lm_head]",
+            "train.max_steps=12",
+            "train.batch_size=8",
+            "train.lr=5e-2",
+            "train.warmup_steps=2",
+            "train.max_new_tokens=4",
+        ]
+        from lorakit.train.config import load_config
+
+        return load_config(None, base + list(overrides))
+
+    return make
+
+
+def train_lm_steps(model, params, ids, steps: int, lr: float) -> list[float]:
+    """Plain AdamW steps on the language-model loss of ``ids``; the loss of each step."""
+    opt = torch.optim.AdamW(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses

@@ -33,7 +33,6 @@ def test_defaults_and_scaling():
         ({"alpha_pattern": {"q": -1}}, "alphas are numbers > 0"),
         ({"layers_to_transform": [-1]}, "layers_to_transform=[-1] is invalid"),
         ({"layers_pattern": "layers"}, "layers_pattern is set but layers_to_transform is not"),
-        ({"use_dora": True}, "DoRA"),
     ],
 )
 def test_invalid_values_name_the_value(kwargs, message):

@@ -281,8 +281,10 @@ def test_invalid_json_and_bad_values(tmp_path):
     _load_error(tmp_path, directory, "is not valid JSON")
     cfg_path.write_text(json.dumps({**good, "r": 0}))
     _load_error(tmp_path, directory, "adapter_config.json: r=0 is invalid")
-    cfg_path.write_text(json.dumps({**good, "use_dora": True}))
-    _load_error(tmp_path, directory, "use_dora=True uses a PEFT feature lorakit does not support")
+    cfg_path.write_text(json.dumps({**good, "lora_bias": True}))
+    _load_error(tmp_path, directory, "lora_bias=True uses a PEFT feature lorakit does not support")
+    cfg_path.write_text(json.dumps({**good, "use_dora": True}))  # DoRA without its magnitude vectors
+    _load_error(tmp_path, directory, "lora_magnitude_vector")
     cfg_path.write_text(json.dumps({**good, "peft_type": "IA3"}))
     _load_error(tmp_path, directory, "lorakit loads LoRA adapters only")
 

@@ -19,32 +19,6 @@ from lorakit.train.trainer import TrainingStopped, train
 from .conftest import colour_rows, write_jsonl
 
 
-@pytest.fixture
-def run_config(tiny_lm_dir, tmp_path):
-    write_jsonl(tmp_path / "train.jsonl", colour_rows(64))
-    write_jsonl(tmp_path / "eval.jsonl", colour_rows(12, seed=1))
-
-    def make(*overrides, out="run"):
-        base = [
-            f"model={tiny_lm_dir}",
-            f"output_dir={tmp_path / out}",
-            f"data.train={tmp_path / 'train.jsonl'}",
-            f"data.eval={tmp_path / 'eval.jsonl'}",
-            "data.max_length=32",
-            "lora.r=4",
-            "lora.alpha=8",
-            "lora.modules_to_save=[lm_head]",
-            "train.max_steps=12",
-            "train.batch_size=8",
-            "train.lr=5e-2",
-            "train.warmup_steps=2",
-            "train.max_new_tokens=4",
-        ]
-        return load_config(None, base + list(overrides))
-
-    return make
-
-
 def _adapter(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(directory / "adapter_model.safetensors")
 

@@ -12,10 +12,13 @@ from .adapters import (
     unload,
     unmerge,
 )
+from .analysis import inspect_adapter
+from .combine import combine
 from .config import LoraConfig
 from .inject import inject
 from .io import load_adapter, save_adapter
 from .models import load_model
+from .quant import dequantize, quantize
 
 __version__ = "0.1.0"
 
@@ -24,12 +27,16 @@ __all__ = [
     "TrainableSummary",
     "__version__",
     "active_adapters",
+    "combine",
     "delete_adapter",
+    "dequantize",
     "disabled",
     "inject",
+    "inspect_adapter",
     "load_adapter",
     "load_model",
     "merge",
+    "quantize",
     "route",
     "save_adapter",
     "set_active",

@@ -151,6 +151,9 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         unmerge(model)
     for path, module in list(adapter_modules(model)):
         if isinstance(module, LoraLayer):
+            if not merge:  # PiSSA adapters give back what they took out of the base weight
+                for name in list(module.adapter_names):
+                    module._forget_variants(name)
             set_submodule(model, path, module.base_layer)
             continue
         chosen = [n for n in reg.active if n in module.adapter_names] if merge else []

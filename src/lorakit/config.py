@@ -15,6 +15,9 @@ INIT_METHODS = {
     "gaussian": "A normal with std 1/r, B zero: starts equal to the base model",
     "random": "A and B both random (PyTorch's layer defaults): the adapter changes the model from the start; "
     "for tests and experiments",
+    "pissa": "PiSSA: A and B from the top-r singular vectors and values of W, and W replaced by the residual "
+    "W - scaling * B A, so the model starts unchanged and training moves W's principal directions; linear "
+    "layers only. save_adapter converts the result to an ordinary LoRA adapter (rank 2r) for the original base",
 }
 
 
@@ -62,7 +65,7 @@ class LoraConfig:
     """Rank-stabilised scaling alpha / sqrt(r) instead of alpha / r."""
 
     init: str = "default"
-    """Initialisation of A and B; one of ``default``, ``gaussian``, ``random`` (see ``INIT_METHODS``)."""
+    """Initialisation of A and B; one of ``default``, ``gaussian``, ``random``, ``pissa`` (see ``INIT_METHODS``)."""
 
     bias: str = "none"
     """Which biases train: ``none``; ``all`` (every bias in the model); ``lora_only`` (biases of adapted
@@ -73,7 +76,9 @@ class LoraConfig:
     matched like ``target_modules`` list entries."""
 
     use_dora: bool = False
-    """Weight-decomposed LoRA (DoRA). Not available in this version: setting it raises an error."""
+    """Weight-decomposed LoRA (DoRA): the adapted weight is ``m * (W + s B A) / ||W + s B A||`` per output
+    feature, with a trained magnitude vector m (PEFT's definition; the norm is not differentiated). Linear
+    layers only."""
 
     def __post_init__(self) -> None:
         self._check_numbers()
@@ -95,8 +100,6 @@ class LoraConfig:
                 self.modules_to_save = [self.modules_to_save]
             if not all(isinstance(m, str) and m for m in self.modules_to_save):
                 raise TypeError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
-        if self.use_dora:
-            raise ValueError("use_dora=True (DoRA) is not available in this lorakit version; set use_dora=False")
 
     def _check_numbers(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int):

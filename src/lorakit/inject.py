@@ -92,15 +92,30 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
 def add_adapter_layers(model: nn.Module, config: LoraConfig, name: str, targets: list[str], saved: list[str]) -> None:
     """Wrap (or reuse wrappers of) ``targets`` and ``saved`` and add the adapter's tensors; records it."""
     reg = registry(model, create=True)
+    _check_variants(model, config, targets)
     for path in targets:
         layer = _wrap(model, path, _lora_wrapper)
         r, alpha = config.rank_and_alpha(path)
-        layer.add_adapter(name, r, alpha, config.scaling(r, alpha), config.dropout, config.init)
+        layer.add_adapter(name, r, alpha, config.scaling(r, alpha), config.dropout, config.init, config.use_dora)
     for path in saved:
         _wrap(model, path, ModulesToSave).add_adapter(name)
     reg.adapters[name] = AdapterInfo(config=config, targets=targets, saved_modules=saved)
     link_shared_inputs(model)
     fuse_gated_mlps(model)
+
+
+def _check_variants(model: nn.Module, config: LoraConfig, targets: list[str]) -> None:
+    """DoRA and PiSSA need linear layers: refuse before anything is wrapped."""
+    if not (config.use_dora or config.init == "pissa"):
+        return
+    other = [p for p in targets if not is_linear_like(model.get_submodule(p))]
+    if other:
+        what = "use_dora" if config.use_dora else "init='pissa'"
+        kinds = sorted({type(model.get_submodule(p)).__name__ for p in other})
+        raise ValueError(
+            f"{what} applies to linear layers only, but the targets include {_sample(other)} ({', '.join(kinds)}); "
+            "narrow target_modules to linear layers"
+        )
 
 
 def check_new_name(model: nn.Module, name: str) -> None:
@@ -288,6 +303,8 @@ def _dims(module: nn.Module) -> tuple[int, int] | None:
     if isinstance(module, nn.Conv2d):  # the update's rank is bounded by the unfolded input size
         kh, kw = module.kernel_size
         return module.in_channels * kh * kw, module.out_channels
+    if isinstance(getattr(module, "in_features", None), int):  # nn.Linear, also with a packed quantized weight
+        return module.out_features, module.in_features
     weight = getattr(module, "weight", None)
     return tuple(weight.shape[:2]) if weight is not None and weight.dim() == 2 else None
 

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
+from safetensors.torch import save_file
 from torch import nn
 
 from .adapters import delete_adapter, set_active
@@ -40,14 +44,14 @@ _IGNORED_KEYS = {
 }  # fmt: skip
 # PEFT features lorakit does not implement: fine when unset (null/false/empty), an error otherwise.
 _UNSUPPORTED_KEYS = {
-    "use_dora", "layer_replication", "target_parameters", "trainable_token_indices", "use_qalora",
+    "layer_replication", "target_parameters", "trainable_token_indices", "use_qalora",
     "alora_invocation_tokens", "lora_bias", "use_bdlora", "arrow_config",
 }  # fmt: skip
 _MAPPED_KEYS = {
     "peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform",
-    "layers_pattern", "rank_pattern", "alpha_pattern", "use_rslora", "bias", "modules_to_save",
+    "layers_pattern", "rank_pattern", "alpha_pattern", "use_rslora", "bias", "modules_to_save", "use_dora",
 }  # fmt: skip
-_INIT_TO_PEFT = {"default": True, "gaussian": "gaussian", "random": False}
+_INIT_TO_PEFT = {"default": True, "gaussian": "gaussian", "random": False, "pissa": "pissa"}
 
 
 # ----- tensors ----------------------------------------------------------------------------------------
@@ -64,10 +68,39 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 
 # ----- config -----------------------------------------------------------------------------------------
-def peft_config_dict(model: nn.Module, name: str) -> dict[str, Any]:
-    """adapter_config.json contents for adapter ``name``, in PEFT's vocabulary."""
+def pissa_as_lora_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """A PiSSA adapter's tensors as an ordinary LoRA adapter for the original base weight W.
+
+    Training left ``W_res + s B A`` where ``W = W_res + s B_0 A_0``, so the change to W is
+    ``s (B A - B_0 A_0) = s [B, -B_0] [A; A_0]``: rank 2r, same scaling (PEFT's conversion).
+    """
+    tensors = dict(adapter_tensors(model, name))
+    for path in registry(model).adapters[name].targets:
+        layer = model.get_submodule(path)
+        if not layer.uses_pissa(name):
+            continue
+        a0, b0 = layer.initial_factors(name)
+        key = f"{PREFIX}{path}."
+        tensors[key + "lora_A.weight"] = torch.cat([tensors[key + "lora_A.weight"], a0], dim=0)
+        tensors[key + "lora_B.weight"] = torch.cat([tensors[key + "lora_B.weight"], -b0], dim=1)
+    return tensors
+
+
+def peft_config_dict(model: nn.Module, name: str, pissa_as_lora: bool = False) -> dict[str, Any]:
+    """adapter_config.json contents for adapter ``name``, in PEFT's vocabulary. With ``pissa_as_lora``, a
+    PiSSA adapter is described as the rank-2r plain LoRA adapter of ``pissa_as_lora_tensors``."""
     info = registry(model).adapters[name]
     c = info.config
+    if pissa_as_lora and c.init == "pissa":  # rank doubles; alpha follows so that the scaling stays the same
+        factor = math.sqrt(2) if c.use_rslora else 2.0
+        c = dataclasses.replace(
+            c,
+            r=2 * c.r,
+            alpha=factor * c.alpha,
+            rank_pattern={k: 2 * v for k, v in c.rank_pattern.items()},
+            alpha_pattern={k: factor * v for k, v in c.alpha_pattern.items()},
+            init="default",
+        )
     targets: list[str] | str = c.target_modules
     if targets == ALL_LINEAR or (isinstance(targets, str) and c.layers_to_transform is not None):
         targets = list(info.targets)  # PEFT, too, writes the resolved module paths for "all-linear"
@@ -85,7 +118,7 @@ def peft_config_dict(model: nn.Module, name: str) -> dict[str, Any]:
         "rank_pattern": dict(c.rank_pattern),
         "alpha_pattern": {k: _plain_number(v) for k, v in c.alpha_pattern.items()},
         "use_rslora": c.use_rslora,
-        "use_dora": False,
+        "use_dora": c.use_dora,
         "bias": c.bias,
         "modules_to_save": c.modules_to_save,
         "fan_in_fan_out": any(isinstance(model.get_submodule(p), LoraConv1D) for p in info.targets),
@@ -127,7 +160,7 @@ def config_from_peft_dict(data: dict[str, Any], source: str) -> LoraConfig:
     if unknown:
         warnings.warn(f"{source}: ignoring config keys lorakit does not know: {', '.join(unknown)}", stacklevel=3)
     init = data.get("init_lora_weights", True)
-    if init not in (True, False, "gaussian"):
+    if init not in (True, False, "gaussian", "pissa"):
         warnings.warn(
             f"{source}: init_lora_weights={init!r}; if that method changed the base weights (PiSSA, OLoRA, "
             "LoftQ), this adapter only reproduces the trained model on that modified base",
@@ -149,17 +182,25 @@ def config_from_peft_dict(data: dict[str, Any], source: str) -> LoraConfig:
             use_rslora=bool(data.get("use_rslora", False)),
             bias=data.get("bias", "none"),
             modules_to_save=data.get("modules_to_save") or None,
+            use_dora=bool(data.get("use_dora") or False),
+            init="pissa" if init == "pissa" else "default",  # PiSSA re-derives the residual base on load
         )
     except (TypeError, ValueError) as err:
         raise ValueError(f"{source}: {err}") from None
 
 
 # ----- save -------------------------------------------------------------------------------------------
-def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> Path:
+def save_adapter(
+    model: nn.Module, directory: str | os.PathLike, name: str = "default", pissa_as_lora: bool = True
+) -> Path:
     """Write adapter ``name`` as PEFT does: ``adapter_config.json`` and ``adapter_model.safetensors``.
 
     Each file is written to a temporary name, synced, then renamed, so a crash never leaves a half-written
     adapter; other files in ``directory`` are left alone.
+
+    A PiSSA adapter (``init="pissa"``) is written as an ordinary rank-2r LoRA adapter that applies to the
+    original base model, like PEFT's ``path_initial_model_for_weight_conversion``; ``pissa_as_lora=False``
+    writes the raw PiSSA factors instead (loading those re-derives the residual base weight, as PEFT does).
 
     Returns:
         The directory written.
@@ -172,8 +213,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"cannot save adapter to {directory}: it is a file, not a directory; choose another path")
-    tensors = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in adapter_tensors(model, name).items()}
-    config = json.dumps(peft_config_dict(model, name), indent=2, sort_keys=True) + "\n"
+    live = pissa_as_lora_tensors(model, name) if pissa_as_lora else adapter_tensors(model, name)
+    tensors = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in live.items()}
+    config = json.dumps(peft_config_dict(model, name, pissa_as_lora), indent=2, sort_keys=True) + "\n"
     try:
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write_many(
@@ -188,6 +230,29 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
             f"could not save adapter to {directory}: {err.strerror or err}; files already there are unchanged",
         ) from err
     return directory
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Save ``tensors`` to ``path`` through a synced temporary file renamed into place.
+
+    safetensors reports I/O failures as SafetensorError; they are raised as OSError with the errno
+    (ENOSPC for a full disk) so callers can handle every write failure alike. On failure ``path`` is unchanged.
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        try:
+            save_file(tensors, str(tmp))
+        except SafetensorError as err:
+            found = re.search(r"os error (\d+)", str(err))
+            if not found:
+                raise
+            code = int(found.group(1))
+            raise OSError(code, os.strerror(code), str(path)) from err
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_many(files: dict[Path, bytes]) -> None:

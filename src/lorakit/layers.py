@@ -103,8 +103,14 @@ class LoraLayer(_BaseWrapper):
         """(d_in, d_out) of the base layer."""
         raise NotImplementedError
 
-    def add_adapter(self, name: str, r: int, alpha: float, scaling: float, dropout: float, init: str) -> None:
+    supports_variants = False  # DoRA and PiSSA: linear layers only
+
+    def add_adapter(
+        self, name: str, r: int, alpha: float, scaling: float, dropout: float, init: str, use_dora: bool = False
+    ) -> None:
         assert name not in self.r, f"adapter {name!r} already on this layer"
+        if (use_dora or init == "pissa") and not self.supports_variants:
+            raise ValueError(f"DoRA and PiSSA apply to linear layers only, not {type(self.base_layer).__name__}")
         self.r[name] = r
         self.lora_alpha[name] = alpha
         self.scaling[name] = scaling
@@ -112,12 +118,24 @@ class LoraLayer(_BaseWrapper):
         self._create(name, r)
         self._initialise(name, init)
         weight = self.base_layer.weight
+        dtype = _adapter_dtype(self.base_layer)
         for param in self.adapter_parameters(name):
-            param.data = param.data.to(device=weight.device, dtype=weight.dtype)
+            param.data = param.data.to(device=weight.device, dtype=dtype)
+        if init == "pissa":
+            self._remember_initial(name)
+        if use_dora:
+            self._add_magnitude(name)
         self.train(self.training)  # the new dropout and A/B modules follow the layer's mode
+
+    def _remember_initial(self, name: str) -> None:
+        raise NotImplementedError
+
+    def _add_magnitude(self, name: str) -> None:
+        raise NotImplementedError
 
     def remove_adapter(self, name: str) -> None:
         assert name not in self.merged_adapters, "unmerge before removing"
+        self._forget_variants(name)
         for table in self._tables():
             del table[name]
         del self.lora_dropout[name]
@@ -134,12 +152,21 @@ class LoraLayer(_BaseWrapper):
     def _initialise(self, name: str, init: str) -> None:
         raise NotImplementedError
 
+    def _forget_variants(self, name: str) -> None:
+        """Undo what DoRA or PiSSA added for adapter ``name`` (nothing for plain LoRA)."""
+
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         params: list[nn.Parameter] = []
         for table in self._tables():
             entry = table[name]
             params.extend(entry.parameters() if isinstance(entry, nn.Module) else [entry])
         return params
+
+    def uses_dora(self, name: str) -> bool:
+        return False
+
+    def uses_pissa(self, name: str) -> bool:
+        return False
 
     def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
         """The adapter's tensors under PEFT's relative key names (no adapter name in the key)."""
@@ -153,6 +180,7 @@ class LoraLayer(_BaseWrapper):
     @torch.no_grad()
     def merge(self, names: Iterable[str]) -> None:
         weight = self.base_layer.weight
+        _refuse_quantized_merge(self.base_layer)
         for name in names:
             if name in self.r and name not in self.merged_adapters:
                 weight.add_(self.delta_weight(name).to(weight.dtype))
@@ -217,6 +245,27 @@ class LoraLayer(_BaseWrapper):
     def extra_repr(self) -> str:
         parts = [f"{n}: r={self.r[n]}, scaling={self.scaling[n]:g}" for n in self.r]
         return "adapters=[" + "; ".join(parts) + f"], active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+def _adapter_dtype(base: nn.Module) -> torch.dtype:
+    """Adapters follow the base weight's float dtype; over a quantized base, its compute dtype."""
+    weight = base.weight
+    if weight.dtype.is_floating_point:
+        return weight.dtype
+    compute = getattr(base, "compute_dtype", None)
+    return compute if isinstance(compute, torch.dtype) else torch.float32
+
+
+def _refuse_quantized_merge(base: nn.Module) -> None:
+    from .quant import is_quantized, quant_method
+
+    if is_quantized(base):
+        raise ValueError(
+            f"cannot merge into a {quant_method(base)}-quantized base weight: it would have to be rounded to "
+            f"{quant_method(base)} again, changing the result. Dequantize first (lorakit.quant.dequantize(model)) "
+            "to merge in float, or use `lorakit merge --quantize ...`, which does that and reports the drift "
+            "re-quantizing would cause"
+        )
 
 
 def _dropout_p(module: nn.Module) -> float:
@@ -475,14 +524,22 @@ class LoraLinear(LoraLayer):
 
     fan_in_fan_out = False
 
+    supports_variants = True
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA: one magnitude per output feature (PEFT's name)
+        self.lora_initial = nn.ModuleDict()  # PiSSA: the initial A and B, to convert to plain LoRA on save
+        self._dora_norms: dict[str, tuple[tuple, torch.Tensor]] = {}  # cached ||W + s B A|| per adapter
+        self._dora_merged_norms: dict[str, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = self._fused_adapter(x, args, kwargs)
         if name is None:
+            if self.lora_magnitude_vector and not self.disabled and self.routing is None:
+                return self._forward_with_dora(x, *args, **kwargs)
             return super().forward(x, *args, **kwargs)
         group = self.__dict__.get("_shared_input")
         if group is not None:
@@ -508,6 +565,8 @@ class LoraLinear(LoraLayer):
         name = self.active_adapters[0]
         if name in self.merged_adapters or type(self.base_layer) not in _FUSABLE_BASES:
             return None
+        if name in self.lora_magnitude_vector:
+            return None
         if self.training and _dropout_p(self.lora_dropout[name]) > 0:
             return None
         weight = self.base_layer.weight
@@ -517,7 +576,10 @@ class LoraLinear(LoraLayer):
 
     @property
     def in_out(self) -> tuple[int, int]:
-        w = self.base_layer.weight
+        base = self.base_layer
+        if not self.fan_in_fan_out and hasattr(base, "in_features"):  # also right for packed quantized weights
+            return base.in_features, base.out_features
+        w = base.weight
         return (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
 
     def _tables(self):
@@ -536,10 +598,158 @@ class LoraLinear(LoraLayer):
         elif init == "gaussian":
             nn.init.normal_(a, std=1 / self.r[name])
             nn.init.zeros_(b)
+        elif init == "pissa":
+            self._pissa(name)
         # "random": keep nn.Linear's own initialisation of both matrices
 
+    # ----- PiSSA ------------------------------------------------------------------------------------------
+    def _weight_out_in(self) -> torch.Tensor:
+        """The base weight as (d_out, d_in): a view, or for a quantized base its dequantized float copy."""
+        from .quant import dequantized_weight, is_quantized
+
+        if is_quantized(self.base_layer):
+            return dequantized_weight(self.base_layer, _adapter_dtype(self.base_layer))
+        weight = self.base_layer.weight
+        return weight.T if self.fan_in_fan_out else weight
+
+    @torch.no_grad()
+    def _pissa(self, name: str) -> None:
+        """A, B from the top-r singular triplets of W; W becomes the residual (PEFT's ``pissa`` init, exactly)."""
+        weight = self.base_layer.weight
+        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(
+                f"PiSSA needs a float base weight, this layer's is {weight.dtype} (quantized?): add the PiSSA "
+                "adapter to the float model, then quantize the residual if you want a quantized base"
+            )
+        weight = self._weight_out_in()
+        r, scaling = self.r[name], self.scaling[name]
+        if r > min(weight.shape):
+            raise ValueError(f"PiSSA rank r={r} exceeds this layer's min(d_out, d_in) = {min(weight.shape)}; lower r")
+        v, s, uh = torch.linalg.svd(weight.float(), full_matrices=False)
+        root = torch.sqrt(s[:r] / scaling)
+        a = root[:, None] * uh[:r]
+        b = v[:, :r] * root[None, :]
+        self.lora_A[name].weight.data = a
+        self.lora_B[name].weight.data = b
+        weight.copy_((weight.float() - scaling * b @ a).to(weight.dtype))
+
+    def _remember_initial(self, name: str) -> None:
+        holder = nn.Module()
+        holder.register_buffer("A", self.lora_A[name].weight.detach().clone(), persistent=False)
+        holder.register_buffer("B", self.lora_B[name].weight.detach().clone(), persistent=False)
+        self.lora_initial[name] = holder
+
+    def uses_pissa(self, name: str) -> bool:
+        return name in self.lora_initial
+
+    def initial_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """PiSSA's A_0 and B_0 (what the base weight had taken out)."""
+        holder = self.lora_initial[name]
+        return holder.A, holder.B
+
+    # ----- DoRA -------------------------------------------------------------------------------------------
+    def _add_magnitude(self, name: str) -> None:
+        """DoRA's magnitude starts at the row norms of W + s B A (so the layer starts unchanged)."""
+        self.lora_magnitude_vector[name] = nn.Parameter(self._dora_norm(name).clone())
+
+    def uses_dora(self, name: str) -> bool:
+        return name in self.lora_magnitude_vector
+
+    def _dora_norm(self, name: str) -> torch.Tensor:
+        """``||W + s B A||`` per output feature, detached; cached until W, A or B change (version counters)."""
+        weight, a, b = self.base_layer.weight, self.lora_A[name].weight, self.lora_B[name].weight
+        key = (weight.data_ptr(), weight._version, a.data_ptr(), a._version, b.data_ptr(), b._version)
+        key += (self.scaling[name], weight.dtype, a.dtype)
+        cached = self._dora_norms.get(name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.no_grad():
+            dtype = _adapter_dtype(self.base_layer)
+            combined = self._weight_out_in().to(dtype) + self.scaling[name] * (b @ a).to(dtype)
+            norm = torch.linalg.norm(combined, dim=1).to(dtype)
+        self._dora_norms[name] = (key, norm)
+        return norm
+
+    def _forward_with_dora(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.active_adapters:
+            if name in self.merged_adapters:
+                continue
+            if name not in self.lora_magnitude_vector:
+                result = result + self._update(x, name).to(result.dtype)
+                continue
+            result = result + self._dora_update(x, name, result)
+        return result
+
+    def _dora_update(self, x: torch.Tensor, name: str, result: torch.Tensor) -> torch.Tensor:
+        """``(m/||W + s B A|| - 1) W x + (m/||W + s B A||) s B A x``, added to the base output (PEFT's order)."""
+        a, b = self.lora_A[name], self.lora_B[name]
+        x = x.to(a.weight.dtype) if x.dtype != a.weight.dtype else x
+        dropout = self.lora_dropout[name]
+        bias = self.base_layer.bias
+        if isinstance(dropout, nn.Identity) or not self.training:
+            base_result = result - bias if bias is not None else result
+        else:
+            x = dropout(x)
+            base_result = F.linear(x, self._weight_out_in())
+        scale = (self.lora_magnitude_vector[name] / self._dora_norm(name)).view(1, -1)
+        lora = b(a(x))
+        return (scale - 1) * base_result + scale * lora * self.scaling[name]
+
+    @torch.no_grad()
+    def merge(self, names: Iterable[str]) -> None:
+        for name in names:
+            if name not in self.r or name in self.merged_adapters:
+                continue
+            if name not in self.lora_magnitude_vector:
+                super().merge([name])
+                continue
+            _refuse_quantized_merge(self.base_layer)
+            weight = self.base_layer.weight
+            norm = self._dora_norm(name).float()
+            factor = self.lora_magnitude_vector[name].float() / norm
+            factor = factor[None, :] if self.fan_in_fan_out else factor[:, None]
+            weight.copy_((factor * (weight.float() + self.delta_weight(name))).to(weight.dtype))
+            self._dora_merged_norms[name] = norm
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self, names: Iterable[str] | None = None) -> None:
+        weight = self.base_layer.weight
+        targets = list(self.merged_adapters if names is None else names)
+        for name in reversed(self.merged_adapters[:]):
+            if name not in targets:
+                continue
+            if name in self._dora_merged_norms:
+                factor = self.lora_magnitude_vector[name].float() / self._dora_merged_norms.pop(name)
+                factor = factor[None, :] if self.fan_in_fan_out else factor[:, None]
+                weight.copy_((weight.float() / factor - self.delta_weight(name)).to(weight.dtype))
+            else:
+                weight.sub_(self.delta_weight(name).to(weight.dtype))
+            self.merged_adapters.remove(name)
+
+    @torch.no_grad()
+    def _forget_variants(self, name: str) -> None:
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
+        self._dora_norms.pop(name, None)
+        if name in self.lora_initial:  # PiSSA: give the base weight back what the adapter had taken out
+            a0, b0 = self.initial_factors(name)
+            weight = self._weight_out_in()
+            weight.copy_((weight.float() + self.scaling[name] * b0.float() @ a0.float()).to(weight.dtype))
+            del self.lora_initial[name]
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        params = super().adapter_parameters(name)
+        if name in self.lora_magnitude_vector:
+            params.append(self.lora_magnitude_vector[name])
+        return params
+
     def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
-        return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+        state = {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+        if name in self.lora_magnitude_vector:
+            state["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
+        return state
 
     def delta_weight(self, name: str) -> torch.Tensor:
         a = self.lora_A[name].weight.float()
@@ -569,6 +779,12 @@ class LoraLinear(LoraLayer):
         return torch.stack(a_rows), torch.stack(b_rows)
 
     def _routed_update(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        dora = [n for n in routing.names if n in self.lora_magnitude_vector]
+        if dora:
+            raise ValueError(
+                f"route() does not support DoRA adapters ({', '.join(dora)}): DoRA rescales the base output per "
+                "adapter; activate one DoRA adapter at a time with set_active, or merge it"
+            )
         index = self._row_index(x, routing)
         if not any(n in self.r for n in routing.names):
             return x.new_zeros(*x.shape[:-1], self.in_out[1])

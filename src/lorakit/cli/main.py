@@ -7,9 +7,11 @@ import sys
 
 from .. import __version__
 from . import bench as bench_cmd
+from . import combine as combine_cmd
 from . import compare as compare_cmd
 from . import eval as eval_cmd
 from . import generate as generate_cmd
+from . import inspect as inspect_cmd
 from . import merge as merge_cmd
 from . import serve as serve_cmd
 from . import train as train_cmd
@@ -19,6 +21,8 @@ SUBCOMMANDS = {
     "eval": eval_cmd,
     "generate": generate_cmd,
     "merge": merge_cmd,
+    "combine": combine_cmd,
+    "inspect": inspect_cmd,
     "compare": compare_cmd,
     "serve": serve_cmd,
     "bench": bench_cmd,

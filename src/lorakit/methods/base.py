@@ -6,8 +6,10 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
+
+from ..io import write_safetensors
 
 
 class Method(Protocol):
@@ -41,7 +43,7 @@ def save_trainable(module: nn.Module, path: Path) -> Path:
     """Trainable parameters by name, as one safetensors file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
-    save_file(tensors, str(path))
+    write_safetensors(tensors, path)
     return path
 
 

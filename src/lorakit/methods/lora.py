@@ -26,14 +26,28 @@ class LoraMethod:
     def restore(self, prepared: nn.Module, directory: Path) -> nn.Module:
         import torch
 
+        from ..inject import registry
         from ..io import adapter_tensors
 
         if not (directory / CONFIG_NAME).is_file():
             raise ValueError(f"{directory} holds no adapter")
         _, tensors = read_adapter(directory)
+        pissa = registry(prepared).adapters["default"].config.init == "pissa"
         with torch.no_grad():
             for key, target in adapter_tensors(prepared, "default").items():
-                if key not in tensors or tensors[key].shape != target.shape:
+                source = tensors.get(key)
+                if pissa and source is not None and source.shape != target.shape:
+                    source = _trained_part_of_pissa(source, target.shape)
+                if source is None or source.shape != target.shape:
                     raise ValueError(f"{directory}: {key} is missing or has another shape")
-                target.copy_(tensors[key])
+                target.copy_(source)
         return prepared
+
+
+def _trained_part_of_pissa(saved, shape):
+    """A PiSSA adapter is saved converted, ``[A; A_0]`` and ``[B, -B_0]``: the trained A and B lead."""
+    if saved.dim() == 2 and saved.shape[0] == 2 * shape[0] and saved.shape[1] == shape[1]:
+        return saved[: shape[0]]
+    if saved.dim() == 2 and saved.shape[1] == 2 * shape[1] and saved.shape[0] == shape[0]:
+        return saved[:, : shape[1]]
+    return None

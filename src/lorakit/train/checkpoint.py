@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
+
+from ..io import write_safetensors
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
@@ -22,9 +24,19 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 def save_checkpoint(
     root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, method, extra: dict[str, Any]
 ) -> Path:
-    """Write checkpoint ``step`` under ``root`` (a temp dir renamed into place) and return its path."""
+    """Write checkpoint ``step`` under ``root`` and return its path.
+
+    Everything goes into a temporary directory that is synced and then renamed into place, so a
+    ``step-N`` directory is always complete: a crash or a full disk leaves at most a ``.tmp-*``
+    directory, which loading ignores and the next save removes. Earlier checkpoints are never touched.
+
+    Raises:
+        OSError: the write failed (full disk, no permission); the message says what and where, and
+            that the earlier checkpoints are intact.
+    """
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
+    old = root / f".old-step-{step:07d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
@@ -38,17 +50,41 @@ def save_checkpoint(
             "python_random": _jsonable(random.getstate()),
             **extra,
         }
-        save_file(tensors, str(tmp / STATE_TENSORS))
+        write_safetensors(tensors, tmp / STATE_TENSORS)
         (tmp / STATE_JSON).write_text(json.dumps(state))
         for f in tmp.iterdir():
             with open(f, "rb") as handle:
                 os.fsync(handle.fileno())
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # the same step saved again (Ctrl-C right after a periodic save): swap, then drop
+            os.replace(final, old)
         os.replace(tmp, final)
+        _fsync_dir(root)
+    except OSError as err:
+        kept = [p.name for p in list_checkpoints(root)]
+        raise OSError(
+            err.errno,
+            f"could not write checkpoint {final.name} in {root}: {err.strerror or err}. "
+            + (f"The earlier checkpoints are intact ({', '.join(kept)}); " if kept else "No checkpoint was saved; ")
+            + "free space or fix the permissions, then continue with --resume",
+        ) from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -109,5 +145,6 @@ def list_checkpoints(root: Path) -> list[Path]:
 def prune_checkpoints(root: Path, keep: int) -> None:
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp-step-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    for pattern in (".tmp-step-*", ".old-step-*"):  # left by a crash in the middle of a save
+        for stale in root.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)

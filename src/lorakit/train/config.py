@@ -99,7 +99,7 @@ class TrainLoopConfig:
     """Token limit for generated answers at evaluation."""
 
     nan_policy: str = "stop"
-    """On a NaN or infinite loss: stop (keep the last good checkpoint) or skip (drop the step, count it)."""
+    """On a NaN or infinite loss or gradient: stop (keep the last good checkpoint) or skip (drop the step, count it)."""
 
     eval_before: bool = True
     """Evaluate the untrained model first (the 'before' of a before/after comparison)."""
@@ -147,6 +147,11 @@ class RunConfig:
     dtype: str = "float32"
     """Model and adapter dtype: float32, bfloat16 or float16."""
 
+    quantize: str | None = None
+    """QLoRA: store the frozen base linear weights (all but the output head) as nf4, fp4 or int8 with
+    bitsandbytes (`pip install 'bitsandbytes>=0.50'`); the adapters train in the compute dtype. Unset: no
+    quantization."""
+
     output_dir: str = "out/run"
     """Where the adapter, resolved config, metrics, plot and checkpoints go."""
 
@@ -175,6 +180,10 @@ def check_run(c: RunConfig) -> None:
     checks = [
         (c.task in TASKS, f"task={c.task!r}: use one of {list(TASKS)}"),
         (c.dtype in DTYPES, f"dtype={c.dtype!r}: use one of {list(DTYPES)}"),
+        (
+            c.quantize in (None, "nf4", "fp4", "int8"),
+            f"quantize={c.quantize!r}: use nf4, fp4 or int8, or leave it unset for a float base",
+        ),
         (0 <= c.data.eval_fraction < 1, f"data.eval_fraction={c.data.eval_fraction}: use 0 <= value < 1"),
         (c.data.max_length >= 8, f"data.max_length={c.data.max_length}: use at least 8"),
         (c.train.max_steps >= 1, f"train.max_steps={c.train.max_steps}: use at least 1"),

@@ -148,8 +148,14 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, method=No
             ):
                 target = out / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        except OSError as err:
+            raise ValueError(
+                f"output_dir {out} is not writable ({err.strerror or err}); choose a directory you can write to "
+                "or fix its permissions"
+            ) from None
     _seed(cfg.seed)
     model, tokenizer = load_model(cfg.model, task=cfg.task, dtype=_DTYPES[cfg.dtype])
     if tokenizer is None:
@@ -165,6 +171,10 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, method=No
             f"train.grad_accum ({cfg.train.grad_accum}); {per_process:g} rows per process does not split evenly"
         )
     model = model.to(ctx.device)
+    if cfg.quantize:
+        from ..quant import quantize
+
+        log(quantize(model, cfg.quantize).describe())
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     method = method or LoraMethod(_with_head(cfg, model, log))
@@ -183,6 +193,8 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, method=No
         log("no checkpoint found; starting from step 0")
     wrapped = dist.wrap(model, ctx)
     loop = _Loop(cfg, ctx, model, wrapped, tokenizer, optimizer, scheduler, train_rows, metrics, ckpt_root, method)
+    if start_step:
+        loop.last_good, loop.skipped = checkpoints[-1], state.get("skipped", 0)
     eval_before = None
     if eval_rows and start_step == 0 and ctx.is_main and cfg.train.eval_before:
         eval_before = _evaluate(cfg, model, tokenizer, eval_rows)
@@ -339,25 +351,37 @@ class _Loop:
             loss_sum += part_loss.detach()
         loss = dist.all_reduce_sum(loss_sum, self.ctx).item() / max(global_tokens, 1)
         if not math.isfinite(loss):
-            return self._non_finite(loss), processed, None
+            self._non_finite("loss", loss)
+            return loss, processed, None
         params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = None
+        grads = [p.grad for p in params if p.grad is not None]
+        # One norm over every gradient (after DDP's all-reduce, so all processes agree): it detects NaN or
+        # infinite gradients under a finite loss, and clipping reuses it.
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        grad_norm = norm.item()
+        if not math.isfinite(grad_norm):
+            self._non_finite("the gradient norm", grad_norm)
+            return loss, processed, None
         if t.max_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm).item()
+            torch.nn.utils.clip_grads_with_norm_(params, t.max_grad_norm, norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss, processed, grad_norm
 
-    def _non_finite(self, loss: float) -> float:
+    def _non_finite(self, what: str, value: float) -> None:
+        """A NaN or infinite loss or gradient: drop the update; skip the step (counted) or stop."""
         self.optimizer.zero_grad(set_to_none=True)
         if self.cfg.train.nan_policy == "skip":
             self.skipped += 1
             self.scheduler.step()
-            return loss
+            _printer(self.ctx.is_main)(
+                f"\nstep {self.step + 1}: {what} is {value}; step skipped ({self.skipped} so far, train.nan_policy=skip)"
+            )
+            return
         where = f"; the last good checkpoint is {self.last_good}" if self.last_good else ""
         raise TrainingStopped(
-            f"loss became {loss} at step {self.step + 1}: stopping{where}. Lower train.lr, enable "
+            f"{what} became {value} at step {self.step + 1}: stopping{where}. Lower train.lr, enable "
             "train.max_grad_norm, or set train.nan_policy=skip"
         )
 

@@ -1,0 +1,190 @@
+"""QLoRA's quantized base: the frozen linear weights stored in 4 bits (nf4, fp4) or 8 bits (int8) with
+bitsandbytes, LoRA kept in full precision beside them.
+
+``quantize(model, "nf4")`` replaces every ``nn.Linear`` of the base model except the output head with a
+bitsandbytes ``Linear4bit`` (or ``Linear8bitLt`` for int8), quantizing the weights in place, and reports the
+memory of those weights before and after. Add adapters afterwards with ``inject`` as usual; they train in the
+compute dtype (float32 unless the model is bfloat16/float16).
+
+A quantized weight cannot take a merge without being rounded again, so ``merge`` refuses it. The choice
+lorakit makes instead (``lorakit merge --quantize``, or ``dequantize`` then ``merge`` here): dequantize the base,
+merge in float, keep the result in float. ``requantization_drift`` measures what re-quantizing that merged
+model would cost, so the number is on the table rather than silently accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+QUANT_METHODS = ("nf4", "fp4", "int8")
+
+
+@dataclass
+class QuantizeReport:
+    method: str
+    layers: int
+    bytes_before: int  # the linear weights in the dtype they had
+    bytes_after: int  # quantized weights plus their scales and codebooks
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_before / self.bytes_after if self.bytes_after else float("inf")
+
+    def describe(self) -> str:
+        return (
+            f"quantized {self.layers} linear layers to {self.method}: weights {self.bytes_before / 1e6:.1f} MB -> "
+            f"{self.bytes_after / 1e6:.1f} MB ({self.ratio:.2f}x smaller)"
+        )
+
+
+def require_bitsandbytes(method: str = "nf4"):
+    """The bitsandbytes module, or a ValueError saying how to install it."""
+    try:
+        import bitsandbytes
+    except ImportError as err:
+        raise ValueError(
+            f"quantize={method!r} needs bitsandbytes, which is not installed ({err}). Install it with "
+            "pip install 'bitsandbytes>=0.50' (CPU and CUDA), or pip install 'lorakit[quant]'"
+        ) from None
+    return bitsandbytes
+
+
+def check_method(method: str) -> None:
+    if method not in QUANT_METHODS:
+        raise ValueError(f"quantize={method!r} is not supported; use one of {', '.join(QUANT_METHODS)} (or none)")
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """A bitsandbytes 4-bit or 8-bit linear layer (checked without importing bitsandbytes)."""
+    return type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt")
+
+
+def quant_method(module: nn.Module) -> str | None:
+    if not is_quantized(module):
+        return None
+    if type(module).__name__ == "Linear8bitLt":
+        return "int8"
+    return getattr(module.weight, "quant_type", "nf4")
+
+
+def quantize(model: nn.Module, method: str = "nf4", compute_dtype: torch.dtype | None = None) -> QuantizeReport:
+    """Quantize the base model's linear layers (not the output head) in place.
+
+    Args:
+        method: ``nf4`` (QLoRA's NormalFloat4, double-quantized scales), ``fp4`` or ``int8`` (LLM.int8 rows).
+        compute_dtype: dtype the 4-bit layers compute in; default: the model's float dtype.
+
+    Raises:
+        ValueError: unknown method, bitsandbytes missing, the model already has adapters, or nothing to quantize.
+    """
+    from .inject import _output_heads, has_adapters, set_submodule
+
+    check_method(method)
+    bnb = require_bitsandbytes(method)
+    if has_adapters(model):
+        raise ValueError("quantize the base model before adding adapters: call quantize() first, then inject()")
+    heads = _output_heads(model)
+    targets = [(p, m) for p, m in model.named_modules() if type(m) is nn.Linear and p not in heads]
+    if not targets:
+        raise ValueError("the model has no nn.Linear layers (other than its output head) to quantize")
+    before = after = 0
+    for path, linear in targets:
+        weight = linear.weight
+        before += weight.numel() * weight.element_size()
+        dtype = compute_dtype or (weight.dtype if weight.dtype.is_floating_point else torch.float32)
+        if method == "int8":
+            layer = bnb.nn.Linear8bitLt(
+                linear.in_features, linear.out_features, bias=linear.bias is not None, has_fp16_weights=False
+            )
+            layer.weight = bnb.nn.Int8Params(
+                weight.detach().to(torch.float16), requires_grad=False, has_fp16_weights=False
+            )
+        else:
+            layer = bnb.nn.Linear4bit(
+                linear.in_features,
+                linear.out_features,
+                bias=linear.bias is not None,
+                compute_dtype=dtype,
+                compress_statistics=method == "nf4",
+                quant_type=method,
+            )
+            layer.weight = bnb.nn.Params4bit(
+                weight.detach().to(dtype), requires_grad=False, quant_type=method, module=layer
+            )
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().to(dtype), requires_grad=linear.bias.requires_grad)
+        layer = layer.to(weight.device)  # bitsandbytes quantizes on this move
+        layer.weight.requires_grad_(False)
+        layer.train(linear.training)
+        after += quantized_bytes(layer)
+        set_submodule(model, path, layer)
+    return QuantizeReport(method, len(targets), before, after)
+
+
+def quantized_bytes(layer: nn.Module) -> int:
+    """Memory of a quantized layer's weight: the packed data plus every tensor of its quantization state."""
+    weight = layer.weight
+    total = weight.data.numel() * weight.data.element_size()
+    if type(layer).__name__ == "Linear8bitLt":
+        scb = getattr(weight, "SCB", None)
+        return total + (scb.numel() * scb.element_size() if scb is not None else 0)
+    state = getattr(weight, "quant_state", None)
+    if state is not None:
+        for value in state.as_dict(packed=True).values():
+            if isinstance(value, torch.Tensor):
+                total += value.numel() * value.element_size()
+    return total
+
+
+def dequantized_weight(layer: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float weight (d_out, d_in) that a quantized layer actually multiplies by."""
+    import bitsandbytes.functional as bf
+
+    weight = layer.weight
+    if type(layer).__name__ == "Linear8bitLt":
+        return bf.int8_vectorwise_dequant(weight.data, weight.SCB).to(dtype).view(layer.out_features, -1)
+    return bf.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+
+
+def dequantize(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
+    """Replace every quantized linear layer (also those under LoRA wrappers) by an ``nn.Linear`` holding its
+    dequantized weight in ``dtype``; returns how many layers changed."""
+    from .inject import set_submodule
+
+    count = 0
+    for path, module in list(model.named_modules()):
+        if not is_quantized(module):
+            continue
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        linear = linear.to(device=module.weight.device, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(dequantized_weight(module, dtype))
+            if module.bias is not None:
+                linear.bias.copy_(module.bias.to(dtype))
+        linear.requires_grad_(False)
+        linear.train(module.training)
+        set_submodule(model, path, linear)
+        count += 1
+    return count
+
+
+@torch.no_grad()
+def requantization_drift(merged: nn.Module, method: str, inputs: dict[str, torch.Tensor]) -> dict[str, float]:
+    """How much re-quantizing a merged float model to ``method`` would move its logits on ``inputs``.
+
+    Quantizes a copy (the model given is left alone) and returns the largest and mean absolute logit change and
+    the share of positions whose top-1 token changes.
+    """
+    import copy
+
+    check_method(method)
+    copy_ = copy.deepcopy(merged)
+    quantize(copy_, method)
+    reference = merged(**inputs).logits.float()
+    requantized = copy_(**inputs).logits.float()
+    diff = (requantized - reference).abs()
+    flipped = (requantized.argmax(-1) != reference.argmax(-1)).float().mean()
+    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "top1_changed": float(flipped)}
