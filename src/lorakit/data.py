@@ -81,11 +81,25 @@ def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     return rows
 
 
+MAX_ROW_BYTES = 16 << 20
+"""Largest row accepted (16 MiB): far beyond any max_length, small enough that one bad line cannot exhaust memory."""
+
+
+def _too_long(where: str) -> ValueError:
+    return ValueError(
+        f"{where}: the row is longer than {MAX_ROW_BYTES >> 20} MiB, the limit for one row; split the text into "
+        "several rows (training truncates each row to data.max_length tokens anyway)"
+    )
+
+
 def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
     rows = []
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
+        # readline with a limit: a file without newlines is never read whole into memory
+        for number, raw in enumerate(iter(lambda: f.readline(MAX_ROW_BYTES + 1), b""), start=1):
             where = f"{path}:{number}"
+            if len(raw) > MAX_ROW_BYTES:
+                raise _too_long(where)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
@@ -103,13 +117,20 @@ def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _read_csv(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    csv.field_size_limit(MAX_ROW_BYTES)  # the default, 128 KiB, is shorter than some real documents
+    rows: list[tuple[str, dict[str, Any]]] = []
     try:
         with open(path, encoding="utf-8", newline="") as f:
-            return [(f"{path}:{i + 2}", dict(row)) for i, row in enumerate(csv.DictReader(f))]
+            reader = csv.DictReader(f)
+            for row in reader:
+                rows.append((f"{path}:{reader.line_num}", dict(row)))
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
     except csv.Error as err:
+        if "field larger than field limit" in str(err):
+            raise _too_long(f"{path}:{reader.line_num + 1}") from None
         raise ValueError(f"{path}: malformed CSV ({err})") from None
+    return rows
 
 
 def _read_parquet(path: Path) -> list[tuple[str, dict[str, Any]]]:

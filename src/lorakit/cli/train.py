@@ -40,5 +40,9 @@ def run(args: argparse.Namespace) -> int:
     if result.eval is not None and result.eval.exact_match is not None and result.eval_before is not None:
         before, after = result.eval_before.exact_match, result.eval.exact_match
         print(f"exact match: {100 * before:.1f}% before -> {100 * after:.1f}% after")
-    print(f"adapter written to {result.output_dir} ({result.steps} steps, {result.tokens_per_second:.0f} tokens/s)")
+    skipped = f", {result.skipped_steps} skipped for NaN or infinite values" if result.skipped_steps else ""
+    print(
+        f"adapter written to {result.output_dir} ({result.steps} steps{skipped}, "
+        f"{result.tokens_per_second:.0f} tokens/s)"
+    )
     return 0
