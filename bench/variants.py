@@ -4,7 +4,10 @@ memory and step time against plain LoRA.
 Each mode runs in a fresh process (its peak RSS is its own); modes alternate over --rounds; medians reported.
 
   forward modes (eval, no gradients, batch x seq tokens):  lora-unmerged, dora-unmerged
-  training modes (AdamW step, lorakit's loss):             lora-train, qlora-nf4-train, qlora-int8-train
+  training modes (AdamW step, lorakit's loss):             lora-train, lora-lean-train, qlora-nf4-train,
+                                                           qlora-int8-train
+  QLoRA modes run under the allocator policy lorakit's trainer sets with `quantize` on CPU (lorakit.fastpath);
+  lora-lean-train is plain LoRA under that same policy, for a like-for-like memory comparison.
 
     .venv/bin/python bench/variants.py [--rounds 3] [--steps 3] [--batch 8] [--seq 128] [--markdown FILE]
 
@@ -31,11 +34,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FORWARD_MODES = ["lora-unmerged", "dora-unmerged"]
-TRAIN_MODES = ["lora-train", "qlora-nf4-train", "qlora-int8-train"]
+TRAIN_MODES = ["lora-train", "lora-lean-train", "qlora-nf4-train", "qlora-int8-train"]
 
 
 def build(mode: str):
     import lorakit
+    from lorakit.fastpath import return_freed_memory_to_os
+
+    if mode.startswith("qlora") or "lean" in mode:
+        return_freed_memory_to_os()  # what the trainer does on CPU with quantize or train.lean_cpu_memory
 
     model, _ = lorakit.load_model("default", dtype=torch.float32)
     report = None
@@ -120,7 +127,8 @@ def render(summary: dict, args) -> str:
     lines = [
         f"### LoRA variants, cpu, float32, batch {args.batch} x {args.seq} ({today})",
         "",
-        f"Command: `.venv/bin/python bench/variants.py --rounds {args.rounds} --steps {args.steps} "
+        f"Command: `.venv/bin/python bench/variants.py --modes {','.join(summary)} --rounds {args.rounds} "
+        f"--steps {args.steps} "
         f"--batch {args.batch} --seq {args.seq}`; machine: {platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads.",
         "",
@@ -138,10 +146,11 @@ def render(summary: dict, args) -> str:
         ratio = summary["dora-unmerged"]["median_s"] / summary["lora-unmerged"]["median_s"]
         lines.append(f"- DoRA unmerged forward / plain LoRA unmerged: **{ratio:.2f}x** (required <= 1.2x).")
     for mode in ("qlora-nf4-train", "qlora-int8-train"):
-        if mode in summary and "lora-train" in summary:
-            t = summary[mode]["median_s"] / summary["lora-train"]["median_s"]
-            m = summary[mode]["peak_rss_gb"] / summary["lora-train"]["peak_rss_gb"]
-            lines.append(f"- {mode} against lora-train: step time {t:.2f}x, peak RSS {m:.2f}x.")
+        for plain in ("lora-lean-train", "lora-train"):
+            if mode in summary and plain in summary:
+                t = summary[mode]["median_s"] / summary[plain]["median_s"]
+                m = summary[mode]["peak_rss_gb"] / summary[plain]["peak_rss_gb"]
+                lines.append(f"- {mode} against {plain}: step time {t:.2f}x, peak RSS {m:.2f}x.")
     return "\n".join(lines) + "\n"
 
 

@@ -171,3 +171,26 @@ def test_answer_span_marks_reference_through_end_of_turn(tiny_tokenizer, tmp_pat
         assert tiny_tokenizer.decode(answer[:-1]).strip() == example.reference.strip()
     truncated = tokenize_rows(read_rows(path), tiny_tokenizer, chat.answer_end - 1, True)[0][0]
     assert not truncated.scorable
+
+
+def test_rows_over_the_size_limit_are_refused_without_reading_them_whole(tmp_path, monkeypatch):
+    from lorakit import data
+
+    monkeypatch.setattr(data, "MAX_ROW_BYTES", 1000)
+    long_text = "x" * 5000
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text('{"text": "ok"}\n' + json.dumps({"text": long_text}) + "\n")
+    with pytest.raises(ValueError, match=r"d.jsonl:2: the row is longer than .* split the text into several rows"):
+        read_rows(jsonl)
+    no_newline = tmp_path / "n.jsonl"
+    no_newline.write_text("x" * 100_000)  # one endless line: refused after reading MAX_ROW_BYTES + 1 bytes
+    with pytest.raises(ValueError, match=r"n.jsonl:1: the row is longer than"):
+        read_rows(no_newline)
+    with open(tmp_path / "d.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["text"])
+        writer.writeheader()
+        writer.writerows([{"text": "ok"}, {"text": long_text}])
+    with pytest.raises(ValueError, match=r"d.csv:3: the row is longer than"):
+        read_rows(tmp_path / "d.csv")
+    monkeypatch.setattr(data, "MAX_ROW_BYTES", 10_000)  # under the limit: read as usual, 128 KiB csv default lifted
+    assert [row["text"] for _, row in read_rows(tmp_path / "d.csv")] == ["ok", long_text]

@@ -372,6 +372,23 @@ def test_queue_full_gives_429_and_timeouts_408(limited):
     assert err.value.status_code == 408
 
 
+def test_a_burst_beyond_the_queue_gets_429_and_no_server_errors(limited):
+    port = limited["port"]  # batch 1, queue 1: of 24 simultaneous requests at most 2 are admitted at once
+
+    def one(_):
+        try:
+            client(port, key=KEY).completions.create(model="lm", prompt="x", max_tokens=40)
+            return 200
+        except openai.APIStatusError as err:
+            return err.status_code
+
+    with ThreadPoolExecutor(24) as pool:
+        codes = list(pool.map(one, range(24)))
+    assert set(codes) <= {200, 429}, codes
+    assert codes.count(200) >= 1 and codes.count(429) >= 12, codes
+    assert one(0) == 200  # and the server serves normally afterwards
+
+
 def test_client_disconnect_stops_its_work(limited):
     port = limited["port"]
     c = client(port, key=KEY)

@@ -87,7 +87,7 @@ MAX_ROW_BYTES = 16 << 20
 
 def _too_long(where: str) -> ValueError:
     return ValueError(
-        f"{where}: the row is longer than {MAX_ROW_BYTES >> 20} MiB, the limit for one row; split the text into "
+        f"{where}: the row is longer than {MAX_ROW_BYTES:,} bytes, the limit for one row; split the text into "
         "several rows (training truncates each row to data.max_length tokens anyway)"
     )
 

@@ -81,7 +81,8 @@ class TrainLoopConfig:
     """Recompute activations in the backward pass: less memory, about a third more compute."""
 
     lean_cpu_memory: bool = False
-    """On Linux CPU: return freed activations to the OS at once (lower peak RSS, about 10 % slower steps)."""
+    """On Linux CPU: return freed activations to the OS at once (lower peak RSS, about 10 % slower steps).
+    Always on when `quantize` is set: bitsandbytes' per-step dequantization buffers otherwise grow the heap."""
 
     eval_every: int = 0
     """Evaluate every N steps (and at the end); 0: only at the end."""

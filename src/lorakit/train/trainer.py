@@ -132,7 +132,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, method=No
     """
     started = time.perf_counter()
     ctx = dist.setup()
-    if ctx.device.type == "cpu" and cfg.train.lean_cpu_memory:
+    if ctx.device.type == "cpu" and (cfg.train.lean_cpu_memory or cfg.quantize):
         return_freed_memory_to_os()  # peak RSS follows the live tensors (see lorakit.fastpath)
     out = Path(cfg.output_dir)
     _check_output_dir(out, cfg, resume)
