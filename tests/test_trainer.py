@@ -335,7 +335,7 @@ def test_task_row_errors(tiny_t5_and_bert, tmp_path):
         train(cfg, progress=False)
 
 
-def test_lean_cpu_memory_sets_the_allocator_policy_only_when_asked(run_config, monkeypatch):
+def test_lean_cpu_memory_follows_the_config_and_defaults_on_with_checkpointing(run_config, monkeypatch):
     import lorakit.train.trainer as trainer_module
 
     calls = []
@@ -349,3 +349,8 @@ def test_lean_cpu_memory_sets_the_allocator_policy_only_when_asked(run_config, m
     assert calls == [1]
     a, b = _adapter(plain.output_dir), _adapter(lean.output_dir)
     assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
+    overrides = ("train.max_steps=1", "train.generate_eval=false", "train.gradient_checkpointing=true")
+    train(run_config(*overrides, out="gc"), progress=False)
+    assert calls == [1, 1]  # on by default when the run chose memory over speed
+    train(run_config(*overrides, "train.lean_cpu_memory=false", out="gc-off"), progress=False)
+    assert calls == [1, 1]  # an explicit false wins

@@ -7,7 +7,8 @@ Training modes (AdamW, one optimizer step per batch):
   lorakit      lorakit.inject + lorakit's training loss (the fused head + cross-entropy of the trainer)
   peft         peft.get_peft_model + the model's own loss (model(input_ids, labels=...).loss)
   full         every weight trains, the model's own loss
-  lorakit-gc / peft-gc   the same with gradient checkpointing
+  lorakit-gc / peft-gc   the same with gradient checkpointing (lorakit-gc under the allocator policy that
+               lorakit's trainer uses by default with checkpointing on CPU, as a user of it would get)
   lorakit-lean / peft-lowrss   (not run by default) lorakit or PEFT under the allocator policy that
                lorakit's trainer sets on CPU with train.lean_cpu_memory (lorakit.fastpath): lower RSS, slower
 Inference modes (no gradients, logits for the whole batch):
@@ -47,8 +48,9 @@ def build(mode: str, device: str, dtype: torch.dtype, seed: int = 0, model_name:
     import lorakit
     from lorakit import fastpath
 
-    if mode in ("lorakit-lean", "peft-lowrss"):
-        fastpath.return_freed_memory_to_os()  # what lorakit's trainer does on CPU with train.lean_cpu_memory
+    if mode in ("lorakit-lean", "peft-lowrss", "lorakit-gc") and device == "cpu":
+        # what lorakit's trainer does on CPU with train.lean_cpu_memory, by default with gradient checkpointing
+        fastpath.return_freed_memory_to_os()
 
     model, _ = lorakit.load_model(model_name, dtype=dtype)
     model.to(device)

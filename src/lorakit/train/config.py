@@ -80,9 +80,9 @@ class TrainLoopConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
 
-    lean_cpu_memory: bool = False
+    lean_cpu_memory: bool | None = None
     """On Linux CPU: return freed activations to the OS at once (lower peak RSS, about 10 % slower steps).
-    Always on when `quantize` is set: bitsandbytes' per-step dequantization buffers otherwise grow the heap."""
+    Unset: on when gradient_checkpointing or quantize is set (runs that chose memory over speed), else off."""
 
     eval_every: int = 0
     """Evaluate every N steps (and at the end); 0: only at the end."""

@@ -132,7 +132,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, method=No
     """
     started = time.perf_counter()
     ctx = dist.setup()
-    if ctx.device.type == "cpu" and (cfg.train.lean_cpu_memory or cfg.quantize):
+    if ctx.device.type == "cpu" and lean_cpu_memory(cfg):
         return_freed_memory_to_os()  # peak RSS follows the live tensors (see lorakit.fastpath)
     out = Path(cfg.output_dir)
     _check_output_dir(out, cfg, resume)
@@ -221,6 +221,14 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, method=No
     result.wall_seconds = time.perf_counter() - started
     result.model = model
     return result
+
+
+def lean_cpu_memory(cfg: RunConfig) -> bool:
+    """Whether the run uses the lean allocator policy: as set, or by default when the run chose memory over
+    speed (gradient checkpointing, a quantized base)."""
+    if cfg.train.lean_cpu_memory is not None:
+        return cfg.train.lean_cpu_memory
+    return bool(cfg.train.gradient_checkpointing or cfg.quantize)
 
 
 def _with_head(cfg: RunConfig, model: nn.Module, log) -> LoraConfig:
