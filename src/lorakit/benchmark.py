@@ -261,7 +261,8 @@ def _targets(args) -> list[str]:
 
 def _model_flags(args) -> str:
     flags = "" if args.model == "default" else f" --model {args.model}"
-    return flags + ("" if _targets(args) == TARGETS else f" --targets {args.targets}")
+    flags += "" if _targets(args) == TARGETS else f" --targets {args.targets}"
+    return flags + ("" if args.modes == ",".join(TRAIN_MODES + INFER_MODES) else f" --modes {args.modes}")
 
 
 def _have_peft() -> bool:
