@@ -276,11 +276,21 @@ def atomic_write_many(files: dict[Path, bytes]) -> None:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
     for parent in {p.parent for p in files}:
-        fd = os.open(parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the renames inside directory ``path`` durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 # ----- load -------------------------------------------------------------------------------------------
