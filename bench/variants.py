@@ -23,7 +23,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -101,16 +100,14 @@ def orchestrate(args) -> dict:
     unknown = sorted(set(modes) - set(FORWARD_MODES + TRAIN_MODES))
     if unknown:
         raise SystemExit(f"unknown --modes {unknown}; choose from {','.join(FORWARD_MODES + TRAIN_MODES)}")
-    runs: dict[str, list[dict]] = {m: [] for m in modes}
-    for r in range(args.rounds):
-        for mode in modes if r % 2 == 0 else modes[::-1]:
-            print(f"round {r + 1}/{args.rounds}: {mode}", file=sys.stderr, flush=True)
-            cmd = [sys.executable, __file__, "--mode", mode, "--steps", str(args.steps)]
-            cmd += ["--batch", str(args.batch), "--seq", str(args.seq)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
-            if proc.returncode != 0:
-                raise SystemExit(f"mode {mode} failed:\n{proc.stderr[-3000:]}")
-            runs[mode].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+    def command(mode: str) -> list[str]:
+        return [sys.executable, __file__, "--mode", mode, "--steps", str(args.steps), "--batch", str(args.batch),
+                "--seq", str(args.seq)]  # fmt: skip
+
+    from lorakit.benchmark import alternate_in_processes
+
+    runs = alternate_in_processes(modes, args.rounds, command, dict(os.environ))
     summary = {}
     for mode, results in runs.items():
         times = [t for res in results for t in res["times"]]
@@ -167,7 +164,11 @@ def main() -> int:
     if args.mode:
         print(json.dumps(run_mode(args)))
         return 0
-    summary = orchestrate(args)
+    try:
+        summary = orchestrate(args)
+    except ChildProcessError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     table = render(summary, args)
     print(table)
     if args.markdown:

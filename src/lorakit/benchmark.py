@@ -190,18 +190,13 @@ def orchestrate(args) -> dict:
         modes = [m for m in modes if not m.startswith("peft")]
         if dropped:
             print(f"PEFT is not installed: leaving out {', '.join(dropped)} (pip install peft)", file=sys.stderr)
-    runs: dict[str, list[dict]] = {m: [] for m in modes}
-    for r in range(args.rounds):
-        order = modes if r % 2 == 0 else modes[::-1]
-        for mode in order:
-            print(f"round {r + 1}/{args.rounds}: {mode}", file=sys.stderr, flush=True)
-            cmd = [sys.executable, "-m", "lorakit.benchmark", "--mode", mode, "--steps", str(args.steps)]
-            cmd += ["--batch", str(args.batch), "--seq", str(args.seq), "--device", args.device, "--dtype", args.dtype]
-            cmd += ["--model", args.model, "--targets", args.targets]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=_child_env())
-            if out.returncode != 0:
-                raise ChildProcessError(f"benchmark mode {mode} failed:\n{out.stderr[-3000:]}")
-            runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    def command(mode: str) -> list[str]:
+        cmd = [sys.executable, "-m", "lorakit.benchmark", "--mode", mode, "--steps", str(args.steps)]
+        cmd += ["--batch", str(args.batch), "--seq", str(args.seq), "--device", args.device, "--dtype", args.dtype]
+        return [*cmd, "--model", args.model, "--targets", args.targets]
+
+    runs = alternate_in_processes(modes, args.rounds, command, _child_env())
     summary = {}
     for mode, results in runs.items():
         times = [t for res in results for t in res["times"]]
@@ -212,6 +207,24 @@ def orchestrate(args) -> dict:
             "times": times,
         }
     return summary
+
+
+def alternate_in_processes(modes: list[str], rounds: int, command, env: dict[str, str]) -> dict[str, list[dict]]:
+    """Run ``command(mode)`` in a fresh process per mode and round, the order reversed every other round;
+    each process prints its result as JSON on its last line. Returns every mode's results, round by round.
+
+    Raises:
+        ChildProcessError: a mode's process failed (its stderr's end is in the message).
+    """
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    for r in range(rounds):
+        for mode in modes if r % 2 == 0 else modes[::-1]:
+            print(f"round {r + 1}/{rounds}: {mode}", file=sys.stderr, flush=True)
+            out = subprocess.run(command(mode), capture_output=True, text=True, check=False, env=env)
+            if out.returncode != 0:
+                raise ChildProcessError(f"benchmark mode {mode} failed:\n{out.stderr[-3000:]}")
+            runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return runs
 
 
 def render(summary: dict, args, check: dict | None) -> str:

@@ -179,21 +179,27 @@ class LoraLayer(_BaseWrapper):
 
     @torch.no_grad()
     def merge(self, names: Iterable[str]) -> None:
-        weight = self.base_layer.weight
         _refuse_quantized_merge(self.base_layer)
         for name in names:
             if name in self.r and name not in self.merged_adapters:
-                weight.add_(self.delta_weight(name).to(weight.dtype))
+                self._merge_one(name)
                 self.merged_adapters.append(name)
 
     @torch.no_grad()
     def unmerge(self, names: Iterable[str] | None = None) -> None:
-        weight = self.base_layer.weight
         targets = list(self.merged_adapters if names is None else names)
         for name in reversed(self.merged_adapters[:]):
             if name in targets:
-                weight.sub_(self.delta_weight(name).to(weight.dtype))
+                self._unmerge_one(name)
                 self.merged_adapters.remove(name)
+
+    def _merge_one(self, name: str) -> None:
+        weight = self.base_layer.weight
+        weight.add_(self.delta_weight(name).to(weight.dtype))
+
+    def _unmerge_one(self, name: str) -> None:
+        weight = self.base_layer.weight
+        weight.sub_(self.delta_weight(name).to(weight.dtype))
 
     # ----- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -696,37 +702,23 @@ class LoraLinear(LoraLayer):
         lora = b(a(x))
         return (scale - 1) * base_result + scale * lora * self.scaling[name]
 
-    @torch.no_grad()
-    def merge(self, names: Iterable[str]) -> None:
-        for name in names:
-            if name not in self.r or name in self.merged_adapters:
-                continue
-            if name not in self.lora_magnitude_vector:
-                super().merge([name])
-                continue
-            _refuse_quantized_merge(self.base_layer)
-            weight = self.base_layer.weight
-            norm = self._dora_norm(name).float()
-            factor = self.lora_magnitude_vector[name].float() / norm
-            factor = factor[None, :] if self.fan_in_fan_out else factor[:, None]
-            weight.copy_((factor * (weight.float() + self.delta_weight(name))).to(weight.dtype))
-            self._dora_merged_norms[name] = norm
-            self.merged_adapters.append(name)
+    def _merge_one(self, name: str) -> None:
+        if name not in self.lora_magnitude_vector:
+            return super()._merge_one(name)
+        weight = self.base_layer.weight  # DoRA: W' = m / ||W + s B A|| * (W + s B A)
+        norm = self._dora_norm(name).float()
+        factor = self.lora_magnitude_vector[name].float() / norm
+        factor = factor[None, :] if self.fan_in_fan_out else factor[:, None]
+        weight.copy_((factor * (weight.float() + self.delta_weight(name))).to(weight.dtype))
+        self._dora_merged_norms[name] = norm
 
-    @torch.no_grad()
-    def unmerge(self, names: Iterable[str] | None = None) -> None:
+    def _unmerge_one(self, name: str) -> None:
+        if name not in self._dora_merged_norms:
+            return super()._unmerge_one(name)
         weight = self.base_layer.weight
-        targets = list(self.merged_adapters if names is None else names)
-        for name in reversed(self.merged_adapters[:]):
-            if name not in targets:
-                continue
-            if name in self._dora_merged_norms:
-                factor = self.lora_magnitude_vector[name].float() / self._dora_merged_norms.pop(name)
-                factor = factor[None, :] if self.fan_in_fan_out else factor[:, None]
-                weight.copy_((weight.float() / factor - self.delta_weight(name)).to(weight.dtype))
-            else:
-                weight.sub_(self.delta_weight(name).to(weight.dtype))
-            self.merged_adapters.remove(name)
+        factor = self.lora_magnitude_vector[name].float() / self._dora_merged_norms.pop(name)
+        factor = factor[None, :] if self.fan_in_fan_out else factor[:, None]
+        weight.copy_((weight.float() / factor - self.delta_weight(name)).to(weight.dtype))
 
     @torch.no_grad()
     def _forget_variants(self, name: str) -> None:
