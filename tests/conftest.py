@@ -102,6 +102,19 @@ FAMILIES = {
 }
 
 
+@pytest.fixture(params=["blas", "onednn"])
+def cpu_gemm(request, monkeypatch):
+    """Runs the test with each CPU kernel choice of ``lorakit.fastpath.linear`` (LORAKIT_CPU_GEMM)."""
+    from lorakit import fastpath
+
+    if request.param == "onednn" and not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    monkeypatch.setenv("LORAKIT_CPU_GEMM", request.param)
+    fastpath.onednn_enabled.cache_clear()
+    yield request.param
+    fastpath.onednn_enabled.cache_clear()
+
+
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request) -> Family:
     return FAMILIES[request.param]

@@ -1,9 +1,12 @@
-"""The few-rows CPU path for linear layers gives the same numbers as the ordinary one."""
+"""The CPU paths for linear layers (oneDNN for many rows, transposed for few) give the ordinary results."""
 
+import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
+from lorakit import fastpath
 from lorakit.fastpath import enable_skinny_linear, skinny_matmul
 
 
@@ -34,3 +37,37 @@ def test_skinny_linear_keeps_gradients_on_the_ordinary_path():
 def test_skinny_matmul():
     x, w = torch.randn(7, 16), torch.randn(9, 16)
     assert_close(skinny_matmul(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(40, 24), (3, 17, 24), (33, 24)])
+def test_linear_matches_f_linear_on_either_kernel(bias, shape, cpu_gemm):
+    torch.manual_seed(0)
+    x, w = torch.randn(shape), torch.randn(40, 24)
+    b = torch.randn(40) if bias else None
+    assert fastpath.uses_onednn(x, w, b) is (cpu_gemm == "onednn")
+    assert_close(fastpath.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_keeps_autograd_few_rows_and_other_dtypes_on_pytorchs_path(cpu_gemm):
+    w = torch.randn(8, 6)
+    x = torch.randn(64, 6, requires_grad=True)
+    assert not fastpath.uses_onednn(x, w)  # autograd needs F.linear's graph
+    out = fastpath.linear(x, w)
+    out.sum().backward()
+    assert_close(x.grad, w.sum(0).expand(64, 6))
+    with torch.no_grad():
+        assert fastpath.uses_onednn(x, w) is (cpu_gemm == "onednn")
+        assert not fastpath.uses_onednn(x[:32], w)  # few rows: the skinny layout's territory
+        assert not fastpath.uses_onednn(x.double(), w.double())
+        assert not fastpath.uses_onednn(x, w.T.contiguous().T)  # a transposed weight view
+
+
+def test_cpu_gemm_choice_is_checked(monkeypatch):
+    monkeypatch.setenv("LORAKIT_CPU_GEMM", "fastest")
+    fastpath.onednn_enabled.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="LORAKIT_CPU_GEMM='fastest'.*auto, onednn, blas"):
+            fastpath.onednn_enabled()
+    finally:
+        fastpath.onednn_enabled.cache_clear()

@@ -354,3 +354,25 @@ def test_lean_cpu_memory_follows_the_config_and_defaults_on_with_checkpointing(r
     assert calls == [1, 1]  # on by default when the run chose memory over speed
     train(run_config(*overrides, "train.lean_cpu_memory=false", out="gc-off"), progress=False)
     assert calls == [1, 1]  # an explicit false wins
+
+
+def test_adamw_is_fused_where_pytorch_supports_it_with_the_same_updates():
+    from lorakit.train.trainer import adamw
+
+    torch.manual_seed(0)
+    start = torch.randn(40, 7)
+    grads = [torch.randn(40, 7) for _ in range(3)]
+    results = []
+    for make in (
+        lambda ps: adamw(ps, lr=0.1, weight_decay=0.01),
+        lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.01),
+    ):
+        p = torch.nn.Parameter(start.clone())
+        opt = make([{"params": [p]}])
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        results.append((opt.defaults["fused"], p.detach()))
+    assert results[0][0] is True and not results[1][0]
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-6, atol=1e-6)
+    assert not adamw([torch.nn.Parameter(torch.randn(3, dtype=torch.float64))], lr=0.1).defaults["fused"]

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import fusions
 from .inject import adapter_modules, check_adapter_name, registry, set_submodule, update_trainable
-from .layers import LoraLayer, ModulesToSave, Routing, link_shared_inputs, unfuse_gated_mlps
+from .layers import LoraLayer, ModulesToSave, Routing, link_shared_inputs
 
 
 def _names(model: nn.Module, names: str | Sequence[str]) -> list[str]:
@@ -168,7 +169,7 @@ def _forget(model: nn.Module) -> None:
     for param in model.parameters():
         param.requires_grad_(reg.original_requires_grad.get(id(param), True))
     del model.__dict__["_lorakit_registry"]
-    unfuse_gated_mlps(model)
+    fusions.unfuse(model)
 
 
 def _merged_names(model: nn.Module) -> list[str]:

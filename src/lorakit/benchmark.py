@@ -3,7 +3,7 @@
 Every mode runs in a fresh process (so its peak RSS is its own), the modes alternate, and the whole
 cycle repeats; medians are reported with the ratios to PEFT and to full fine-tuning.
 
-Training modes (AdamW, one optimizer step per batch):
+Training modes (fused AdamW in every mode, one optimizer step per batch):
   lorakit      lorakit.inject + lorakit's training loss (the fused head + cross-entropy of the trainer)
   peft         peft.get_peft_model + the model's own loss (model(input_ids, labels=...).loss)
   full         every weight trains, the model's own loss
@@ -127,7 +127,9 @@ def run_mode(args) -> dict:
     else:
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4)
+        from lorakit.train.trainer import adamw
+
+        opt = adamw(params, lr=1e-4)  # every mode: the fused AdamW of lorakit's trainer and transformers' Trainer
         for i in range(args.steps + 1):
             sync(device)
             start = time.perf_counter()

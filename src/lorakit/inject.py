@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from . import fusions
 from .config import ALL_LINEAR, LoraConfig
-from .layers import LoraLayer, ModulesToSave, fuse_gated_mlps, is_linear_like, link_shared_inputs, wrapper_classes
+from .layers import LoraLayer, ModulesToSave, is_linear_like, link_shared_inputs, wrapper_classes
 
 _HEAD_NAMES = ("classifier", "score")  # classification heads that "all-linear" leaves alone
 _DEFAULT_LAYER_INDEX = re.compile(r".*\.[^.]*\.(\d+)\.")
@@ -101,7 +102,7 @@ def add_adapter_layers(model: nn.Module, config: LoraConfig, name: str, targets:
         _wrap(model, path, ModulesToSave).add_adapter(name)
     reg.adapters[name] = AdapterInfo(config=config, targets=targets, saved_modules=saved)
     link_shared_inputs(model)
-    fuse_gated_mlps(model)
+    fusions.fuse(model)
 
 
 def _check_variants(model: nn.Module, config: LoraConfig, targets: list[str]) -> None:

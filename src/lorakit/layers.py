@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import copy
 import math
-import types
 from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fastpath
 from .fastpath import skinny_matmul
 
 try:  # GPT-2 style layers: y = x @ W + b with W stored as (d_in, d_out)
@@ -278,6 +278,34 @@ def _dropout_p(module: nn.Module) -> float:
     return module.p if isinstance(module, nn.Dropout) else 0.0
 
 
+def lora_linear_forward(x2, w, bias, a, b, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x2 W^T + bias + s (x2 A^T) B^T`` for a 2-D ``x2`` and (d_out, d_in) ``w``; returns it and ``x2 A^T``."""
+    out = fastpath.linear(x2, w, bias)
+    hidden = x2 @ a.T  # (N, r)
+    out.addmm_(hidden, b.T, alpha=scaling)
+    return out, hidden
+
+
+def lora_linear_backward(g, x2, hidden, weight, a, b, scaling: float, fan_in_fan_out: bool, need) -> tuple:
+    """Gradients of ``lora_linear_forward`` for 2-D ``g``: (x2, weight, bias, a, b), each None unless ``need``
+    asks for it. The input gradient is ``g W + (s g B) A`` in one ``addmm``; the frozen W gets none."""
+    w = weight.T if fan_in_fan_out else weight
+    grad_hidden = (g @ b).mul_(scaling)  # (N, r)
+    grad_x = grad_w = grad_bias = grad_a = grad_b = None
+    if need[0]:
+        grad_x = (g @ w).addmm_(grad_hidden, a)
+    if need[1]:
+        grad_w = g.T @ x2
+        grad_w = grad_w.T if fan_in_fan_out else grad_w
+    if need[2]:
+        grad_bias = g.sum(0)
+    if need[3]:
+        grad_a = (x2.T @ grad_hidden).T  # this orientation runs 1.2-2x faster on CPU BLAS
+    if need[4]:
+        grad_b = (g.T @ hidden).mul_(scaling)
+    return grad_x, grad_w, grad_bias, grad_a, grad_b
+
+
 class _LoraLinearFunction(torch.autograd.Function):
     """y = x W^T + b + s (x A^T) B^T in one function that keeps only x and x A^T for backward.
 
@@ -289,10 +317,7 @@ class _LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, scaling: float, fan_in_fan_out: bool):
         x2 = x.reshape(-1, x.shape[-1])
-        w = weight.T if fan_in_fan_out else weight  # (d_out, d_in)
-        out = F.linear(x2, w, bias)
-        hidden = x2 @ a.T  # (N, r)
-        out.addmm_(hidden, b.T, alpha=scaling)
+        out, hidden = lora_linear_forward(x2, weight.T if fan_in_fan_out else weight, bias, a, b, scaling)
         ctx.save_for_backward(x2, hidden, weight, a, b)
         ctx.scaling, ctx.fan_in_fan_out, ctx.in_shape, ctx.has_bias = scaling, fan_in_fan_out, x.shape, bias is not None
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -300,22 +325,13 @@ class _LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x2, hidden, weight, a, b = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])
-        w = weight.T if ctx.fan_in_fan_out else weight
-        grad_hidden = (g @ b).mul_(ctx.scaling)  # (N, r)
-        grad_x = grad_w = grad_bias = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.addmm(g @ w, grad_hidden, a).view(ctx.in_shape)
-        if ctx.needs_input_grad[1]:
-            grad_w = g.T @ x2
-            grad_w = grad_w.T if ctx.fan_in_fan_out else grad_w
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = g.sum(0)
-        if ctx.needs_input_grad[3]:
-            grad_a = grad_hidden.T @ x2
-        if ctx.needs_input_grad[4]:
-            grad_b = (g.T @ hidden).mul_(ctx.scaling)
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
+        need = list(ctx.needs_input_grad[:5])
+        need[2] = need[2] and ctx.has_bias
+        grads = lora_linear_backward(
+            grad.reshape(-1, grad.shape[-1]), x2, hidden, weight, a, b, ctx.scaling, ctx.fan_in_fan_out, need
+        )
+        grad_x = grads[0].view(ctx.in_shape) if grads[0] is not None else None
+        return grad_x, *grads[1:], None, None
 
 
 class _SharedInputLoraFunction(torch.autograd.Function):
@@ -336,7 +352,7 @@ class _SharedInputLoraFunction(torch.autograd.Function):
         hidden = x2 @ a_cat.T  # (N, r_1 + ... + r_n)
         outs, start = [], 0
         for (rank, scaling), weight, bias, b in zip(layout, weights, biases, b_list, strict=True):
-            out = F.linear(x2, weight, bias)
+            out = fastpath.linear(x2, weight, bias)
             out.addmm_(hidden[:, start : start + rank], b.T, alpha=scaling)
             outs.append(out.view(*x.shape[:-1], out.shape[-1]))
             start += rank
@@ -375,7 +391,7 @@ class _SharedInputLoraFunction(torch.autograd.Function):
             grad_x = grad_hidden @ a_cat if grad_x is None else grad_x.addmm_(grad_hidden, a_cat)
             grad_x = grad_x.view(ctx.in_shape)
         if any(need[4::4]):
-            grad_a = (grad_hidden.T @ x2).split([rank for rank, _ in ctx.layout])
+            grad_a = (x2.T @ grad_hidden).T.split([rank for rank, _ in ctx.layout])
             for i in range(n):
                 member_grads[4 * i + 2] = grad_a[i] if member_grads[4 * i + 2] else None
         return (grad_x, None, *member_grads)
@@ -460,69 +476,6 @@ def link_shared_inputs(model: nn.Module) -> int:
                     m.__dict__["_shared_input"] = group
                 count += 1
     return count
-
-
-class _SiluGate(torch.autograd.Function):
-    """``silu(g) * u`` keeping only g and u for backward (autograd would also keep ``silu(g)``)."""
-
-    @staticmethod
-    def forward(ctx, gate, up):
-        ctx.save_for_backward(gate, up)
-        return F.silu(gate).mul_(up)
-
-    @staticmethod
-    def backward(ctx, grad):
-        gate, up = ctx.saved_tensors
-        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
-        grad_up = F.silu(gate).mul_(grad) if ctx.needs_input_grad[1] else None
-        return grad_gate, grad_up
-
-
-def _gated_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """LlamaMLP's forward, ``down(silu(gate(x)) * up(x))``, with the product's saved tensors cut by a third."""
-    if not torch.is_grad_enabled():
-        return type(self).forward(self, x)
-    gate, up = self.gate_proj(x), self.up_proj(x)
-    if gate.dtype != up.dtype or gate.shape != up.shape:
-        return self.down_proj(self.act_fn(gate) * up)
-    return self.down_proj(_SiluGate.apply(gate, up))
-
-
-def _is_llama_style_mlp(module: nn.Module) -> bool:
-    """A module whose forward is exactly LlamaMLP's (same bytecode and names) with a SiLU activation."""
-    try:
-        from transformers.activations import SiLUActivation
-        from transformers.models.llama.modeling_llama import LlamaMLP
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return False
-    forward = getattr(type(module), "forward", None)
-    code, reference = getattr(forward, "__code__", None), LlamaMLP.forward.__code__
-    if code is None or code.co_code != reference.co_code or code.co_names != reference.co_names:
-        return False
-    return isinstance(getattr(module, "act_fn", None), nn.SiLU | SiLUActivation)
-
-
-def fuse_gated_mlps(model: nn.Module) -> int:
-    """Give LLaMA-style MLPs that hold LoRA layers the leaner ``silu(gate) * up`` (same maths); returns how many.
-
-    Saves one intermediate-size activation per layer in training (for SmolLM2-135M at 8 x 128 tokens,
-    6.3 MB a layer, 190 MB in all); inference runs the model's own forward.
-    """
-    count = 0
-    for module in model.modules():
-        if "forward" in module.__dict__ or not _is_llama_style_mlp(module):
-            continue
-        if any(isinstance(module._modules.get(n), LoraLayer) for n in ("gate_proj", "up_proj", "down_proj")):
-            module.forward = types.MethodType(_gated_mlp_forward, module)
-            count += 1
-    return count
-
-
-def unfuse_gated_mlps(model: nn.Module) -> None:
-    for module in model.modules():
-        forward = module.__dict__.get("forward")
-        if getattr(forward, "__func__", None) is _gated_mlp_forward:
-            del module.forward
 
 
 class LoraLinear(LoraLayer):

@@ -1,0 +1,148 @@
+"""The fused gated-MLP and RMS-norm forwards give the model's own outputs and gradients, keep fewer tensors
+for backward, step aside for inference and hooks, and go away with the adapters."""
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import lorakit
+from lorakit import fusions
+
+from .conftest import FAMILIES, randomize_adapters
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _llama(mlp_bias: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        mlp_bias=mlp_bias,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # norms away from 1, so a wrong weight term in the gradient would show
+        for module in model.modules():
+            if type(module).__name__ == "LlamaRMSNorm":
+                module.weight.uniform_(0.5, 1.5)
+    return model
+
+
+def _outputs_and_grads(model, inputs):
+    model.zero_grad()
+    out = model(**inputs).logits
+    out.square().mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _check_against_unfused(model, inputs):
+    fused_out, fused = _outputs_and_grads(model, inputs)
+    fusions.unfuse(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    plain_out, plain = _outputs_and_grads(model, inputs)
+    assert_close(fused_out, plain_out, rtol=1e-5, atol=1e-6)
+    assert fused.keys() == plain.keys()
+    for name in plain:
+        assert_close(fused[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+    return fused
+
+
+@pytest.mark.parametrize("targets", [ALL, ["gate_proj", "down_proj"], ["q_proj", "up_proj"]])
+@pytest.mark.parametrize("mlp_bias", [False, True])
+def test_fused_forwards_match_the_model_with_lora(targets, mlp_bias, cpu_gemm):
+    model = _llama(mlp_bias)
+    lorakit.inject(
+        model,
+        lorakit.LoraConfig(r=3, alpha=5, target_modules=targets, rank_pattern={"down_proj": 2}, init="random"),
+    )
+    randomize_adapters(model)
+    model.train()
+    mlps = [layer.mlp for layer in model.model.layers]
+    norms = [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
+    assert len(norms) == 2 * len(mlps) + 1
+    assert all(m.forward.__func__ is fusions._gated_mlp_forward for m in mlps)
+    assert all(m.forward.__func__ is fusions._rms_norm_forward for m in norms)
+    grads = _check_against_unfused(model, FAMILIES["llama"].inputs(batch=4, length=12))
+    assert any("lora_A" in n for n in grads)
+
+
+def test_rms_norm_weights_that_train_get_the_same_gradient():
+    model = _llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"], init="random"))
+    for module in model.modules():
+        if type(module).__name__ == "LlamaRMSNorm":
+            module.weight.requires_grad_(True)
+    grads = _check_against_unfused(model, FAMILIES["llama"].inputs())
+    assert sum(n.endswith("norm.weight") for n in grads) == 5
+
+
+def test_inference_and_other_dtypes_run_the_models_own_forward():
+    model = _llama()
+    reference = _llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=ALL))  # B = 0: same function as the base
+    inputs = FAMILIES["llama"].inputs()
+    with torch.no_grad():
+        norm = model.model.norm
+        x = torch.randn(3, 16)
+        assert torch.equal(norm(x), type(norm).forward(norm, x))  # bit for bit, not just close
+        assert_close(model(**inputs).logits, reference(**inputs).logits, rtol=1e-5, atol=1e-6)
+    norm = model.model.norm.double()
+    x = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.equal(norm(x), type(norm).forward(norm, x))
+
+
+def test_fused_mlp_keeps_two_intermediate_activations_fewer():
+    model = _llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=ALL, init="random"))
+    model.train()
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(4, 12, 16, requires_grad=True)
+
+    def saved_bytes() -> int:
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            mlp(x).sum().backward()
+        return sum(storages.values())
+
+    fused = saved_bytes()
+    fusions.unfuse(model)
+    plain = saved_bytes()
+    intermediate = 4 * 12 * 40 * 4  # one (4, 12, 40) float32 activation
+    assert plain - fused >= 2 * intermediate
+
+
+def test_hooks_on_down_proj_still_run():
+    model = _llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=ALL, init="random"))
+    model.train()
+    seen = []
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    model(**FAMILIES["llama"].inputs()).logits.sum().backward()
+    assert seen == [torch.Size([3, 7, 16])]
+
+
+def test_unload_and_delete_take_the_fusions_away():
+    model = _llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=ALL))
+    assert any("forward" in m.__dict__ for m in model.modules())
+    lorakit.unload(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_other_model_families_are_left_alone():
+    for name in ("gpt2", "bert", "t5"):
+        family = FAMILIES[name]
+        model = family.build()
+        lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=family.targets))
+        assert not any("forward" in m.__dict__ for m in model.modules() if not isinstance(m, nn.Linear)), name
