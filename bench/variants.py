@@ -21,7 +21,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -87,7 +86,9 @@ def run_mode(args) -> dict:
             opt.zero_grad(set_to_none=True)
             if i:
                 times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from lorakit.benchmark import peak_rss_bytes
+
+    peak = peak_rss_bytes()
     out = {"mode": args.mode, "times": times, "peak_rss": peak}
     if report is not None:
         out["linear_bytes_before"] = report.bytes_before

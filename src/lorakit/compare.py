@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -158,7 +157,9 @@ def worker(config_path: Path, name: str, out: Path, progress: bool) -> dict[str,
 def _peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    from .benchmark import peak_rss_bytes
+
+    return peak_rss_bytes() / 2**20
 
 
 def _counts(model: nn.Module) -> dict[str, Any]:
