@@ -1,15 +1,16 @@
 """Faster CPU kernels for linear layers: oneDNN for many-row float32 products, a transposed layout for few rows.
 
 Many rows (training, prefill): PyTorch sends a float32 ``F.linear`` to MKL's sgemm. On AMD x86-64 CPUs,
-oneDNN's matmul (also inside every PyTorch CPU build) does the same product 7-20 % faster: on the 2-core
-AVX2 EPYC of BENCHMARKS.md, 1024 x 576 by 576 x 1536 takes 24.9 against 28.1 ms, and the 49152-entry output
-head on 512 rows 449 against 534 ms (``bench/kernels.py``). ``linear`` takes that path for float32 CPU
-tensors outside autograd (LoRA's fused functions, the fused loss, inference); results agree with MKL's to
-float32 rounding. ``LORAKIT_CPU_GEMM`` chooses: ``auto`` (the default: oneDNN on AMD x86-64, where it was
-measured faster; MKL elsewhere), ``onednn`` or ``blas``.
+oneDNN's matmul (also inside every PyTorch CPU build) does most forward products of a training step faster:
+on the 2-core AVX2 EPYC of BENCHMARKS.md, the 49152-entry output head on 512 rows by 16-19 % (411 against
+499 ms), the projections by -4 to +13 % depending on shape and load (``bench/kernels.py``). ``linear`` takes
+that path for float32 CPU tensors outside autograd (LoRA's fused functions, the fused loss, inference);
+results agree with MKL's to float32 rounding. Input-gradient products stay on MKL, which is faster there.
+``LORAKIT_CPU_GEMM`` chooses: ``auto`` (the default: oneDNN on AMD x86-64, where it was measured faster; MKL
+elsewhere), ``onednn`` or ``blas``.
 
-Few rows (decoding): on CPU, BLAS handles ``x @ W.T`` poorly when x has few rows (a decode step of a small batch): the same
-product computed as ``(W @ x.T).T`` runs 1.3-3x faster (measured on the 2-core AVX2 machine in
+Few rows (decoding): on CPU, BLAS handles ``x @ W.T`` poorly when x has few rows (a decode step of a
+small batch): the same product computed as ``(W @ x.T).T`` runs 1.3-3x faster (measured on the 2-core AVX2 machine in
 BENCHMARKS.md: the 49152 x 576 output head with 8 rows, 47.6 ms against 16.0 ms; a 1536 x 576 layer,
 0.52 ms against 0.35 ms). The results agree to float rounding. ``enable_skinny_linear`` gives every
 ``nn.Linear`` of a model that path for 2..32 rows on CPU without gradients, and the usual one otherwise.
