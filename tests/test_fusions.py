@@ -72,6 +72,19 @@ def test_fused_forwards_match_the_model_with_lora(targets, mlp_bias, cpu_gemm):
     assert any("lora_A" in n for n in grads)
 
 
+def test_frozen_a_matrices_skip_the_recomputation_and_keep_b_gradients_right():
+    """With every A frozen the fused functions need neither x A^T's gradient nor down_proj's input."""
+    model = _llama(mlp_bias=True)
+    lorakit.inject(model, lorakit.LoraConfig(r=3, target_modules=ALL, init="random"))
+    randomize_adapters(model)
+    for name, param in model.named_parameters():
+        if "lora_A" in name:
+            param.requires_grad_(False)
+    model.train()
+    grads = _check_against_unfused(model, FAMILIES["llama"].inputs(batch=4, length=12))
+    assert any("down_proj.lora_B" in n for n in grads) and not any("lora_A" in n for n in grads)
+
+
 def test_rms_norm_weights_that_train_get_the_same_gradient():
     model = _llama()
     lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"], init="random"))

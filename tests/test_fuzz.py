@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import struct
 import warnings
 from pathlib import Path
@@ -19,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lorakit
+from lorakit.benchmark import peak_rss_bytes
 from lorakit.data import read_rows, tokenize_rows
 from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, read_safetensors
 
@@ -45,10 +45,6 @@ _KEYS = ["r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
          "use_rslora", "use_dora", "init_lora_weights", "modules_to_save", "bias", "layers_to_transform",
          "layers_pattern", "peft_type", "task_type", "fan_in_fan_out", "base_model_name_or_path", "lora_bias",
          "layer_replication", "revision", "shiny_new_option"]  # fmt: skip
-
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +129,7 @@ def test_fuzzed_safetensors_header_is_read_or_refused(tmp_path_factory, header, 
     size = len(raw) if length_field is None else length_field
     path = tmp_path_factory.mktemp("st") / "adapter_model.safetensors"
     path.write_bytes(struct.pack("<Q", size) + raw + data)
-    peak = _peak_rss()
+    peak = peak_rss_bytes()
     try:
         tensors = read_safetensors(path)
     except ValueError as err:
@@ -145,7 +141,7 @@ def test_fuzzed_safetensors_header_is_read_or_refused(tmp_path_factory, header, 
         for tensor in tensors.values():
             assert tensor.is_floating_point() and bool(torch.isfinite(tensor).all())
             assert tensor.numel() * tensor.element_size() <= len(data)  # nothing beyond the file's own bytes
-    assert _peak_rss() - peak < 64 << 20
+    assert peak_rss_bytes() - peak < 64 << 20
 
 
 _ROW_VALUE = _JSON | st.sampled_from(["", "\x00", "\ud7ff" * 3, "a" * 5000])

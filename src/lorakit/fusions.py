@@ -61,8 +61,9 @@ class _GatedDownLora(torch.autograd.Function):
         gate, up, hidden, weight, a, b = ctx.saved_tensors
         need = ctx.needs_input_grad
         silu_gate = F.silu(gate)
-        h2 = (silu_gate * up).view(-1, up.shape[-1])  # down_proj's input, recomputed
         want = (need[0] or need[1], need[2], need[3] and ctx.has_bias, need[4], need[5])
+        # down_proj's input, recomputed: only W's and A's gradients read it
+        h2 = (silu_gate * up).view(-1, up.shape[-1]) if want[1] or want[3] else None
         grad_h, grad_w, grad_bias, grad_a, grad_b = lora_linear_backward(
             grad.reshape(-1, grad.shape[-1]), h2, hidden, weight, a, b, ctx.scaling, False, want
         )
@@ -86,7 +87,7 @@ def _gated_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(gate) * up)
     down = self.down_proj
     name = down._fused_adapter(gate, (), {}) if type(down) is LoraLinear and not _has_hooks(down) else None
-    if name is None or down.__dict__.get("_shared_input") is not None:
+    if name is None:
         return down(_SiluGate.apply(gate, up))
     base = down.base_layer
     a, b = down.lora_A[name].weight, down.lora_B[name].weight

@@ -288,9 +288,10 @@ def lora_linear_forward(x2, w, bias, a, b, scaling: float) -> tuple[torch.Tensor
 
 def lora_linear_backward(g, x2, hidden, weight, a, b, scaling: float, fan_in_fan_out: bool, need) -> tuple:
     """Gradients of ``lora_linear_forward`` for 2-D ``g``: (x2, weight, bias, a, b), each None unless ``need``
-    asks for it. The input gradient is ``g W + (s g B) A`` in one ``addmm``; the frozen W gets none."""
+    asks for it. The input gradient is ``g W + (s g B) A`` in one ``addmm``; the frozen W gets none. ``x2`` is
+    read only for W's and A's gradients (None is fine without them)."""
     w = weight.T if fan_in_fan_out else weight
-    grad_hidden = (g @ b).mul_(scaling)  # (N, r)
+    grad_hidden = (g @ b).mul_(scaling) if need[0] or need[3] else None  # (N, r)
     grad_x = grad_w = grad_bias = grad_a = grad_b = None
     if need[0]:
         grad_x = (g @ w).addmm_(grad_hidden, a)
@@ -369,6 +370,7 @@ class _SharedInputLoraFunction(torch.autograd.Function):
         grad_x = None
         grad_hidden = []
         member_grads: list = []
+        wants_a: list[int] = []  # members whose A needs a gradient (all from one stacked product)
         start = 0
         for i, ((rank, scaling), weight, b, grad) in enumerate(zip(ctx.layout, weights, b_list, grads, strict=True)):
             w_need, bias_need, a_need, b_need = need[2 + 4 * i : 6 + 4 * i]
@@ -384,16 +386,18 @@ class _SharedInputLoraFunction(torch.autograd.Function):
             grad_w = g.T @ x2 if w_need else None
             grad_bias = g.sum(0) if ctx.has_bias[i] and bias_need else None
             grad_b = (g.T @ hidden[:, start : start + rank]).mul_(scaling) if b_need else None
-            member_grads += [grad_w, grad_bias, a_need, grad_b]  # A's gradient comes from the stacked product
+            member_grads += [grad_w, grad_bias, None, grad_b]  # A's gradient comes from the stacked product
+            if a_need:
+                wants_a.append(i)
             start += rank
         grad_hidden = torch.cat(grad_hidden, dim=1) if n > 1 else grad_hidden[0]
         if need[0]:
             grad_x = grad_hidden @ a_cat if grad_x is None else grad_x.addmm_(grad_hidden, a_cat)
             grad_x = grad_x.view(ctx.in_shape)
-        if any(need[4::4]):
+        if wants_a:
             grad_a = (x2.T @ grad_hidden).T.split([rank for rank, _ in ctx.layout])
-            for i in range(n):
-                member_grads[4 * i + 2] = grad_a[i] if member_grads[4 * i + 2] else None
+            for i in wants_a:
+                member_grads[4 * i + 2] = grad_a[i]
         return (grad_x, None, *member_grads)
 
 
