@@ -11,11 +11,12 @@ achieved GFLOP/s are printed as a markdown table. This is what ``lorakit.fastpat
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
+
+from lorakit.fastpath import cpu_description
 
 # (name, rows, d_in, d_out) of SmolLM2-135M's products at 8 x 128 tokens
 SHAPES = [
@@ -46,7 +47,7 @@ def main() -> int:
     if not torch.backends.mkldnn.is_available():
         print("error: this torch build has no oneDNN")
         return 1
-    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads\n")
+    print(f"{cpu_description()}, torch {torch.__version__}, {args.threads} threads\n")
     print("| product | rows x d_in -> d_out | kernel | median (ms) | GFLOP/s |")
     print("|---|---|---|---|---|")
     torch.manual_seed(0)

@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -30,6 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+
+from lorakit.fastpath import cpu_description
 
 PROMPTS = [
     "Convert 3 March 2021 to ISO format.",
@@ -193,9 +193,7 @@ def main() -> int:
 
 
 def render(summary, ratios, args) -> str:
-    machine = (
-        f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
-    )
+    machine = f"{cpu_description()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
     lines = [
         f"\n### Serving: {args.clients} clients x {args.tokens} tokens, embedded model ({datetime.date.today()})\n",
         f"Command: `.venv/bin/python bench/serve.py --repeats {args.repeats}`; machine: {machine}; "

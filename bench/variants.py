@@ -20,13 +20,14 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from lorakit.fastpath import cpu_description
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
@@ -127,7 +128,7 @@ def render(summary: dict, args) -> str:
         "",
         f"Command: `.venv/bin/python bench/variants.py --modes {','.join(summary)} --rounds {args.rounds} "
         f"--steps {args.steps} "
-        f"--batch {args.batch} --seq {args.seq}`; machine: {platform.machine()}, {os.cpu_count()} cores, "
+        f"--batch {args.batch} --seq {args.seq}`; machine: {cpu_description()}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads.",
         "",
         "| mode | median step or forward (s) | peak RSS (GB) | linear weights (MB) |",

@@ -115,6 +115,34 @@ def cpu_gemm(request, monkeypatch):
     fastpath.onednn_enabled.cache_clear()
 
 
+@pytest.fixture(params=["generic-cpu", "avx512bf16-cpu"])
+def bnb_cpu(request, monkeypatch):
+    """Runs the test as if on each kind of CPU bitsandbytes tells apart: one with AVX-512 BF16 (Intel Xeon with
+    AMX), where ``Linear4bit`` repacks its weight for a bfloat16 kernel on an eval forward, and any other."""
+    modules = pytest.importorskip("bitsandbytes.nn.modules")
+    monkeypatch.setattr(modules, "has_avx512bf16", lambda: request.param == "avx512bf16-cpu")
+    return request.param
+
+
+def pack_for_cpu(model: nn.Module) -> int:
+    """Rewrite every 4-bit layer whose shape allows it in bitsandbytes' packed CPU layout, as bitsandbytes does
+    on an AVX-512 BF16 CPU at the first eval forward (here on any CPU). Returns how many layers changed."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    count = 0
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if type(module).__name__ != "Linear4bit" or state is None:
+            continue
+        n, k = state.shape
+        if n % 32 or k % state.blocksize or getattr(state, "packing_format_for_cpu", False):
+            continue
+        module.weight.data, module.quant_state = _convert_weight_packed_for_cpu(module.weight.data, state)
+        module.weight.quant_state = module.quant_state
+        count += 1
+    return count
+
+
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request) -> Family:
     return FAMILIES[request.param]
@@ -173,22 +201,29 @@ def steerable_lm_dir(tmp_path_factory, tiny_tokenizer):
     return save_tiny_lm(tmp_path_factory.mktemp("steerable-lm"), tiny_tokenizer, initializer_range=0.2)
 
 
-def save_tiny_lm(directory, tiny_tokenizer, **extra):
+def save_tiny_lm(directory, tiny_tokenizer, family: str = "llama", **extra):
+    """Save a tiny random causal LM of ``family`` (``llama`` or ``opt``) with the tiny tokenizer."""
+    from transformers import OPTConfig, OPTForCausalLM
+
     torch.manual_seed(0)
     settings = dict(
         vocab_size=len(tiny_tokenizer),
         hidden_size=32,
-        intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=128,
         eos_token_id=tiny_tokenizer.eos_token_id,
         pad_token_id=tiny_tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    config = LlamaConfig(**{**settings, **extra})
-    LlamaForCausalLM(config).save_pretrained(directory)
+    if family == "opt":  # its decoder runs the MLP on the rows flattened with their tokens
+        opt = {"ffn_dim": 64, "word_embed_proj_dim": 32, "bos_token_id": tiny_tokenizer.bos_token_id}
+        model = OPTForCausalLM(OPTConfig(**{**settings, **opt, **extra}))
+    else:
+        model = LlamaForCausalLM(
+            LlamaConfig(**{**settings, "intermediate_size": 64, "num_key_value_heads": 2, **extra})
+        )
+    model.save_pretrained(directory)
     tiny_tokenizer.save_pretrained(directory)
     return directory
 

@@ -187,3 +187,85 @@ def test_trainable_summary_counts():
     assert s.trainable == 2 * (2 * 16 + 16 * 2)  # two layers, A: 2x16, B: 16x2
     assert s.total == total + s.trainable
     assert f"{s.trainable:,}" in str(s) and "trainable%" in str(s)
+
+
+def _opt():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(
+        vocab_size=64,
+        hidden_size=16,
+        ffn_dim=32,
+        word_embed_proj_dim=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        dropout=0.0,  # the training test compares two forwards
+    )
+    return OPTForCausalLM(config).eval(), ["q_proj", "v_proj", "fc1", "fc2"]
+
+
+def _gpt2():
+    return FAMILIES["gpt2"].build(), ["c_attn", "c_fc", "c_proj"]
+
+
+FLATTENING = {"opt": _opt, "gpt2": _gpt2}
+
+
+def _three_adapters(kind):
+    torch.manual_seed(0)
+    model, targets = FLATTENING[kind]()
+    for k, name in enumerate(("a", "b", "c")):
+        lorakit.inject(model, lorakit.LoraConfig(r=2 + k, alpha=4.0, target_modules=targets, init="random"), name)
+    randomize_adapters(model)
+    return model
+
+
+@pytest.mark.parametrize("kind", sorted(FLATTENING))
+@pytest.mark.parametrize("kept_stacks", [False, True])
+def test_route_on_models_whose_layers_see_rows_flattened(kind, kept_stacks):
+    """OPT's decoder runs fc1/fc2 on (rows * tokens, hidden): each row must still get its own adapter."""
+    model = _three_adapters(kind)
+    ids = torch.randint(1, 64, (5, 9), generator=torch.Generator().manual_seed(3))
+    rows = ["c", "a", None, "b", "a"]
+    seen = []
+    fc = next(m for p, m in model.named_modules() if p.endswith(("fc1", "c_fc")) and isinstance(m, LoraLayer))
+    hook = fc.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    with torch.no_grad(), lorakit.route(model, rows, stacks={} if kept_stacks else None):
+        mixed = model(ids).logits
+    hook.remove()
+    assert seen[0][0] == (5 * 9 if kind == "opt" else 5)  # OPT's MLP really sees the rows flattened
+    for i, name in enumerate(rows):
+        with torch.no_grad():
+            if name is None:
+                with lorakit.disabled(model):
+                    alone = model(ids[i : i + 1]).logits
+            else:
+                lorakit.set_active(model, name)
+                alone = model(ids[i : i + 1]).logits
+        assert_close(mixed[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_routed_training_on_flattened_rows_sends_each_rows_gradient_to_its_adapter():
+    model = _three_adapters("opt")
+    ids = torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(4))
+    model.train()
+    lorakit.set_active(model, ["a", "b", "c"])  # all three train; the routed rows use b only
+    with lorakit.route(model, ["b", "b"]):
+        routed = model(input_ids=ids, labels=ids).loss
+    routed.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if ".b." in n and p.grad is not None}
+    assert grads and all(p.grad is None or not p.grad.any() for n, p in model.named_parameters() if ".a." in n)
+    model.zero_grad(set_to_none=True)
+    lorakit.set_active(model, "b")
+    model(input_ids=ids, labels=ids).loss.backward()
+    for name, grad in grads.items():
+        assert_close(grad, model.get_parameter(name).grad, rtol=1e-4, atol=1e-6)
+
+
+def test_route_counts_rows_at_the_models_input():
+    model = _three_adapters("opt")
+    ids = torch.randint(1, 64, (4, 6))
+    # 2 names for 4 rows would divide the flattened 24 entries: the model's input is checked first
+    with pytest.raises(ValueError, match="2 row names but the batch has 4 rows"), lorakit.route(model, ["a", "b"]):
+        model(ids)

@@ -13,7 +13,7 @@ def test_bench_reports_every_mode_with_ratios(tiny_lm_dir, tmp_path, capsys):
     raw = tmp_path / "raw.json"
     table = tmp_path / "table.md"
     rc = main(
-        ["bench", "--model", str(tiny_lm_dir), "--modes", "lorakit,peft,full,base,lorakit-merged,peft-unmerged",
+        ["bench", "--model", str(tiny_lm_dir), "--modes", "lorakit,peft,full,lorakit-hf-loss,base,lorakit-merged,peft-unmerged",
          "--rounds", "1", "--steps", "2", "--batch", "2", "--seq", "8", "--device", "cpu",
          "--json", str(raw), "--markdown", str(table)]
     )  # fmt: skip
@@ -21,7 +21,7 @@ def test_bench_reports_every_mode_with_ratios(tiny_lm_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     result = json.loads(raw.read_text())
     summary = result["summary"]
-    assert set(summary) == {"lorakit", "peft", "full", "base", "lorakit-merged", "peft-unmerged"}
+    assert set(summary) == {"lorakit", "peft", "full", "lorakit-hf-loss", "base", "lorakit-merged", "peft-unmerged"}
     for mode, row in summary.items():
         assert len(row["times"]) == 2, mode
         assert row["median_s"] > 0 and row["peak_gb"] > 0

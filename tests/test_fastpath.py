@@ -71,3 +71,36 @@ def test_cpu_gemm_choice_is_checked(monkeypatch):
             fastpath.onednn_enabled()
     finally:
         fastpath.onednn_enabled.cache_clear()
+
+
+INTEL_AMX = {
+    "vendor_id": "GenuineIntel",
+    "model name": "Intel(R) Xeon(R) Platinum 8480+",
+    "flags": "fpu sse avx2 avx512f avx512_bf16 amx_bf16 amx_tile",
+}
+AMD_EPYC = {"vendor_id": "AuthenticAMD", "model name": "AMD EPYC 7B13", "flags": "fpu sse avx2"}
+
+
+@pytest.mark.parametrize(("cpu", "onednn"), [(INTEL_AMX, False), (AMD_EPYC, True)])
+def test_auto_gemm_choice_for_each_cpu_kind(monkeypatch, cpu, onednn):
+    """``auto`` picks oneDNN on AMD x86-64 only, whatever CPU runs the test."""
+    monkeypatch.setattr(fastpath, "_cpuinfo", lambda: cpu)
+    monkeypatch.setattr(fastpath.platform, "machine", lambda: "x86_64")
+    monkeypatch.setenv("LORAKIT_CPU_GEMM", "auto")
+    fastpath.onednn_enabled.cache_clear()
+    try:
+        expected = onednn and torch.backends.mkldnn.is_available()
+        assert fastpath.onednn_enabled() is expected
+        x, w = torch.randn(64, 8), torch.randn(4, 8)
+        assert fastpath.uses_onednn(x, w) is expected
+        assert_close(fastpath.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    finally:
+        fastpath.onednn_enabled.cache_clear()
+
+
+def test_cpu_description_names_the_model_and_the_extensions_that_change_code_paths(monkeypatch):
+    monkeypatch.setattr(fastpath, "_cpuinfo", lambda: INTEL_AMX)
+    assert fastpath.cpu_description().startswith("Intel(R) Xeon(R) Platinum 8480+ (")
+    assert "AVX-512 BF16, AMX)" in fastpath.cpu_description()
+    monkeypatch.setattr(fastpath, "_cpuinfo", lambda: AMD_EPYC)
+    assert "AMD EPYC 7B13" in fastpath.cpu_description() and "AMX" not in fastpath.cpu_description()

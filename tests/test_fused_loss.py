@@ -90,3 +90,47 @@ def test_unsupported_models_keep_the_ordinary_path():
     model = FAMILIES["llama"].build()
     model.config.final_logit_softcapping = 30.0
     assert not supports_fused_loss(model)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("chunk", [4, 512])
+def test_public_causal_lm_loss_equals_cross_entropy_on_the_logits(name, chunk):
+    family = FAMILIES[name]
+    model = family.build()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=family.targets, init="random"))
+    randomize_adapters(model)  # eval mode: GPT-2's own dropout would make the two forwards differ
+    batch = _batch()
+    batch["attention_mask"][2, 7:] = 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = lorakit.causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"], chunk=chunk)
+    loss.backward()
+    grads = [p.grad.clone() for p in params]
+    model.zero_grad()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    reference = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1))
+    reference.backward()
+    assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, [p.grad for p in params], strict=True):
+        assert_close(a, b, rtol=1e-4, atol=1e-6)
+    hf = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    assert_close(loss, hf, rtol=1e-5, atol=1e-6)  # transformers' own .loss gives the same number
+
+
+def test_public_causal_lm_loss_takes_the_ordinary_path_where_fusing_does_not_apply():
+    model = FAMILIES["llama"].build()
+    model.config.final_logit_softcapping = 30.0  # logits are not head(hidden): no fused path
+    ids = torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(5))
+    loss = lorakit.causal_lm_loss(model, ids, ids)
+    logits = model(input_ids=ids).logits
+    reference = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    assert_close(loss, reference, rtol=1e-6, atol=1e-6)
+    assert lorakit.causal_lm_loss(model, ids, torch.full_like(ids, -100)).isnan()  # nothing labelled, as F does
+
+
+def test_public_causal_lm_loss_names_bad_shapes():
+    model = FAMILIES["llama"].build()
+    ids = torch.ones(2, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"labels the same shape, got \(2, 5\) and \(2, 4\); use labels=input_ids"):
+        lorakit.causal_lm_loss(model, ids, ids[:, :4])
+    with pytest.raises(ValueError, match=r"attention_mask must be shaped like input_ids \(2, 5\), got \(2, 3\)"):
+        lorakit.causal_lm_loss(model, ids, ids, ids[:, :3])

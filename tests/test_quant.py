@@ -9,28 +9,40 @@ from torch.testing import assert_close
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorakit
+from lorakit import _bnb
 from lorakit.cli.main import main as cli_main
-from lorakit.quant import dequantize, is_quantized, quantize, requantization_drift
+from lorakit.layers import LoraLayer
+from lorakit.quant import dequantize, dequantized_weight, is_quantized, quantize, requantization_drift
 
-from .conftest import train_lm_steps
+from .conftest import pack_for_cpu, randomize_adapters, train_lm_steps
 
 pytest.importorskip("bitsandbytes")
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _llama(seed=0, hidden=128):
+def _llama(seed=0, hidden=128, heads=4):
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=64,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=2,
-        num_attention_heads=4,
+        num_attention_heads=heads,
         num_key_value_heads=2,
         max_position_embeddings=32,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def _quantized(method="nf4", layout="plain", **kwargs):
+    """A tiny LLaMA quantized by lorakit, its 4-bit weights then in bitsandbytes' ``layout``: ``packed``
+    rewrites them as an AVX-512 BF16 CPU's eval forward would (forced here on any CPU)."""
+    model = _llama(**kwargs)
+    quantize(model, method)
+    if layout == "packed":
+        assert pack_for_cpu(model) == 14
+    return model
 
 
 def _ids(batch=2, length=12, seed=1):
@@ -75,10 +87,11 @@ def test_lora_trains_on_an_nf4_base_and_the_adapter_works_on_the_float_base(tmp_
     assert (on_nf4 - on_float).norm() / on_float.norm() < 0.25  # only the base's rounding differs
 
 
-def test_merge_refuses_a_quantized_base_and_dequantize_then_merge_is_exact():
-    model = _llama()
-    quantize(model, "nf4")
+@pytest.mark.parametrize("layout", ["plain", "packed"])
+def test_merge_refuses_a_quantized_base_and_dequantize_then_merge_is_exact(layout):
+    model = _quantized("nf4", layout)
     lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=TARGETS, init="random"))
+    assert not any(_bnb.is_cpu_packed(m) for m in model.modules())  # the wrapped layers are back on plain
     ids = _ids()
     with torch.no_grad():
         adapted = model(ids).logits
@@ -94,9 +107,9 @@ def test_merge_refuses_a_quantized_base_and_dequantize_then_merge_is_exact():
     assert drift["max_abs"] > 0 and 0 <= drift["top1_changed"] <= 1
 
 
-def test_dora_on_a_quantized_base():
-    model = _llama()
-    quantize(model, "nf4")
+@pytest.mark.parametrize("layout", ["plain", "packed"])
+def test_dora_on_a_quantized_base(layout, bnb_cpu):
+    model = _quantized("nf4", layout)
     lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True))
     ids = _ids()
     with torch.no_grad():
@@ -125,7 +138,9 @@ def test_quantize_refusals(monkeypatch):
         RunConfig(quantize="q3")
 
 
-def test_train_and_merge_cli_with_quantize(tiny_lm_dir, tmp_path, capsys):
+def test_train_and_merge_cli_with_quantize(tiny_lm_dir, tmp_path, capsys, bnb_cpu):
+    # tiny_lm_dir's layers have in_features 32, below nf4's block size of 64: bitsandbytes' repacking on an
+    # AVX-512 BF16 CPU cannot take them (it crashed `lorakit merge --quantize` there before lorakit kept them plain)
     from lorakit.train.config import load_config
 
     data = tmp_path / "data.jsonl"
@@ -162,3 +177,113 @@ def test_train_and_merge_cli_with_quantize(tiny_lm_dir, tmp_path, capsys):
     assert "max |logit diff| vs adapted model = " in err
     diff = float(err.split("max |logit diff| vs adapted model = ")[1].split()[0])
     assert diff < 1e-3
+
+
+def _plain_with_bf16_scales(weight):
+    """What the packed layout's kernel multiplies by, from the plain layout and bitsandbytes' own dequantize:
+    the same codes with every block's scale rounded to bfloat16 (the packing stores them so)."""
+    import copy
+
+    from bitsandbytes.functional import dequantize_4bit, dequantize_blockwise
+
+    state = copy.deepcopy(weight.quant_state)
+    absmax = state.absmax
+    if state.nested:
+        absmax = dequantize_blockwise(absmax, state.state2) + state.offset
+        state.nested, state.state2, state.offset = False, None, None
+    state.absmax = absmax.float().to(torch.bfloat16).float()
+    return dequantize_4bit(weight.data, state)
+
+
+@pytest.mark.parametrize("method", ["nf4", "fp4"])
+def test_dequantized_weight_reads_both_cpu_layouts(method):
+    model = _quantized(method)
+    layers = [m for m in model.modules() if is_quantized(m)]
+    expected = [_plain_with_bf16_scales(m.weight) for m in layers]
+    plain = [dequantized_weight(m) for m in layers]
+    assert pack_for_cpu(model) == len(layers) == 14
+    for layer, want, before in zip(layers, expected, plain, strict=True):
+        assert _bnb.is_cpu_packed(layer)
+        got = dequantized_weight(layer)
+        assert_close(got, want, rtol=0, atol=0)  # exactly the plain codes with bfloat16 scales
+        assert_close(got, before, rtol=2**-8, atol=1e-6)  # and so the plain weight to bfloat16 rounding
+
+
+@pytest.mark.parametrize("method", ["nf4", "fp4"])
+def test_a_packed_layer_goes_back_to_the_plain_layout_exactly(method):
+    model = _quantized(method, layout="packed")
+    ids = _ids()
+    layers = [m for m in model.modules() if is_quantized(m)]
+    packed = [dequantized_weight(m) for m in layers]
+    for layer in layers:
+        _bnb.keep_plain_layout(layer)
+        assert not _bnb.is_cpu_packed(layer) and layer.support_avx512bf16_for_cpu is False
+    for layer, weight in zip(layers, packed, strict=True):
+        assert_close(dequantized_weight(layer), weight, rtol=0, atol=0)
+        x = torch.randn(5, layer.in_features)
+        with torch.no_grad():
+            assert_close(layer(x), x @ weight.T + layer.bias if layer.bias is not None else x @ weight.T)
+    float_model = _llama()
+    with torch.no_grad():
+        dequantize(model)
+        assert model(ids).logits.isfinite().all() and float_model(ids).logits.shape == model(ids).logits.shape
+
+
+@pytest.mark.parametrize("hidden", [32, 96, 128])
+def test_quantized_layers_stay_plain_where_bitsandbytes_would_repack(hidden, bnb_cpu):
+    """hidden 32: in_features below the block size; 96: not a multiple of it; 128: a multiple (repackable)."""
+    model = _llama(hidden=hidden, heads=2)
+    quantize(model, "nf4")
+    ids = _ids()
+    model.eval()
+    with torch.no_grad():
+        quantized = model(ids).logits  # an eval forward is where bitsandbytes would repack on AVX-512 BF16
+    assert not any(_bnb.is_cpu_packed(m) for m in model.modules())
+    dequantize(model)
+    with torch.no_grad():
+        assert_close(model(ids).logits, quantized, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_on_a_packed_base_trains_through_the_base_layers():
+    """A packed layer has no autograd: lorakit puts wrapped layers back on the plain layout, so gradients
+    reach the adapters below them (checked against the same adapter on the dequantized float weights)."""
+    model = _quantized("nf4", layout="packed")
+    reference = _quantized("nf4", layout="packed")
+    dequantize(reference)
+    config = lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init="random")
+    for m in (model, reference):
+        torch.manual_seed(7)  # the same random A and B on both
+        lorakit.inject(m, config)
+        m.train()
+        m(input_ids=_ids(), labels=_ids()).loss.backward()
+    grads = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert_close(param.grad, grads[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("layout", ["plain", "packed"])
+def test_nf4_dequantize_then_merge_of_the_embedded_model_equals_merging_into_the_dequantized_weights(layout):
+    model, tokenizer = lorakit.load_model("default")
+    quantize(model, "nf4")
+    if layout == "packed":
+        assert pack_for_cpu(model) > 0  # as an Intel CPU with AVX-512 BF16 leaves it after an eval forward
+    weights = {p: dequantized_weight(m) for p, m in model.named_modules() if is_quantized(m)}
+    torch.manual_seed(0)
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    randomize_adapters(model, scale=0.02)
+    ids = tokenizer("LoRA merges exactly", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        adapted = model(ids).logits
+    expected = {}
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            expected[path] = weights[f"{path}.base_layer" if f"{path}.base_layer" in weights else path]
+            expected[path] = expected[path] + module.delta_weight("default")
+    dequantize(model)
+    lorakit.merge(model)
+    for path, weight in expected.items():
+        assert_close(model.get_submodule(path).base_layer.weight, weight, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        assert_close(model(ids).logits, adapted, rtol=1e-4, atol=1e-4)

@@ -429,3 +429,69 @@ def test_serve_cli_errors_are_one_line(capsys, tmp_path):
     assert "write NAME=DIR" in capsys.readouterr().err
     assert main(["serve", "--model", str(tmp_path), "--max-batch-size", "0"]) == 2
     assert "--max-batch-size must be >= 1" in capsys.readouterr().err
+
+
+# ----- a model whose layers see the rows flattened ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def served_opt(tmp_path_factory, tiny_tokenizer):
+    """A tiny OPT (its decoder runs the MLP on (rows * tokens, hidden)) with adapters a, b, c."""
+    root = tmp_path_factory.mktemp("serve-opt")
+    save_tiny_lm(root / "opt", tiny_tokenizer, family="opt", init_std=0.2, max_position_embeddings=512)
+    model, _ = lorakit.load_model(root / "opt")
+    args = ["--model", str(root / "opt"), "--port", str(_free_port())]
+    for i, name in enumerate(ADAPTERS):
+        config = lorakit.LoraConfig(r=2 + i, alpha=8, target_modules=["q_proj", "v_proj", "fc1", "fc2"], init="random")
+        lorakit.inject(model, config, name)
+        randomize_adapters(model, seed=i, scale=0.3)
+        lorakit.save_adapter(model, root / "adapters" / name, name)
+        args += ["--adapter", f"{name}={root / 'adapters' / name}"]
+    proc = _start(args, int(args[3]))
+    yield {"model": root / "opt", "adapters": root / "adapters", "port": int(args[3]), "base": "opt"}
+    _stop(proc)
+
+
+def test_mixed_adapters_on_a_model_that_flattens_rows(served_opt, capsys):
+    port = served_opt["port"]
+    jobs = [(m, p) for p in PROMPTS[:3] for m in ["opt", *ADAPTERS]]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(lambda job: complete(port, *job, max_tokens=10), jobs))
+    alone = [complete(port, m, p, max_tokens=10) for m, p in jobs]
+    assert together == alone
+    offline_texts = {
+        m: offline(served_opt, capsys, None if m == "opt" else m, prompt=PROMPTS[0], n=10) for m in ["opt", *ADAPTERS]
+    }
+    assert [together[k] for k, (m, p) in enumerate(jobs) if p == PROMPTS[0]] == list(offline_texts.values())
+    assert len(set(offline_texts.values())) == 4, offline_texts  # the adapters really differ
+
+
+def test_a_failed_prefill_answers_its_requests_and_the_engine_keeps_serving(tiny_lm_dir):
+    import queue
+
+    from lorakit.serve.engine import Engine, Request, SamplingParams
+
+    model, tokenizer = lorakit.load_model(tiny_lm_dir)
+    failures = [RuntimeError("boom")]
+
+    def fail_once(module, args, kwargs):
+        if failures:
+            raise failures.pop()
+
+    model.register_forward_pre_hook(fail_once, with_kwargs=True)
+    engine = Engine(model, tokenizer).start()
+    try:
+        events: queue.Queue = queue.Queue()
+        for k in range(2):
+            engine.submit(Request([5, 6, 7 + k], None, SamplingParams(max_tokens=3), lambda e, k=k: events.put((k, e))))
+        errors = {}
+        while len(errors) < 2:  # both requests of the failed first prefill get an error, none is left hanging
+            k, event = events.get(timeout=30)
+            if event.error:
+                errors[k] = event.error
+        assert all("generation failed: RuntimeError: boom" in e for e in errors.values())
+        done = queue.Queue()
+        engine.submit(Request([5, 6, 7], None, SamplingParams(max_tokens=3), done.put))
+        while (event := done.get(timeout=30)).finish_reason is None:
+            assert event.error is None
+        assert event.completion_tokens == 3 or event.finish_reason == "stop"
+    finally:
+        engine.stop()

@@ -19,6 +19,7 @@ from .inject import inject
 from .io import load_adapter, save_adapter
 from .models import load_model
 from .quant import dequantize, quantize
+from .train.fused_loss import causal_lm_loss
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "TrainableSummary",
     "__version__",
     "active_adapters",
+    "causal_lm_loss",
     "combine",
     "delete_adapter",
     "dequantize",

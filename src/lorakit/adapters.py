@@ -86,11 +86,31 @@ def route(model: nn.Module, per_row_names: Sequence[str | None], *, stacks: dict
     modules = [m for _, m in adapter_modules(model)]
     for module in modules:
         module.routing = routing
+    check = model.register_forward_pre_hook(_batch_check(len(rows)), with_kwargs=True)
     try:
         yield model
     finally:
+        check.remove()
         for module in modules:
             module.routing = None
+
+
+def _batch_check(rows: int):
+    """A forward pre-hook: the model's input must have one row per routed name. Layers inside may then see
+    the rows reshaped (flattened with their tokens, say) and still find each row's adapter."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        first = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if first is None:
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() > 0]
+            first = tensors[0] if tensors else None
+        if first is not None and first.dim() > 0 and first.shape[0] != rows:
+            raise ValueError(
+                f"route() was given {rows} row names but the batch has {first.shape[0]} rows; "
+                "pass one adapter name (or None) per row"
+            )
+
+    return hook
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:

@@ -4,13 +4,15 @@ Every mode runs in a fresh process (so its peak RSS is its own), the modes alter
 cycle repeats; medians are reported with the ratios to PEFT and to full fine-tuning.
 
 Training modes (fused AdamW in every mode, one optimizer step per batch):
-  lorakit      lorakit.inject + lorakit's training loss (the fused head + cross-entropy of the trainer)
+  lorakit      lorakit.inject + lorakit.causal_lm_loss (head and cross-entropy fused, as in the trainer)
   peft         peft.get_peft_model + the model's own loss (model(input_ids, labels=...).loss)
   full         every weight trains, the model's own loss
   lorakit-gc / peft-gc   the same with gradient checkpointing (lorakit-gc under the allocator policy that
                lorakit's trainer uses by default with checkpointing on CPU, as a user of it would get)
   lorakit-lean / peft-lowrss   (not run by default) lorakit or PEFT under the allocator policy that
                lorakit's trainer sets on CPU with train.lean_cpu_memory (lorakit.fastpath): lower RSS, slower
+  lorakit-hf-loss   (not run by default) lorakit.inject + the model's own loss, the loop a user writes
+               without lorakit.causal_lm_loss
 Inference modes (no gradients, logits for the whole batch):
   base, lorakit-unmerged, lorakit-merged, peft-unmerged
 
@@ -29,7 +31,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -40,7 +41,7 @@ import torch
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TRAIN_MODES = ["lorakit", "peft", "full", "lorakit-gc", "peft-gc"]
-EXTRA_MODES = ["lorakit-lean", "peft-lowrss"]
+EXTRA_MODES = ["lorakit-lean", "peft-lowrss", "lorakit-hf-loss"]
 INFER_MODES = ["base", "lorakit-unmerged", "lorakit-merged", "peft-unmerged"]
 
 
@@ -54,7 +55,8 @@ def build(mode: str, device: str, dtype: torch.dtype, seed: int = 0, model_name:
 
     model, _ = lorakit.load_model(model_name, dtype=dtype)
     model.to(device)
-    kind = mode.removesuffix("-gc").replace("peft-lowrss", "peft").replace("lorakit-lean", "lorakit")
+    kind = mode.removesuffix("-gc").removesuffix("-hf-loss").replace("peft-lowrss", "peft")
+    kind = kind.replace("lorakit-lean", "lorakit")
     torch.manual_seed(seed)
     if kind.startswith("lorakit"):
         lorakit.inject(model, lorakit.LoraConfig(r=16, alpha=32, target_modules=targets or TARGETS, dropout=0.0))
@@ -93,11 +95,10 @@ def batch_for(args, vocab: int, device: str) -> dict[str, torch.Tensor]:
 
 
 def loss_fn(mode: str, model, batch):
-    if mode.startswith("lorakit"):
-        from lorakit.train.tasks import CausalLM
+    if mode.startswith("lorakit") and mode != "lorakit-hf-loss":
+        import lorakit
 
-        units = batch["labels"][:, 1:].numel()
-        return CausalLM().train_loss_sum(model, batch) / units
+        return lorakit.causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
     return model(**batch).loss
 
 
@@ -251,9 +252,9 @@ def render(summary: dict, args, check: dict | None) -> str:
     def ratio(a, b, key):
         return summary[a][key] / summary[b][key] if a in summary and b in summary else None
 
-    machine = (
-        f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
-    )
+    from .fastpath import cpu_description
+
+    machine = f"{cpu_description()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
     if args.device.startswith("cuda"):
         machine = torch.cuda.get_device_name() + f", torch {torch.__version__}"
     lines = [

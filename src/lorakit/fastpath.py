@@ -36,15 +36,42 @@ GEMM_CHOICES = ("auto", "onednn", "blas")
 
 
 @functools.cache
-def _cpu_vendor() -> str:
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's entries of /proc/cpuinfo (empty off Linux)."""
+    found: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                found[key.strip()] = value.strip()
     except OSError:
         pass
-    return ""
+    return found
+
+
+def _cpu_vendor() -> str:
+    return _cpuinfo().get("vendor_id", "")
+
+
+def cpu_description() -> str:
+    """The CPU model and the vector extensions that change library code paths, for benchmark headers:
+    for example ``AMD EPYC (x86_64, AVX2)`` or ``Intel(R) Xeon(R) Platinum 8480+ (x86_64, AVX-512 BF16, AMX)``."""
+    info = _cpuinfo()
+    flags = set(info.get("flags", "").split())
+    features = [
+        name
+        for flag, name in (
+            ("avx2", "AVX2"),
+            ("avx512f", "AVX-512"),
+            ("avx512_bf16", "AVX-512 BF16"),
+            ("amx_tile", "AMX"),
+        )
+        if flag in flags
+    ]
+    model = info.get("model name") or platform.processor() or "unknown CPU"
+    return f"{model} ({', '.join([platform.machine(), *features])}), {os.cpu_count()} cores"
 
 
 @functools.cache

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from . import fusions
+from ._bnb import keep_plain_layout
 from .config import ALL_LINEAR, LoraConfig
 from .layers import LoraLayer, ModulesToSave, is_linear_like, link_shared_inputs, wrapper_classes
 
@@ -94,6 +95,8 @@ def add_adapter_layers(model: nn.Module, config: LoraConfig, name: str, targets:
     """Wrap (or reuse wrappers of) ``targets`` and ``saved`` and add the adapter's tensors; records it."""
     reg = registry(model, create=True)
     _check_variants(model, config, targets)
+    for module in model.modules():  # gradients must pass every 4-bit layer, wrapped or not (lorakit._bnb)
+        keep_plain_layout(module)
     for path in targets:
         layer = _wrap(model, path, _lora_wrapper)
         r, alpha = config.rank_and_alpha(path)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fastpath
+from ._bnb import dequantized_weight, is_quantized, keep_plain_layout, quant_method
 from .fastpath import skinny_matmul
 
 try:  # GPT-2 style layers: y = x @ W + b with W stored as (d_in, d_out)
@@ -32,6 +33,12 @@ except ImportError:  # pragma: no cover - transformers is a dependency, this onl
 
 class Routing:
     """Per-row adapter choice for one forward: ``names[k]`` is adapter k+1; index 0 means the base model.
+
+    A layer may see the batch's rows flattened with their tokens, or otherwise reshaped so that its leading
+    dimension is a multiple of the number of rows (OPT's decoder runs its MLP on (rows * tokens, hidden)):
+    as long as each row's entries stay together, in row order, ``rows_for`` repeats each row's choice for
+    its entries. ``route`` checks the model's own input against the row count, so a multiple seen inside
+    is a reshape, never a wrong count.
 
     ``stacks`` (inference only), when given, keeps each layer's concatenated adapter tensors across forwards
     for the current ``names``: an inference server passes one dict for as long as its adapters' weights stay
@@ -44,19 +51,32 @@ class Routing:
         self.index = index
         self.stacks = stacks
         self._masks: dict = {}
+        self._rows: dict = {}
+
+    def rows_for(self, lead: int, device: torch.device) -> torch.Tensor:
+        """The adapter number of each of ``lead`` leading entries a layer sees (the rows, or their parts)."""
+        key = (lead, device)
+        if key not in self._rows:
+            rows = self.index.shape[0]
+            if lead % rows:
+                raise ValueError(
+                    f"route() was given {rows} row names but the batch has {lead} rows; "
+                    "pass one adapter name (or None) per row"
+                )
+            index = self.index.to(device, non_blocking=True)
+            self._rows[key] = index.repeat_interleave(lead // rows) if lead != rows else index
+        return self._rows[key]
 
     def mask(self, layout: tuple, tokens: int, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """(rows * tokens, sum of ranks) 0/1 mask keeping each row's own adapter columns; ``layout`` lists
-        (adapter number, rank) in column order. Built once per forward for each layout and length."""
-        key = (layout, tokens, dtype)
+        """(entries * tokens, sum of ranks) 0/1 mask keeping each entry's own adapter columns; ``index`` holds
+        each leading entry's adapter number and ``layout`` lists (adapter number, rank) in column order.
+        Built once per forward for each layout, shape and dtype."""
+        key = (layout, index.shape[0], tokens, dtype)
         if key not in self._masks:
             owner = torch.cat([torch.full((r,), k, dtype=torch.long) for k, r in layout]).to(index.device)
             mask = (index[:, None] == owner[None, :]).to(dtype)
             self._masks[key] = mask.repeat_interleave(tokens, dim=0) if tokens > 1 else mask
         return self._masks[key]
-
-    def index_on(self, device: torch.device) -> torch.Tensor:
-        return self.index.to(device, non_blocking=True)
 
 
 class _BaseWrapper(nn.Module):
@@ -83,6 +103,7 @@ class LoraLayer(_BaseWrapper):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
+        keep_plain_layout(base_layer)  # a 4-bit base must stay trainable and readable (lorakit._bnb)
         self.base_layer = base_layer
         self.lora_dropout = nn.ModuleDict()
         self.r: dict[str, int] = {}
@@ -225,13 +246,7 @@ class LoraLayer(_BaseWrapper):
         raise NotImplementedError
 
     def _row_index(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        index = routing.index_on(x.device)
-        if x.shape[0] != index.shape[0]:
-            raise ValueError(
-                f"route() was given {index.shape[0]} row names but the batch has {x.shape[0]} rows; "
-                "pass one adapter name (or None) per row"
-            )
-        return index
+        return routing.rows_for(x.shape[0], x.device)
 
     def _row_dropout(self, x: torch.Tensor, names: list[str], index: torch.Tensor) -> torch.Tensor:
         """Dropout with each row's own adapter probability (training only)."""
@@ -263,8 +278,6 @@ def _adapter_dtype(base: nn.Module) -> torch.dtype:
 
 
 def _refuse_quantized_merge(base: nn.Module) -> None:
-    from .quant import is_quantized, quant_method
-
     if is_quantized(base):
         raise ValueError(
             f"cannot merge into a {quant_method(base)}-quantized base weight: it would have to be rounded to "
@@ -568,8 +581,6 @@ class LoraLinear(LoraLayer):
     # ----- PiSSA ------------------------------------------------------------------------------------------
     def _weight_out_in(self) -> torch.Tensor:
         """The base weight as (d_out, d_in): a view, or for a quantized base its dequantized float copy."""
-        from .quant import dequantized_weight, is_quantized
-
         if is_quantized(self.base_layer):
             return dequantized_weight(self.base_layer, _adapter_dtype(self.base_layer))
         weight = self.base_layer.weight
@@ -945,7 +956,7 @@ class ModulesToSave(_BaseWrapper):
         result = self.original_module(x, *args, **kwargs)
         if not isinstance(result, torch.Tensor):
             raise TypeError("route() supports modules_to_save modules that return a single tensor")
-        index = routing.index_on(result.device)
+        index = routing.rows_for(result.shape[0], result.device)
         for k, name in enumerate(routing.names, start=1):
             if name in self.modules_to_save and bool((index == k).any()):
                 rows = (index == k).view(-1, *([1] * (result.dim() - 1)))

@@ -19,7 +19,27 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-QUANT_METHODS = ("nf4", "fp4", "int8")
+from ._bnb import (
+    QUANT_METHODS,
+    check_method,
+    dequantized_weight,
+    is_quantized,
+    keep_plain_layout,
+    quant_method,
+    require_bitsandbytes,
+)
+
+__all__ = [
+    "QUANT_METHODS",
+    "QuantizeReport",
+    "dequantize",
+    "dequantized_weight",
+    "is_quantized",
+    "quant_method",
+    "quantize",
+    "quantized_bytes",
+    "requantization_drift",
+]
 
 
 @dataclass
@@ -38,36 +58,6 @@ class QuantizeReport:
             f"quantized {self.layers} linear layers to {self.method}: weights {self.bytes_before / 1e6:.1f} MB -> "
             f"{self.bytes_after / 1e6:.1f} MB ({self.ratio:.2f}x smaller)"
         )
-
-
-def require_bitsandbytes(method: str = "nf4"):
-    """The bitsandbytes module, or a ValueError saying how to install it."""
-    try:
-        import bitsandbytes
-    except ImportError as err:
-        raise ValueError(
-            f"quantize={method!r} needs bitsandbytes, which is not installed ({err}). Install it with "
-            "pip install 'bitsandbytes>=0.50' (CPU and CUDA), or pip install 'lorakit[quant]'"
-        ) from None
-    return bitsandbytes
-
-
-def check_method(method: str) -> None:
-    if method not in QUANT_METHODS:
-        raise ValueError(f"quantize={method!r} is not supported; use one of {', '.join(QUANT_METHODS)} (or none)")
-
-
-def is_quantized(module: nn.Module) -> bool:
-    """A bitsandbytes 4-bit or 8-bit linear layer (checked without importing bitsandbytes)."""
-    return type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt")
-
-
-def quant_method(module: nn.Module) -> str | None:
-    if not is_quantized(module):
-        return None
-    if type(module).__name__ == "Linear8bitLt":
-        return "int8"
-    return getattr(module.weight, "quant_type", "nf4")
 
 
 def quantize(model: nn.Module, method: str = "nf4", compute_dtype: torch.dtype | None = None) -> QuantizeReport:
@@ -118,6 +108,7 @@ def quantize(model: nn.Module, method: str = "nf4", compute_dtype: torch.dtype |
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().to(dtype), requires_grad=linear.bias.requires_grad)
         layer = layer.to(weight.device)  # bitsandbytes quantizes on this move
+        keep_plain_layout(layer)  # the same layout and numbers on every CPU; see lorakit._bnb
         layer.weight.requires_grad_(False)
         layer.train(linear.training)
         after += quantized_bytes(layer)
@@ -158,16 +149,6 @@ def quantized_bytes(layer: nn.Module) -> int:
             if isinstance(value, torch.Tensor):
                 total += value.numel() * value.element_size()
     return total
-
-
-def dequantized_weight(layer: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The float weight (d_out, d_in) that a quantized layer actually multiplies by."""
-    import bitsandbytes.functional as bf
-
-    weight = layer.weight
-    if type(layer).__name__ == "Linear8bitLt":
-        return bf.int8_vectorwise_dequant(weight.data, weight.SCB).to(dtype).view(layer.out_features, -1)
-    return bf.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
 
 
 def dequantize(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:

@@ -3,7 +3,8 @@
 Each mode runs in a fresh process; modes alternate and repeat; the table gives medians, tokens/s, peak
 memory and the ratios to PEFT and to full fine-tuning, plus a check that lorakit and PEFT losses agree
 over 20 steps from identical weights. PEFT modes need `pip install peft`. Modes: lorakit, peft, full,
-lorakit-gc, peft-gc (gradient checkpointing), lorakit-lean, peft-lowrss (allocator policy), and the
+lorakit-gc, peft-gc (gradient checkpointing), lorakit-lean, peft-lowrss (allocator policy), lorakit-hf-loss
+(lorakit with the model's own `.loss`, the loop a user writes without lorakit.causal_lm_loss), and the
 forwards base, lorakit-unmerged, lorakit-merged, peft-unmerged.
 """
 

@@ -201,8 +201,8 @@ class Engine:
                         self._prefill(joiners)
                     if self._running:
                         self._decode()
-            except Exception as err:  # keep serving: fail the batch in flight, not the server
-                self._fail_all(f"generation failed: {type(err).__name__}: {err}")
+            except Exception as err:  # keep serving: fail the batch in flight (and the joiners), not the server
+                self._fail_all(f"generation failed: {type(err).__name__}: {err}", joiners=joiners)
         self._fail_all("the server is shutting down", status=503, include_waiting=True)
 
     def _run_command(self, fn, future) -> None:
@@ -361,8 +361,10 @@ class Engine:
         req.done = True
         req.sink(Event(error=message, error_status=status, prompt_tokens=len(req.prompt_ids)))
 
-    def _fail_all(self, message: str, status: int = 500, include_waiting: bool = False) -> None:
-        victims = list(self._running)
+    def _fail_all(
+        self, message: str, status: int = 500, include_waiting: bool = False, joiners: list[Request] = ()
+    ) -> None:
+        victims = list(self._running) + [r for r in joiners if r not in self._running]
         if include_waiting:
             with self._cv:
                 victims += list(self._waiting)

@@ -123,7 +123,9 @@ def linear_cross_entropy_sum(
     return _LinearCrossEntropy.apply(hidden, weight, bias, labels, chunk)
 
 
-def causal_loss_sum(model: nn.Module, inner: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def causal_loss_sum(
+    model: nn.Module, inner: nn.Module, batch: dict[str, torch.Tensor], chunk: int = CHUNK
+) -> torch.Tensor:
     """Next-token loss summed over labelled tokens, without materialising the logits.
 
     ``model`` is what to call (a DDP wrapper, say), ``inner`` the transformers model inside it.
@@ -132,4 +134,61 @@ def causal_loss_sum(model: nn.Module, inner: nn.Module, batch: dict[str, torch.T
         hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     labels = batch["labels"][:, 1:].reshape(-1)
-    return linear_cross_entropy_sum(hidden, head.weight, head.bias, labels)
+    return linear_cross_entropy_sum(hidden, head.weight, head.bias, labels, chunk)
+
+
+def causal_lm_loss(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    chunk: int = CHUNK,
+) -> torch.Tensor:
+    """Next-token cross-entropy of a causal LM, averaged over labelled positions, for your own training loop.
+
+    The same value as transformers' ``model(input_ids, attention_mask=..., labels=labels).loss``: position t
+    predicts ``labels[:, t + 1]``, and labels of -100 (prompts, padding) carry no loss. Where the model allows
+    it (``supports_fused_loss``: a transformers causal LM with a plain linear head) the output head and the
+    cross-entropy run fused in chunks of ``chunk`` labelled positions, so the (batch, length, vocabulary)
+    logits tensor never exists: less memory and a faster step than ``.loss`` (BENCHMARKS.md). Other models
+    take the ordinary path through their logits, with the same result.
+
+    Args:
+        model: a causal LM, or a ``DistributedDataParallel`` wrapper of one.
+        input_ids: (batch, length) token ids.
+        labels: (batch, length) target ids, usually ``input_ids`` with -100 where no loss applies.
+        attention_mask: (batch, length) 1 for real tokens, 0 for padding; None means all ones.
+
+    Returns:
+        A float32 scalar. A batch without any labelled position gives NaN, as ``F.cross_entropy`` does.
+
+    Raises:
+        ValueError: ``labels`` or ``attention_mask`` is not shaped like ``input_ids``.
+    """
+    if input_ids.dim() != 2 or labels.shape != input_ids.shape:
+        raise ValueError(
+            f"input_ids must be (batch, length) and labels the same shape, got {tuple(input_ids.shape)} and "
+            f"{tuple(labels.shape)}; use labels=input_ids (with -100 where no loss applies)"
+        )
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    elif attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask must be shaped like input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
+        )
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    inner = getattr(model, "module", model)
+    count = labels[:, 1:].ne(IGNORE).sum()
+    if supports_fused_loss(inner):
+        return causal_loss_sum(model, inner, batch, chunk=chunk) / count
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    return (
+        torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            labels[:, 1:].reshape(-1),
+            ignore_index=IGNORE,
+            reduction="sum",
+        )
+        / count
+    )
