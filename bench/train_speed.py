@@ -3,7 +3,7 @@
     .venv/bin/python bench/train_speed.py [--rounds 2] [--steps 5] [--batch 8] [--seq 128] [--markdown FILE]
     .venv/bin/python bench/train_speed.py --check-loss   # lorakit and PEFT losses over 20 steps agree
 
-The modes, options and defaults are described in lorakit.benchmark (`lorakit bench --help`).
+The modes, options and defaults are described in lorakit.tools.benchmark (`lorakit bench --help`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from lorakit.benchmark import main
+from lorakit.tools.benchmark import main
 
 if __name__ == "__main__":
     sys.exit(main())

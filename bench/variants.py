@@ -87,7 +87,7 @@ def run_mode(args) -> dict:
             opt.zero_grad(set_to_none=True)
             if i:
                 times.append(time.perf_counter() - start)
-    from lorakit.benchmark import peak_rss_bytes
+    from lorakit.tools.benchmark import peak_rss_bytes
 
     peak = peak_rss_bytes()
     out = {"mode": args.mode, "times": times, "peak_rss": peak}
@@ -107,7 +107,7 @@ def orchestrate(args) -> dict:
         return [sys.executable, __file__, "--mode", mode, "--steps", str(args.steps), "--batch", str(args.batch),
                 "--seq", str(args.seq)]  # fmt: skip
 
-    from lorakit.benchmark import alternate_in_processes
+    from lorakit.tools.benchmark import alternate_in_processes
 
     runs = alternate_in_processes(modes, args.rounds, command, dict(os.environ))
     summary = {}

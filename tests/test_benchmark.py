@@ -58,12 +58,12 @@ def test_peak_rss_is_the_childs_own_not_its_parents():
     import subprocess
     import sys
 
-    from lorakit.benchmark import peak_rss_bytes
+    from lorakit.tools.benchmark import peak_rss_bytes
 
     ballast = bytearray(700 * 2**20)
     ballast[::4096] = b"\1" * len(ballast[::4096])  # touch every page: 700 MB resident here
     assert peak_rss_bytes() >= 700 * 2**20
-    code = "from lorakit.benchmark import peak_rss_bytes; print(peak_rss_bytes())"
+    code = "from lorakit.tools.benchmark import peak_rss_bytes; print(peak_rss_bytes())"
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert int(child.stdout) < 500 * 2**20  # importing torch takes about 250 MB
     del ballast

@@ -7,7 +7,8 @@ from torch import nn
 from torch.testing import assert_close
 
 from lorakit import fastpath
-from lorakit.fastpath import enable_skinny_linear, skinny_matmul
+from lorakit.fastpath import skinny_matmul
+from lorakit.patches import enable_skinny_linear, remove_patches
 
 
 def test_skinny_linear_matches_linear_for_every_row_count():
@@ -24,6 +25,9 @@ def test_skinny_linear_matches_linear_for_every_row_count():
                 expected = fwd(expected)
             assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
             assert_close(model(x.view(rows, 1, 24)), expected.view(rows, 1, 8), rtol=1e-5, atol=1e-5)
+    assert str(model).count("lorakit: few-row CPU fast path") == 2  # visible in print(model)
+    assert remove_patches(model) == 2 and "lorakit" not in str(model)
+    assert all("forward" not in m.__dict__ for m in model)
 
 
 def test_skinny_linear_keeps_gradients_on_the_ordinary_path():

@@ -1,5 +1,6 @@
-"""The fused gated-MLP and RMS-norm forwards give the model's own outputs and gradients, keep fewer tensors
-for backward, step aside for inference and hooks, and go away with the adapters."""
+"""The fused gated-MLP and RMS-norm forwards (``lorakit.fuse_forwards``) give the model's own outputs and
+gradients, keep fewer tensors for backward, step aside for inference and hooks, show in ``print(model)``,
+and go away with the adapters."""
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from torch.testing import assert_close
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorakit
-from lorakit import fusions
+from lorakit.layers import fused, unfuse_forwards
 
 from .conftest import FAMILIES, randomize_adapters
 
@@ -34,6 +35,11 @@ def _llama(mlp_bias: bool = False) -> nn.Module:
     return model
 
 
+def _inject_fused(model, config):
+    lorakit.inject(model, config)
+    return lorakit.fuse_forwards(model)
+
+
 def _outputs_and_grads(model, inputs):
     model.zero_grad()
     out = model(**inputs).logits
@@ -43,7 +49,7 @@ def _outputs_and_grads(model, inputs):
 
 def _check_against_unfused(model, inputs):
     fused_out, fused = _outputs_and_grads(model, inputs)
-    fusions.unfuse(model)
+    unfuse_forwards(model)
     assert not any("forward" in m.__dict__ for m in model.modules())
     plain_out, plain = _outputs_and_grads(model, inputs)
     assert_close(fused_out, plain_out, rtol=1e-5, atol=1e-6)
@@ -57,7 +63,7 @@ def _check_against_unfused(model, inputs):
 @pytest.mark.parametrize("mlp_bias", [False, True])
 def test_fused_forwards_match_the_model_with_lora(targets, mlp_bias, cpu_gemm):
     model = _llama(mlp_bias)
-    lorakit.inject(
+    _inject_fused(
         model,
         lorakit.LoraConfig(r=3, alpha=5, target_modules=targets, rank_pattern={"down_proj": 2}, init="random"),
     )
@@ -66,8 +72,8 @@ def test_fused_forwards_match_the_model_with_lora(targets, mlp_bias, cpu_gemm):
     mlps = [layer.mlp for layer in model.model.layers]
     norms = [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
     assert len(norms) == 2 * len(mlps) + 1
-    assert all(m.forward.__func__ is fusions._gated_mlp_forward for m in mlps)
-    assert all(m.forward.__func__ is fusions._rms_norm_forward for m in norms)
+    assert all(m.forward.__func__ is fused._gated_mlp_forward for m in mlps)
+    assert all(m.forward.__func__ is fused._rms_norm_forward for m in norms)
     grads = _check_against_unfused(model, FAMILIES["llama"].inputs(batch=4, length=12))
     assert any("lora_A" in n for n in grads)
 
@@ -75,7 +81,7 @@ def test_fused_forwards_match_the_model_with_lora(targets, mlp_bias, cpu_gemm):
 def test_frozen_a_matrices_skip_the_recomputation_and_keep_b_gradients_right():
     """With every A frozen the fused functions need neither x A^T's gradient nor down_proj's input."""
     model = _llama(mlp_bias=True)
-    lorakit.inject(model, lorakit.LoraConfig(r=3, target_modules=ALL, init="random"))
+    _inject_fused(model, lorakit.LoraConfig(r=3, target_modules=ALL, init="random"))
     randomize_adapters(model)
     for name, param in model.named_parameters():
         if "lora_A" in name:
@@ -87,7 +93,7 @@ def test_frozen_a_matrices_skip_the_recomputation_and_keep_b_gradients_right():
 
 def test_rms_norm_weights_that_train_get_the_same_gradient():
     model = _llama()
-    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"], init="random"))
+    _inject_fused(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"], init="random"))
     for module in model.modules():
         if type(module).__name__ == "LlamaRMSNorm":
             module.weight.requires_grad_(True)
@@ -98,7 +104,7 @@ def test_rms_norm_weights_that_train_get_the_same_gradient():
 def test_inference_and_other_dtypes_run_the_models_own_forward():
     model = _llama()
     reference = _llama()
-    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=ALL))  # B = 0: same function as the base
+    _inject_fused(model, lorakit.LoraConfig(r=2, target_modules=ALL))  # B = 0: same function as the base
     inputs = FAMILIES["llama"].inputs()
     with torch.no_grad():
         norm = model.model.norm
@@ -112,7 +118,7 @@ def test_inference_and_other_dtypes_run_the_models_own_forward():
 
 def test_fused_mlp_keeps_two_intermediate_activations_fewer():
     model = _llama()
-    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=ALL, init="random"))
+    _inject_fused(model, lorakit.LoraConfig(r=2, target_modules=ALL, init="random"))
     model.train()
     mlp = model.model.layers[0].mlp
     x = torch.randn(4, 12, 16, requires_grad=True)
@@ -129,7 +135,7 @@ def test_fused_mlp_keeps_two_intermediate_activations_fewer():
         return sum(storages.values())
 
     fused = saved_bytes()
-    fusions.unfuse(model)
+    unfuse_forwards(model)
     plain = saved_bytes()
     intermediate = 4 * 12 * 40 * 4  # one (4, 12, 40) float32 activation
     assert plain - fused >= 2 * intermediate
@@ -137,7 +143,7 @@ def test_fused_mlp_keeps_two_intermediate_activations_fewer():
 
 def test_hooks_on_down_proj_still_run():
     model = _llama()
-    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=ALL, init="random"))
+    _inject_fused(model, lorakit.LoraConfig(r=2, target_modules=ALL, init="random"))
     model.train()
     seen = []
     model.model.layers[0].mlp.down_proj.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
@@ -145,11 +151,29 @@ def test_hooks_on_down_proj_still_run():
     assert seen == [torch.Size([3, 7, 16])]
 
 
-def test_unload_and_delete_take_the_fusions_away():
+def test_fusing_is_an_option_shown_in_the_models_repr_and_unload_takes_it_away():
     model = _llama()
     lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=ALL))
-    assert any("forward" in m.__dict__ for m in model.modules())
+    assert not any("forward" in m.__dict__ for m in model.modules())  # inject alone changes no forward
+    assert "lorakit:" not in str(model)
+    paths = lorakit.fuse_forwards(model)
+    assert paths == ["model.layers.0.mlp", "model.layers.1.mlp"] + [
+        p for p, m in model.named_modules() if type(m).__name__ == "LlamaRMSNorm"
+    ]
+    assert lorakit.fuse_forwards(model) == paths  # idempotent
+    labels = {p: model.get_submodule(p).extra_repr() for p in paths}
+    assert all(labels[p] == "lorakit: fused gated MLP" for p in paths if p.endswith("mlp"))
+    assert all(labels[p].endswith(", lorakit: fused RMS norm") for p in paths if p.endswith("norm"))
+    assert "lorakit: fused gated MLP" in str(model) and "eps=1e-06, lorakit: fused RMS norm" in str(model)
     lorakit.unload(model)
+    assert not any("forward" in m.__dict__ or "extra_repr" in m.__dict__ for m in model.modules())
+    assert "lorakit" not in str(model)
+
+
+def test_deleting_the_last_adapter_takes_the_fusions_away():
+    model = _llama()
+    _inject_fused(model, lorakit.LoraConfig(r=2, target_modules=ALL))
+    lorakit.delete_adapter(model, "default")
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
@@ -157,5 +181,5 @@ def test_other_model_families_are_left_alone():
     for name in ("gpt2", "bert", "t5"):
         family = FAMILIES[name]
         model = family.build()
-        lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=family.targets))
+        assert _inject_fused(model, lorakit.LoraConfig(r=2, target_modules=family.targets)) == []
         assert not any("forward" in m.__dict__ for m in model.modules() if not isinstance(m, nn.Linear)), name

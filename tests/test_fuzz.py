@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lorakit
-from lorakit.benchmark import peak_rss_bytes
 from lorakit.data import read_rows, tokenize_rows
 from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, read_safetensors
+from lorakit.tools.benchmark import peak_rss_bytes
 
 from .conftest import FAMILIES, build_tiny_tokenizer
 

@@ -1,12 +1,14 @@
 """Target matching on the four families, and the errors for patterns that miss."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 import lorakit
-from lorakit.inject import registry
 from lorakit.layers import LoraLayer
+from lorakit.state import registry
 
 from .conftest import FAMILIES, randomize_adapters
 
@@ -231,3 +233,40 @@ def test_injection_keeps_the_model_mode():
     assert torch.equal(llama.logits(model), first)  # no dropout at inference
     model.train()
     assert all(m.training for m in model.modules())
+
+
+def test_the_registry_survives_deepcopy_and_unload_restores_the_copys_own_flags():
+    """The original requires_grad flags are kept by parameter name, so a deep copy's unload restores them
+    (keyed by object identity they would be lost: the copy's parameters are new objects)."""
+    model = FAMILIES["llama"].build()
+    model.model.embed_tokens.weight.requires_grad_(False)  # the user's own choice, to be given back
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    twin = copy.deepcopy(model)
+    del model
+    assert sorted(registry(twin).adapters) == ["default"]
+    lorakit.unload(twin, merge=False)
+    flags = {n: p.requires_grad for n, p in twin.named_parameters()}
+    assert flags.pop("model.embed_tokens.weight") is False and all(flags.values())
+
+
+def test_print_model_shows_every_change_lorakit_made():
+    model = FAMILIES["llama"].build()
+    plain = str(model)
+    targets = ["q_proj", "k_proj", "v_proj", "down_proj"]
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=targets))
+    text = str(model)  # identical decoder blocks print once ("(0-1): 2 x LlamaDecoderLayer")
+    assert text.count("LoraLinear(") == len(targets) and "2 x LlamaDecoderLayer" in text
+    assert "(q_proj): LoraLinear(\n            adapters=[default: r=2, scaling=8]" in text
+    assert "shared input with k_proj, v_proj" in text and "shared input with q_proj, v_proj" in text
+    for path, module in model.named_modules():
+        if path.endswith(tuple(targets)):
+            assert "adapters=[default: r=2" in repr(module).splitlines()[1], path
+    lorakit.fuse_forwards(model)
+    for module in model.modules():
+        name = type(module).__name__
+        if name in ("LlamaMLP", "LlamaRMSNorm"):
+            label = "fused gated MLP" if name == "LlamaMLP" else "fused RMS norm"
+            assert f"lorakit: {label}" in repr(module).splitlines()[1 if name == "LlamaMLP" else 0], name
+    assert "(mlp): LlamaMLP(\n          lorakit: fused gated MLP" in str(model)
+    lorakit.unload(model, merge=False)
+    assert str(model) == plain

@@ -220,11 +220,11 @@ def test_fused_lora_function_matches_the_general_path(name, bias, cpu_gemm, monk
 
     fused_out, fused_grads = loss_and_grads()
     calls = []
-    original = LoraLinear._fused_adapter
-    monkeypatch.setattr(LoraLinear, "_fused_adapter", lambda self, *a: calls.append(1) or None)
+    original = LoraLinear.fast_path_adapter
+    monkeypatch.setattr(LoraLinear, "fast_path_adapter", lambda self, *a: calls.append(1) or None)
     plain_out, plain_grads = loss_and_grads()
     assert calls  # the general path really ran the second time
-    monkeypatch.setattr(LoraLinear, "_fused_adapter", original)
+    monkeypatch.setattr(LoraLinear, "fast_path_adapter", original)
     assert_close(fused_out, plain_out, rtol=1e-5, atol=1e-5)
     for a, b in zip(fused_grads, plain_grads, strict=True):
         assert_close(a, b, rtol=1e-4, atol=1e-6)
@@ -242,7 +242,8 @@ def test_shared_input_groups_match_the_general_path_with_different_ranks(bias, c
     """q/k/v and gate/up run as stacked-A groups; outputs and gradients equal the layer-by-layer reference."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lorakit.layers import SharedInput, _SharedInputLoraFunction
+    from lorakit.layers import SharedInput
+    from lorakit.layers.kernels import SharedInputLoraFunction
 
     from .conftest import FAMILIES, randomize_adapters
 
@@ -261,20 +262,20 @@ def test_shared_input_groups_match_the_general_path_with_different_ranks(bias, c
     )
     lorakit.inject(model, config)
     randomize_adapters(model)
-    groups = {id(m.__dict__["_shared_input"]) for m in model.modules() if "_shared_input" in m.__dict__}
+    groups = {id(m.shared_input) for m in model.modules() if getattr(m, "shared_input", None) is not None}
     assert len(groups) == 2 * model.config.num_hidden_layers  # q/k/v and gate/up in every layer
     model.train()  # no dropout configured: train mode only makes the fused path form weight gradients
     inputs = family.inputs(batch=4, length=12)
     applied = []
-    original_apply = _SharedInputLoraFunction.apply
-    monkeypatch.setattr(_SharedInputLoraFunction, "apply", lambda *a: applied.append(1) or original_apply(*a))
+    original_apply = SharedInputLoraFunction.apply
+    monkeypatch.setattr(SharedInputLoraFunction, "apply", lambda *a: applied.append(1) or original_apply(*a))
     grouped_out, grouped = _grads_by_path(model, inputs)
     assert len(applied) == len(groups)
     assert all(
-        m.enabled for m in {m.__dict__["_shared_input"] for m in model.modules() if "_shared_input" in m.__dict__}
+        m.enabled for m in {m.shared_input for m in model.modules() if getattr(m, "shared_input", None) is not None}
     )
     monkeypatch.setattr(SharedInput, "output", lambda self, member, x: None)
-    monkeypatch.setattr(LoraLinear, "_fused_adapter", lambda self, *a: None)  # the reference path throughout
+    monkeypatch.setattr(LoraLinear, "fast_path_adapter", lambda self, *a: None)  # the reference path throughout
     plain_out, plain = _grads_by_path(model, inputs)
     assert_close(grouped_out, plain_out, rtol=1e-5, atol=1e-6)
     assert grouped.keys() == plain.keys()
@@ -299,7 +300,7 @@ def test_shared_input_group_switches_off_when_members_read_different_inputs():
     model = nn.Sequential()
     model.attn = CrossAttention()
     lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj"], init="random"))
-    group = model.attn.q_proj.__dict__["_shared_input"]
+    group = model.attn.q_proj.shared_input
     assert isinstance(group, SharedInput) and group.enabled
     x, memory = torch.randn(3, 6), torch.randn(3, 6)
 
@@ -355,10 +356,10 @@ def test_deleting_an_adapter_relinks_the_groups():
     lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), "one")
     lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["k_proj"]), "two")
     attn = model.model.layers[0].self_attn
-    assert len(attn.q_proj.__dict__["_shared_input"].members) == 3
+    assert len(attn.q_proj.shared_input.members) == 3
     lorakit.delete_adapter(model, "two")
     assert type(attn.k_proj) is nn.Linear
-    assert attn.q_proj.__dict__["_shared_input"].members == [attn.q_proj, attn.v_proj]
+    assert attn.q_proj.shared_input.members == [attn.q_proj, attn.v_proj]
 
 
 def test_shared_input_groups_work_under_inference_mode():

@@ -7,9 +7,9 @@ import torch
 
 import lorakit
 from lorakit.cli.main import main
-from lorakit.compare import FIELDS, build_method, checksum, markdown_table
 from lorakit.methods import METHODS
 from lorakit.methods.bottleneck import bottleneck_parameters
+from lorakit.tools.compare import FIELDS, build_method, checksum, markdown_table
 from lorakit.train.config import load_config
 from lorakit.train.trainer import train
 

@@ -207,7 +207,7 @@ def test_peft_dora_file_loads_in_lorakit(tmp_path):
     theirs.save_pretrained(str(tmp_path / "peft"))
     model = family.build()
     lorakit.load_adapter(model, tmp_path / "peft")
-    assert all(layer.uses_dora("default") for layer in _lora_layers(model).values())
+    assert all(layer.uses("default", "dora") for layer in _lora_layers(model).values())
     assert_close(family.logits(model, inputs), family.logits(theirs.eval(), inputs), rtol=1e-5, atol=1e-5)
 
 

@@ -17,6 +17,7 @@ from .combine import combine
 from .config import LoraConfig
 from .inject import inject
 from .io import load_adapter, save_adapter
+from .layers import fuse_forwards
 from .models import load_model
 from .quant import dequantize, quantize
 from .train.fused_loss import causal_lm_loss
@@ -33,6 +34,7 @@ __all__ = [
     "delete_adapter",
     "dequantize",
     "disabled",
+    "fuse_forwards",
     "inject",
     "inspect_adapter",
     "load_adapter",

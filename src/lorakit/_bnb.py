@@ -124,3 +124,12 @@ def _packed_codes(packed: torch.Tensor, state) -> torch.Tensor:
     groups = packed.view(torch.uint8).reshape(-1, _PACK_BLOCK_N)
     codes = torch.cat([groups & 0xF, groups >> 4], dim=-1)  # (N/32 * K/2, 64)
     return codes.reshape(n // _PACK_BLOCK_N, k // 2, _PACK_BLOCK_N, 2).transpose(1, 2).reshape(n, k)
+
+
+def float_dtype(layer: nn.Module) -> torch.dtype:
+    """The float dtype a layer computes in: its weight's, or for a quantized layer its compute dtype."""
+    weight = layer.weight
+    if weight.dtype.is_floating_point:
+        return weight.dtype
+    compute = getattr(layer, "compute_dtype", None)
+    return compute if isinstance(compute, torch.dtype) else torch.float32

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import fusions
-from .inject import adapter_modules, check_adapter_name, registry, set_submodule, update_trainable
+from .inject import activate, update_trainable
 from .layers import LoraLayer, ModulesToSave, Routing, link_shared_inputs
+from .patches import remove_patches
+from .state import adapter_modules, check_adapter_name, forget_registry, registry, set_submodule
 
 
 def _names(model: nn.Module, names: str | Sequence[str]) -> list[str]:
@@ -32,11 +33,7 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
     Raises:
         ValueError: a name is not an adapter of this model.
     """
-    names = _names(model, names)
-    registry(model).active = names
-    for _, module in adapter_modules(model):
-        module.active_adapters = [n for n in names if n in module.adapter_names]
-    update_trainable(model)
+    activate(model, _names(model, names))
 
 
 def active_adapters(model: nn.Module) -> list[str]:
@@ -159,7 +156,7 @@ def unmerge(model: nn.Module) -> None:
 
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Remove all lorakit wrappers and return the plain model.
+    """Remove all lorakit wrappers and forward patches and return the plain model.
 
     Args:
         merge: if true, the active adapters are merged first (and their modules_to_save copies kept);
@@ -174,7 +171,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         if isinstance(module, LoraLayer):
             if not merge:  # PiSSA adapters give back what they took out of the base weight
                 for name in list(module.adapter_names):
-                    module._forget_variants(name)
+                    module.forget_variants(name)
             set_submodule(model, path, module.base_layer)
             continue
         chosen = [n for n in reg.active if n in module.adapter_names] if merge else []
@@ -184,12 +181,10 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
 
 
 def _forget(model: nn.Module) -> None:
-    """Drop the registry and give every original parameter back its requires_grad flag."""
-    reg = registry(model)
-    for param in model.parameters():
-        param.requires_grad_(reg.original_requires_grad.get(id(param), True))
-    del model.__dict__["_lorakit_registry"]
-    fusions.unfuse(model)
+    """Drop the registry, give every original parameter back its requires_grad flag, and take away every
+    forward lorakit patched (fused forwards, the serving fast path)."""
+    forget_registry(model)
+    remove_patches(model)
 
 
 def _merged_names(model: nn.Module) -> list[str]:

@@ -33,8 +33,9 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
-from .inject import add_adapter_layers, check_adapter_name, check_new_name, registry, update_trainable
+from .inject import add_adapter_layers, check_new_name, update_trainable
 from .layers import LoraConv2d, LoraEmbedding, LoraLayer
+from .state import check_adapter_name, registry
 
 FACTOR_METHODS = ("linear", "ties", "dare_linear")  # entry-wise on A and B: equal targets and ranks needed
 SVD_METHODS = ("svd", "ties_svd", "dare_linear_svd")
@@ -98,7 +99,7 @@ def combine(
             "Combine adapters trained without modules_to_save"
         )
     layers = _layers_of(model, list(weights))
-    variants = sorted({a for a in weights for m in layers.values() if a in m.r and (m.uses_dora(a) or m.uses_pissa(a))})
+    variants = sorted({a for a in weights for m in layers.values() if a in m.r and m.variants.get(a)})
     if variants:
         raise ValueError(
             f"adapters {variants} use DoRA or PiSSA, whose updates are not a plain s B A on the original weights; "

@@ -12,8 +12,9 @@ elsewhere), ``onednn`` or ``blas``.
 Few rows (decoding): on CPU, BLAS handles ``x @ W.T`` poorly when x has few rows (a decode step of a
 small batch): the same product computed as ``(W @ x.T).T`` runs 1.3-3x faster (measured on the 2-core AVX2 machine in
 BENCHMARKS.md: the 49152 x 576 output head with 8 rows, 47.6 ms against 16.0 ms; a 1536 x 576 layer,
-0.52 ms against 0.35 ms). The results agree to float rounding. ``enable_skinny_linear`` gives every
-``nn.Linear`` of a model that path for 2..32 rows on CPU without gradients, and the usual one otherwise.
+0.52 ms against 0.35 ms). The results agree to float rounding. ``lorakit.patches.enable_skinny_linear``
+gives every ``nn.Linear`` of a model that path for 2..32 rows on CPU without gradients, and the usual one
+otherwise (the serving engine does, by default on CPU).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import functools
 import os
 import platform
 import sys
-import types
 
 import torch
 import torch.nn.functional as F
@@ -125,7 +125,8 @@ def skinny_matmul(x2d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x2d @ weight.T
 
 
-def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def skinny_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``nn.Linear``'s forward with the few-rows CPU layout without gradients (``lorakit.patches`` installs it)."""
     rows = x.numel() // x.shape[-1] if x.dim() else 0
     if not (1 < rows <= MAX_ROWS and x.device.type == "cpu") or torch.is_grad_enabled():
         return linear(x, self.weight, self.bias)
@@ -133,16 +134,6 @@ def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if self.bias is not None:
         out = out + self.bias
     return out.reshape(*x.shape[:-1], out.shape[-1])
-
-
-def enable_skinny_linear(model: nn.Module) -> int:
-    """Give the model's ``nn.Linear`` layers the few-rows CPU path; returns how many layers changed."""
-    count = 0
-    for module in model.modules():
-        if type(module) is nn.Linear and "forward" not in module.__dict__:
-            module.forward = types.MethodType(_forward, module)
-            count += 1
-    return count
 
 
 def return_freed_memory_to_os(threshold: int = 1 << 20) -> bool:

@@ -19,16 +19,10 @@ from torch import nn
 
 from .adapters import delete_adapter, set_active
 from .config import ALL_LINEAR, LoraConfig
-from .inject import (
-    add_adapter_layers,
-    bias_parameters,
-    check_adapter_name,
-    check_new_name,
-    find_modules_to_save,
-    find_targets,
-    registry,
-)
+from .inject import add_adapter_layers, bias_parameters, check_new_name
 from .layers import LoraConv1D, LoraEmbedding
+from .state import check_adapter_name, registry
+from .targeting import find_modules_to_save, find_targets
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -77,9 +71,10 @@ def pissa_as_lora_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor
     tensors = dict(adapter_tensors(model, name))
     for path in registry(model).adapters[name].targets:
         layer = model.get_submodule(path)
-        if not layer.uses_pissa(name):
+        pissa = next((v for v in layer.variants.get(name, []) if v.name == "pissa"), None)
+        if pissa is None:
             continue
-        a0, b0 = layer.initial_factors(name)
+        a0, b0 = pissa.initial_factors(layer, name)
         key = f"{PREFIX}{path}."
         tensors[key + "lora_A.weight"] = torch.cat([tensors[key + "lora_A.weight"], a0], dim=0)
         tensors[key + "lora_B.weight"] = torch.cat([tensors[key + "lora_B.weight"], -b0], dim=1)

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 DEFAULT_MODEL = "default"
-TASKS = ("causal-lm", "seq2seq", "classification")
+TASK_NAMES = ("causal-lm", "seq2seq", "classification")  # what load_model loads; lorakit.train.tasks implements each
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # names configs accept
 _MANIFEST = "lorakit-manifest.json"
 
 
@@ -135,7 +136,7 @@ def load_model(
         "classification": AutoModelForSequenceClassification,
     }
     if task not in classes:
-        raise ValueError(f"task {task!r} is unknown; use one of {list(TASKS)}")
+        raise ValueError(f"task {task!r} is unknown; use one of {list(TASK_NAMES)}")
     directory = resolve_model_dir(spec)
     try:
         model = _quiet_load(classes[task], directory, dtype)

@@ -28,6 +28,8 @@ from ._bnb import (
     quant_method,
     require_bitsandbytes,
 )
+from .state import has_adapters, set_submodule
+from .targeting import output_heads
 
 __all__ = [
     "QUANT_METHODS",
@@ -70,13 +72,11 @@ def quantize(model: nn.Module, method: str = "nf4", compute_dtype: torch.dtype |
     Raises:
         ValueError: unknown method, bitsandbytes missing, the model already has adapters, or nothing to quantize.
     """
-    from .inject import _output_heads, has_adapters, set_submodule
-
     check_method(method)
     bnb = require_bitsandbytes(method)
     if has_adapters(model):
         raise ValueError("quantize the base model before adding adapters: call quantize() first, then inject()")
-    heads = _output_heads(model)
+    heads = output_heads(model)
     targets = [(p, m) for p, m in model.named_modules() if type(m) is nn.Linear and p not in heads]
     if not targets:
         raise ValueError("the model has no nn.Linear layers (other than its output head) to quantize")
@@ -154,8 +154,6 @@ def quantized_bytes(layer: nn.Module) -> int:
 def dequantize(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
     """Replace every quantized linear layer (also those under LoRA wrappers) by an ``nn.Linear`` holding its
     dequantized weight in ``dtype``; returns how many layers changed."""
-    from .inject import set_submodule
-
     count = 0
     for path, module in list(model.named_modules()):
         if not is_quantized(module):

@@ -16,12 +16,12 @@ HELP = "benchmark training step, memory and forward cost against PEFT and full f
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
-    from ..benchmark import add_arguments
+    from ..tools.benchmark import add_arguments
 
     add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..benchmark import run as run_benchmark
+    from ..tools.benchmark import run as run_benchmark
 
     return run_benchmark(args)

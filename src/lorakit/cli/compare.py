@@ -23,7 +23,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..compare import check_methods, run_compare
+    from ..tools.compare import check_methods, run_compare
     from ..train.config import load_config
 
     cfg = load_config(args.config, args.overrides)

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
+from .._bnb import QUANT_METHODS
+from ..models import DTYPES
+
 HELP = "merge an adapter into the base weights and export a plain model directory"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +32,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it already exists")
     parser.add_argument(
         "--quantize",
-        choices=("nf4", "fp4", "int8"),
+        choices=QUANT_METHODS,
         help="the adapter was trained on this quantized base (QLoRA): merge into its dequantized weights, save in "
         "float, and report what re-quantizing the merged model would change",
     )

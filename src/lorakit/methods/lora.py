@@ -26,8 +26,8 @@ class LoraMethod:
     def restore(self, prepared: nn.Module, directory: Path) -> nn.Module:
         import torch
 
-        from ..inject import registry
         from ..io import adapter_tensors
+        from ..state import registry
 
         if not (directory / CONFIG_NAME).is_file():
             raise ValueError(f"{directory} holds no adapter")

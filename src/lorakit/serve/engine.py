@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from ..adapters import route
-from ..fastpath import enable_skinny_linear
-from ..inject import has_adapters
+from ..patches import FEW_ROWS, enable_skinny_linear, remove_patches
+from ..state import has_adapters
 
 
 class QueueFull(Exception):
@@ -104,9 +104,20 @@ class Engine:
         tokenizer: its tokenizer (decodes the generated text, knows EOS).
         max_batch_size: most requests decoded together.
         max_queue: most requests waiting for a batch slot; ``submit`` raises ``QueueFull`` beyond it.
+        few_row_fast_path: give the model's ``nn.Linear`` layers the few-rows CPU layout while the engine runs
+            (``lorakit.patches.enable_skinny_linear``; shown in ``print(model)``, taken away by ``stop``);
+            None: on for a model on the CPU.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, *, max_batch_size: int = 16, max_queue: int = 64) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        *,
+        max_batch_size: int = 16,
+        max_queue: int = 64,
+        few_row_fast_path: bool | None = None,
+    ) -> None:
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError(f"max_batch_size must be >= 1 and max_queue >= 0, got {max_batch_size}, {max_queue}")
         self.model = model.eval()
@@ -118,7 +129,7 @@ class Engine:
         self.pad_id = _pad_id(model, tokenizer)
         self.eos_ids = _eos_ids(model, tokenizer)
         self._keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
-        if self.device.type == "cpu":
+        if few_row_fast_path or (few_row_fast_path is None and self.device.type == "cpu"):
             enable_skinny_linear(model)
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
@@ -145,6 +156,7 @@ class Engine:
             self._cv.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
+        remove_patches(self.model, FEW_ROWS)
 
     @property
     def queue_depth(self) -> int:

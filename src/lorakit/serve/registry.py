@@ -17,9 +17,9 @@ from pathlib import Path, PurePosixPath
 from torch import nn
 
 from ..adapters import delete_adapter
-from ..inject import has_adapters
-from ..inject import registry as model_registry
 from ..io import load_adapter
+from ..state import has_adapters
+from ..state import registry as model_registry
 from .engine import Engine
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

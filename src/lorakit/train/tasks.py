@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import IGNORE, Example, collate, tokenize_row
+from ..models import TASK_NAMES
 from .fused_loss import causal_loss_sum, supports_fused_loss
 
 
@@ -178,5 +179,5 @@ def _keys(row: dict[str, Any]) -> str:
     return ", ".join(f"{k} ({type(v).__name__})" for k, v in row.items()) or "no fields"
 
 
-TASKS = {t.name: t for t in (CausalLM(), Seq2Seq(), Classification())}
-HEAD_NAMES = ("classifier", "score")  # classification heads trained whole, as modules_to_save
+TASKS = dict(zip(TASK_NAMES, (CausalLM(), Seq2Seq(), Classification()), strict=True))
+assert all(name == task.name for name, task in TASKS.items())

@@ -26,24 +26,27 @@ from .. import adapters
 from ..config import LoraConfig
 from ..data import IGNORE, DataStats, Example, batch_indices, pack, read_rows, split_eval, tokenize_rows
 from ..fastpath import return_freed_memory_to_os
+from ..layers import fuse_forwards
 from ..methods.lora import LoraMethod
-from ..models import load_model
+from ..models import DTYPES, load_model
+from ..quant import quantize
+from ..targeting import HEAD_NAMES
 from . import distributed as dist
 from .checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from .config import RunConfig
 from .evaluate import EvalResult, evaluate, pad_id, token_loss_sum
 from .metrics import MetricsLog, plot_metrics, read_metrics
-from .tasks import HEAD_NAMES, TASKS
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .tasks import TASKS
 
 
 class TrainingStopped(RuntimeError):
     """The run stopped on purpose (non-finite loss); the last good checkpoint is kept."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunResult:
+    """What a finished run gives back (the files are in ``output_dir``)."""
+
     output_dir: Path
     steps: int
     final_loss: float
@@ -142,40 +145,79 @@ def _check_output_dir(out: Path, cfg: RunConfig, resume: bool) -> None:
 def train(cfg: RunConfig, resume: bool = False, progress: bool = True, method=None) -> RunResult:
     """Run the training described by ``cfg``; see the module docstring for the loss normalisation.
 
-    ``method`` (see ``lorakit.methods``) decides what trains; the default is LoRA with ``cfg.lora``.
+    ``method`` (see ``lorakit.methods``) decides what trains; the default is LoRA with ``cfg.lora``. The steps
+    below read top to bottom: output directory, model, data, method, optimizer, resume, loop, finish.
     """
     started = time.perf_counter()
     ctx = dist.setup()
+    log = _printer(ctx.is_main)
     if ctx.device.type == "cpu" and lean_cpu_memory(cfg):
         return_freed_memory_to_os()  # peak RSS follows the live tensors (see lorakit.fastpath)
+    out = setup_output(cfg, ctx=ctx, resume=resume)
+    _seed(cfg.seed)
+    model, tokenizer = setup_model(cfg)
+    train_rows, eval_rows, stats = setup_data(cfg, tokenizer=tokenizer, model=model, ctx=ctx, log=log)
+    model, method = setup_method(cfg, model=model, method=method, ctx=ctx, log=log)
+    optimizer, scheduler = build_optimizer(model, cfg)
+    metrics = MetricsLog(out / "metrics.jsonl", enabled=ctx.is_main)
+    loop = _Loop(
+        cfg=cfg, ctx=ctx, model=model, wrapped=model, tokenizer=tokenizer, optimizer=optimizer,
+        scheduler=scheduler, rows=train_rows, metrics=metrics, ckpt_root=out / "checkpoints", method=method,
+    )  # fmt: skip
+    start_step = setup_resume(loop, resume=resume, log=log)
+    loop.wrapped = dist.wrap(model, ctx)  # after the checkpoint is loaded: DDP starts from those weights
+    eval_before = evaluate_before(loop, eval_rows=eval_rows, start_step=start_step, log=log)
+    dist.barrier(ctx)
+    try:
+        final_loss = loop.run(start_step, eval_rows, progress)
+    except KeyboardInterrupt:
+        path = loop.checkpoint(loop.step)
+        log(f"\ninterrupted: checkpoint written to {path}; continue with --resume")
+        raise
+    result = RunResult(
+        output_dir=out, steps=loop.step, final_loss=final_loss, eval=None, eval_before=eval_before,
+        tokens_per_second=loop.tokens_per_second, skipped_steps=loop.skipped, data=stats,
+    )  # fmt: skip
+    finish(loop, result=result, eval_rows=eval_rows, log=log)
+    result.wall_seconds = time.perf_counter() - started
+    result.model = model
+    return result
+
+
+def setup_output(cfg: RunConfig, *, ctx: dist.Context, resume: bool) -> Path:
+    """The output directory, checked (no run overwritten by accident) and written with the resolved config."""
     out = Path(cfg.output_dir)
     _check_output_dir(out, cfg, resume)
-    ckpt_root = out / "checkpoints"
-    if ctx.is_main:
-        if cfg.overwrite and not resume and out.exists():
-            for name in (
-                "checkpoints",
-                "metrics.jsonl",
-                "adapter_config.json",
-                "adapter_model.safetensors",
-                "loss.png",
-            ):
-                target = out / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        except OSError as err:
-            raise ValueError(
-                f"output_dir {out} is not writable ({err.strerror or err}); choose a directory you can write to "
-                "or fix its permissions"
-            ) from None
-    _seed(cfg.seed)
-    model, tokenizer = load_model(cfg.model, task=cfg.task, dtype=_DTYPES[cfg.dtype])
+    if not ctx.is_main:
+        return out
+    if cfg.overwrite and not resume and out.exists():
+        for name in ("checkpoints", "metrics.jsonl", "adapter_config.json", "adapter_model.safetensors", "loss.png"):
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    except OSError as err:
+        raise ValueError(
+            f"output_dir {out} is not writable ({err.strerror or err}); choose a directory you can write to "
+            "or fix its permissions"
+        ) from None
+    return out
+
+
+def setup_model(cfg: RunConfig) -> tuple[nn.Module, object]:
+    """The base model and its tokenizer, in the configured dtype."""
+    model, tokenizer = load_model(cfg.model, task=cfg.task, dtype=DTYPES[cfg.dtype])
     if tokenizer is None:
         raise ValueError(f"model {cfg.model} has no tokenizer files; training needs one")
+    return model, tokenizer
+
+
+def setup_data(
+    cfg: RunConfig, *, tokenizer, model: nn.Module, ctx: dist.Context, log
+) -> tuple[list[Example], list[Example], dict[str, DataStats]]:
+    """Training and held-out rows, tokenized; the batch size checked against the processes."""
     train_rows, eval_rows, stats = prepare_data(cfg, tokenizer, model.config)
-    log = _printer(ctx.is_main)
     for name, s in stats.items():
         log(s.describe(name))
     per_process = cfg.train.batch_size / ctx.world_size
@@ -184,57 +226,64 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, method=No
             f"train.batch_size={cfg.train.batch_size} must be divisible by processes ({ctx.world_size}) x "
             f"train.grad_accum ({cfg.train.grad_accum}); {per_process:g} rows per process does not split evenly"
         )
+    return train_rows, eval_rows, stats
+
+
+def setup_method(cfg: RunConfig, *, model: nn.Module, method, ctx: dist.Context, log) -> tuple[nn.Module, object]:
+    """The model on its device, quantized and checkpointed as configured, with the method's trainable parts."""
     model = model.to(ctx.device)
     if cfg.quantize:
-        from ..quant import quantize
-
         log(quantize(model, cfg.quantize).describe())
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     method = method or LoraMethod(_with_head(cfg, model, log))
     model = method.prepare(model)
+    if cfg.train.fused_forwards and method.name == "lora":
+        fuse_forwards(model)
     log(str(adapters.trainable_summary(model)))
-    optimizer, scheduler = build_optimizer(model, cfg)
-    metrics = MetricsLog(out / "metrics.jsonl", enabled=ctx.is_main)
-    start_step = 0
-    checkpoints = list_checkpoints(ckpt_root)
-    if resume and checkpoints:
-        state = load_checkpoint(checkpoints[-1], model, optimizer, scheduler, method)
-        start_step = state["step"]
-        metrics.truncate_after(start_step)
-        log(f"resumed from {checkpoints[-1]} (step {start_step})")
-    elif resume:
+    return model, method
+
+
+def setup_resume(loop: _Loop, *, resume: bool, log) -> int:
+    """With ``resume``, the newest checkpoint's state; returns the step to start from."""
+    checkpoints = list_checkpoints(loop.ckpt_root)
+    if not resume:
+        return 0
+    if not checkpoints:
         log("no checkpoint found; starting from step 0")
-    wrapped = dist.wrap(model, ctx)
-    loop = _Loop(cfg, ctx, model, wrapped, tokenizer, optimizer, scheduler, train_rows, metrics, ckpt_root, method)
-    if start_step:
-        loop.last_good, loop.skipped = checkpoints[-1], state.get("skipped", 0)
-    eval_before = None
-    if eval_rows and start_step == 0 and ctx.is_main and cfg.train.eval_before:
-        eval_before = _evaluate(cfg, model, tokenizer, eval_rows)
-        metrics.write({"kind": "eval", "step": 0, **eval_before.as_record()})
-        log(_describe_eval("before training", eval_before))
-    dist.barrier(ctx)
-    try:
-        final_loss = loop.run(start_step, eval_rows, progress)
-    except KeyboardInterrupt:
-        path = loop.checkpoint(loop.step)
-        log(f"\ninterrupted: checkpoint written to {path}; continue with --resume")
-        raise
-    result = RunResult(out, loop.step, final_loss, None, eval_before, loop.tokens_per_second, 0.0, loop.skipped, stats)
-    if ctx.is_main:
+        return 0
+    state = load_checkpoint(checkpoints[-1], loop.model, loop.optimizer, loop.scheduler, loop.method)
+    start_step = state["step"]
+    loop.metrics.truncate_after(start_step)
+    loop.last_good, loop.skipped = checkpoints[-1], state.get("skipped", 0)
+    log(f"resumed from {checkpoints[-1]} (step {start_step})")
+    return start_step
+
+
+def evaluate_before(loop: _Loop, *, eval_rows: list[Example], start_step: int, log) -> EvalResult | None:
+    """The untrained model's evaluation (the 'before' of a before/after comparison), on a fresh run only."""
+    cfg = loop.cfg
+    if not (eval_rows and start_step == 0 and loop.ctx.is_main and cfg.train.eval_before):
+        return None
+    result = _evaluate(cfg, loop.model, loop.tokenizer, eval_rows)
+    loop.metrics.write({"kind": "eval", "step": 0, **result.as_record()})
+    log(_describe_eval("before training", result))
+    return result
+
+
+def finish(loop: _Loop, *, result: RunResult, eval_rows: list[Example], log) -> None:
+    """The final evaluation, the adapter (or trained weights), the loss plot; then the processes part."""
+    out = result.output_dir
+    if loop.ctx.is_main:
         if eval_rows:
-            result.eval = _evaluate(cfg, model, tokenizer, eval_rows)
-            metrics.write({"kind": "eval", "step": loop.step, **result.eval.as_record()})
+            result.eval = _evaluate(loop.cfg, loop.model, loop.tokenizer, eval_rows)
+            loop.metrics.write({"kind": "eval", "step": loop.step, **result.eval.as_record()})
             log(_describe_eval("after training", result.eval))
-        method.save(model, out)
+        loop.method.save(loop.model, out)
         plot_metrics(read_metrics(out / "metrics.jsonl"), out / "loss.png")
         log(f"adapter, config.yaml, metrics.jsonl and loss.png written to {out}")
-    dist.barrier(ctx)
-    dist.teardown(ctx)
-    result.wall_seconds = time.perf_counter() - started
-    result.model = model
-    return result
+    dist.barrier(loop.ctx)
+    dist.teardown(loop.ctx)
 
 
 def lean_cpu_memory(cfg: RunConfig) -> bool:
@@ -288,19 +337,29 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@dataclass(kw_only=True)
 class _Loop:
     """The step loop and its bookkeeping (kept apart from setup so each part reads top to bottom)."""
 
-    def __init__(self, cfg, ctx, model, wrapped, tokenizer, optimizer, scheduler, rows, metrics, ckpt_root, method):
-        self.cfg, self.ctx, self.model, self.wrapped, self.method = cfg, ctx, model, wrapped, method
-        self.tokenizer, self.optimizer, self.scheduler = tokenizer, optimizer, scheduler
-        self.rows, self.metrics, self.ckpt_root = rows, metrics, ckpt_root
-        self.pad = pad_id(tokenizer)
-        self.task = TASKS[cfg.task]
-        self.step = 0
-        self.skipped = 0
-        self.tokens_per_second = 0.0
-        self.last_good: Path | None = None
+    cfg: RunConfig
+    ctx: dist.Context
+    model: nn.Module  # the model whose parameters train
+    wrapped: nn.Module  # what the steps call: the model, or its DDP wrapper
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    rows: list[Example]
+    metrics: MetricsLog
+    ckpt_root: Path
+    method: object
+    step: int = 0
+    skipped: int = 0
+    tokens_per_second: float = 0.0
+    last_good: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.pad = pad_id(self.tokenizer)
+        self.task = TASKS[self.cfg.task]
 
     def run(self, start_step: int, eval_rows: list[Example], progress: bool) -> float:
         t = self.cfg.train

@@ -4,7 +4,7 @@ Every mode runs in a fresh process (so its peak RSS is its own), the modes alter
 cycle repeats; medians are reported with the ratios to PEFT and to full fine-tuning.
 
 Training modes (fused AdamW in every mode, one optimizer step per batch):
-  lorakit      lorakit.inject + lorakit.causal_lm_loss (head and cross-entropy fused, as in the trainer)
+  lorakit      lorakit.inject + fuse_forwards + causal_lm_loss (head and cross-entropy fused), as the trainer
   peft         peft.get_peft_model + the model's own loss (model(input_ids, labels=...).loss)
   full         every weight trains, the model's own loss
   lorakit-gc / peft-gc   the same with gradient checkpointing (lorakit-gc under the allocator policy that
@@ -60,6 +60,7 @@ def build(mode: str, device: str, dtype: torch.dtype, seed: int = 0, model_name:
     torch.manual_seed(seed)
     if kind.startswith("lorakit"):
         lorakit.inject(model, lorakit.LoraConfig(r=16, alpha=32, target_modules=targets or TARGETS, dropout=0.0))
+        lorakit.fuse_forwards(model)  # as lorakit train does (train.fused_forwards)
         _randomize_b(model, seed)
         if kind == "lorakit-merged":
             lorakit.merge(model)
@@ -213,7 +214,7 @@ def orchestrate(args) -> dict:
             print(f"PEFT is not installed: leaving out {', '.join(dropped)} (pip install peft)", file=sys.stderr)
 
     def command(mode: str) -> list[str]:
-        cmd = [sys.executable, "-m", "lorakit.benchmark", "--mode", mode, "--steps", str(args.steps)]
+        cmd = [sys.executable, "-m", "lorakit.tools.benchmark", "--mode", mode, "--steps", str(args.steps)]
         cmd += ["--batch", str(args.batch), "--seq", str(args.seq), "--device", args.device, "--dtype", args.dtype]
         return [*cmd, "--model", args.model, "--targets", args.targets]
 
@@ -252,7 +253,7 @@ def render(summary: dict, args, check: dict | None) -> str:
     def ratio(a, b, key):
         return summary[a][key] / summary[b][key] if a in summary and b in summary else None
 
-    from .fastpath import cpu_description
+    from ..fastpath import cpu_description
 
     machine = f"{cpu_description()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
     if args.device.startswith("cuda"):

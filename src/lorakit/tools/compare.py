@@ -21,8 +21,8 @@ import torch
 import yaml
 from torch import nn
 
-from .methods import METHODS
-from .train.config import RunConfig
+from ..methods import METHODS
+from ..train.config import RunConfig
 
 RESULT_NAME = "result.json"
 FIELDS = [
@@ -78,7 +78,9 @@ def run_compare(cfg: RunConfig, methods: list[str], progress: bool = True) -> li
 
 
 def _run_worker(config: Path, name: str, out: Path, progress: bool) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "lorakit.compare", str(config), name, str(out)] + ([] if progress else ["--quiet"])
+    cmd = [sys.executable, "-m", "lorakit.tools.compare", str(config), name, str(out)] + (
+        [] if progress else ["--quiet"]
+    )
     started = time.perf_counter()
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     result_file = out / RESULT_NAME
@@ -122,8 +124,8 @@ def checksum(params: list[torch.Tensor]) -> str:
 
 
 def worker(config_path: Path, name: str, out: Path, progress: bool) -> dict[str, Any]:
-    from .train.config import from_dict
-    from .train.trainer import train
+    from ..train.config import from_dict
+    from ..train.trainer import train
 
     data = yaml.safe_load(config_path.read_text())
     cfg = from_dict(RunConfig, data, "")
@@ -131,7 +133,7 @@ def worker(config_path: Path, name: str, out: Path, progress: bool) -> dict[str,
     cfg.output_dir, cfg.overwrite = str(out), True
     cfg.train.lr, cfg.train.save_every, cfg.train.eval_every = lr, 0, 0
     cfg.train.eval_before = name == cfg.compare.methods[0]
-    from .models import load_model
+    from ..models import load_model
 
     _, tokenizer = load_model(cfg.model)
     method = _Recording(build_method(cfg, name, tokenizer))
@@ -163,7 +165,7 @@ def _peak_memory_mb() -> float:
 
 
 def _counts(model: nn.Module) -> dict[str, Any]:
-    from .adapters import trainable_summary
+    from ..adapters import trainable_summary
 
     s = trainable_summary(model)
     return {"trainable_params": s.trainable, "total_params": s.total, "trainable_percent": s.percent}
@@ -186,10 +188,10 @@ def _artifact_bytes(out: Path) -> int:
 
 def _latency(cfg: RunConfig, trained: nn.Module, name: str) -> dict[str, float | None]:
     """Median forward time of the trained model over a fresh base model's, same batch, same process."""
-    from . import adapters
-    from .data import read_rows, tokenize_rows
-    from .models import load_model
-    from .train.evaluate import pad_id
+    from .. import adapters
+    from ..data import read_rows, tokenize_rows
+    from ..models import load_model
+    from ..train.evaluate import pad_id
 
     base, tokenizer = load_model(cfg.model)
     rows = read_rows(cfg.data.eval or cfg.data.train)[:8]
@@ -206,7 +208,7 @@ def _latency(cfg: RunConfig, trained: nn.Module, name: str) -> dict[str, float |
 
 
 def _collated(examples, pad: int) -> dict[str, torch.Tensor]:
-    from .data import collate
+    from ..data import collate
 
     batch = collate(examples, pad)
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

@@ -1,0 +1,107 @@
+"""Fused training forwards for the modules around LoRA layers: same maths, fewer passes and saved tensors.
+
+An option, not a default of ``inject``: ``lorakit.fuse_forwards(model)`` gives them to a model's LLaMA-style
+gated MLPs and RMS norms (recognised by their forward's bytecode, so Mistral, Qwen2, SmolLM and the other
+copies qualify), ``lorakit train`` calls it, ``print(model)`` shows ``lorakit: fused gated MLP`` /
+``lorakit: fused RMS norm`` on each module it changed (``lorakit.patches``), and ``unload`` takes them away.
+They act only while gradients are on: inference runs the model's own forwards, bit for bit.
+
+- Gated MLP, ``down(silu(gate(x)) * up(x))``: autograd would keep gate, up, ``silu(gate)`` and the product
+  that enters down_proj. Here silu's backward keeps gate and up only, and when down_proj is a LoRA layer on
+  the fused path, its input (``silu(gate) * up``) is recomputed in backward from those same two tensors
+  instead of being kept: two intermediate-size activations fewer per layer (for SmolLM2-135M at 8 x 128
+  tokens, 12.6 MB a layer, 380 MB in all) for one extra elementwise product in backward.
+- RMS norm, ``w * x / sqrt(mean(x^2) + eps)``: one function keeping x and the per-row ``1/sqrt(...)``,
+  with a three-pass backward; autograd's graph of the same expression takes about twice as long on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..patches import patch_forward, patched, remove_patches
+from .base import LoraLayer
+from .kernels import GatedDownLora, RmsNorm, SiluGate
+from .linear import LoraLinear
+
+GATED_MLP = "fused gated MLP"
+RMS_NORM = "fused RMS norm"
+
+
+def fuse_forwards(model: nn.Module) -> list[str]:
+    """Give the LLaMA-style gated MLPs that hold LoRA layers, and the LLaMA-style RMS norms, of ``model`` their
+    fused training forward (same maths, fewer saved tensors; see the module docstring).
+
+    Returns the paths of every module that now runs a fused forward (also those fused before). ``unload``,
+    or ``unfuse_forwards``, gives them their own forwards back.
+    """
+    for module in model.modules():
+        if _is_llama_style_mlp(module) and _holds_lora(module):
+            patch_forward(module, _gated_mlp_forward, GATED_MLP)
+        elif _is_llama_style_rms_norm(module):
+            patch_forward(module, _rms_norm_forward, RMS_NORM)
+    return patched(model, GATED_MLP) + patched(model, RMS_NORM)
+
+
+def unfuse_forwards(model: nn.Module) -> int:
+    """Give every fused module its own forward back; returns how many."""
+    return remove_patches(model, GATED_MLP) + remove_patches(model, RMS_NORM)
+
+
+def _holds_lora(module: nn.Module) -> bool:
+    return any(isinstance(module._modules.get(n), LoraLayer) for n in ("gate_proj", "up_proj", "down_proj"))
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
+
+
+def _gated_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """LlamaMLP's forward, ``down(silu(gate(x)) * up(x))``, with fewer tensors kept for backward."""
+    if not torch.is_grad_enabled():
+        return type(self).forward(self, x)
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    if gate.dtype != up.dtype or gate.shape != up.shape:
+        return self.down_proj(self.act_fn(gate) * up)
+    down = self.down_proj
+    name = down.fast_path_adapter(gate, (), {}) if type(down) is LoraLinear and not _has_hooks(down) else None
+    if name is None:
+        return down(SiluGate.apply(gate, up))
+    base = down.base_layer
+    a, b = down.lora_A[name].weight, down.lora_B[name].weight
+    return GatedDownLora.apply(gate, up, base.weight, base.bias, a, b, down.scaling[name])
+
+
+def _is_llama_style_mlp(module: nn.Module) -> bool:
+    """A module whose forward is exactly LlamaMLP's (same bytecode and names) with a SiLU activation."""
+    from transformers.activations import SiLUActivation
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    return _same_forward(module, LlamaMLP) and isinstance(getattr(module, "act_fn", None), nn.SiLU | SiLUActivation)
+
+
+def _same_forward(module: nn.Module, reference: type) -> bool:
+    forward = getattr(type(module), "forward", None)
+    code, ref = getattr(forward, "__code__", None), reference.forward.__code__
+    return code is not None and code.co_code == ref.co_code and code.co_names == ref.co_names
+
+
+def _rms_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    weight = self.weight
+    if not torch.is_grad_enabled() or not (x.dtype == weight.dtype == torch.float32) or _has_hooks(self):
+        return type(self).forward(self, x)
+    return RmsNorm.apply(x, weight, float(self.variance_epsilon))
+
+
+def _is_llama_style_rms_norm(module: nn.Module) -> bool:
+    """A module whose forward is exactly LlamaRMSNorm's, with a 1-D weight and an epsilon."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    weight = getattr(module, "weight", None)
+    return (
+        _same_forward(module, LlamaRMSNorm)
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 1
+        and isinstance(getattr(module, "variance_epsilon", None), float | int)
+    )

@@ -1,0 +1,80 @@
+"""The server's parts on their own, without a process or an engine: formatters, admission, error bodies."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from lorakit.serve import formatters
+from lorakit.serve.engine import Event
+from lorakit.serve.formatters import Reply
+from lorakit.serve.handlers import check_admission
+from lorakit.serve.schemas import ApiError, ChatBody, CompletionBody, Message, ServeLimits, error_body
+
+
+def test_completion_prompts_take_text_ids_and_lists_and_name_bad_ids(tiny_tokenizer):
+    text = formatters.completion_prompts("the colour", tiny_tokenizer)
+    assert text == [tiny_tokenizer("the colour")["input_ids"]]
+    assert formatters.completion_prompts([3, 4], tiny_tokenizer) == [[3, 4]]
+    assert formatters.completion_prompts([[3], [4, 5]], tiny_tokenizer) == [[3], [4, 5]]
+    with pytest.raises(ApiError, match=r"token ids \[99999\] are outside the vocabulary") as err:
+        formatters.completion_prompts([[1, 99999]], tiny_tokenizer)
+    assert err.value.status == 400 and err.value.param == "prompt"
+    with pytest.raises(ApiError, match="prompt is empty"):
+        formatters.completion_prompts("", tiny_tokenizer)
+
+
+def test_chat_prompt_renders_developer_as_system_and_refuses_empty_chats():
+    seen = {}
+
+    class Tokenizer:
+        chat_template = "x"
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            seen["messages"] = messages
+            return "rendered"
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [7, 8]}
+
+    ids = formatters.chat_prompt([Message(role="developer", content="be brief")], Tokenizer())
+    assert ids == [7, 8] and seen["messages"] == [{"role": "system", "content": "be brief"}]
+    with pytest.raises(ApiError, match="every message is empty"):
+        formatters.chat_prompt([Message(role="user", content="")], Tokenizer())
+
+
+def test_response_and_chunks_have_openais_shapes():
+    chat = Reply("chatcmpl-1", "a", chat=True, n=1, include_usage=True)
+    body = formatters.response(chat, ["hi"], ["stop"], 3, 1)
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": "hi",
+    }
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+    opening = json.loads(formatters.opening_chunk(chat, 2).removeprefix("data: "))
+    assert [c["delta"] for c in opening["choices"]] == [{"role": "assistant", "content": ""}] * 2
+    assert opening["object"] == "chat.completion.chunk" and "usage" in opening
+    text = Reply("cmpl-1", "b", chat=False, n=1)
+    part = json.loads(formatters.event_chunk(text, 0, Event(text="yo", finish_reason="length")).removeprefix("data: "))
+    assert part["choices"] == [{"index": 0, "text": "yo", "finish_reason": "length", "logprobs": None}]
+    assert "usage" not in part and part["object"] == "text_completion"
+    error = json.loads(formatters.error_chunk(Event(error="timed out", error_status=408)).removeprefix("data: "))
+    assert error == error_body(408, "timed out") and error["error"]["type"] == "invalid_request_error"
+
+
+def test_admission_names_the_limit_and_the_field():
+    state = SimpleNamespace(limits=ServeLimits(max_tokens=10, max_n=2), context_length=20)
+    body = CompletionBody(model="m", prompt="x")
+    check_admission(state, body, [[1, 2]], 10)
+    with pytest.raises(ApiError, match="max_tokens=11 exceeds this server's limit of 10") as err:
+        check_admission(state, body, [[1, 2]], 11)
+    assert err.value.param == "max_tokens"
+    with pytest.raises(ApiError, match="n x prompts = 3 exceeds the limit of 2"):
+        check_admission(state, CompletionBody(model="m", prompt="x", n=3), [[1]], 5)
+    with pytest.raises(ApiError, match="exceeds the model's context length of 20") as err:
+        check_admission(state, body, [[1] * 15], 6)
+    assert err.value.code == "context_length_exceeded"
+    with pytest.raises(ApiError, match="stop takes up to 16 non-empty strings"):
+        check_admission(state, ChatBody(model="m", messages=[{"role": "user", "content": "q"}], stop=[""]), [[1]], 5)
