@@ -10,6 +10,7 @@ from . import bench as bench_cmd
 from . import combine as combine_cmd
 from . import compare as compare_cmd
 from . import eval as eval_cmd
+from . import export as export_cmd
 from . import generate as generate_cmd
 from . import inspect as inspect_cmd
 from . import merge as merge_cmd
@@ -21,6 +22,7 @@ SUBCOMMANDS = {
     "eval": eval_cmd,
     "generate": generate_cmd,
     "merge": merge_cmd,
+    "export": export_cmd,
     "combine": combine_cmd,
     "inspect": inspect_cmd,
     "compare": compare_cmd,
