@@ -190,3 +190,77 @@ def test_without_the_rotary_permutation_llama_cpp_disagrees(default_adapter, tmp
     bad = export_adapter(default_adapter, tmp_path / "bad.gguf").parity
     # seen: 80.3 % and a logit gap of 12.4, against 97.4 % and 2.1
     assert bad.agreement < good.agreement - 0.1 and bad.max_logit_diff > 3 * good.max_logit_diff, (good, bad)
+
+
+# ----- --format vllm ------------------------------------------------------------------------------------------
+def _tiny_adapter(tiny_lm_dir, directory, **lora):
+    model, _ = lorakit.load_model(tiny_lm_dir)
+    torch.manual_seed(1)
+    lorakit.inject(
+        model, lorakit.LoraConfig(**{"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"], **lora})
+    )
+    randomize_adapters(model, seed=2, scale=0.3)
+    lorakit.save_adapter(model, directory)
+    return model
+
+
+def test_vllm_export_folds_per_layer_ranks_and_scalings_exactly(tiny_lm_dir, tmp_path, capsys):
+    import json
+
+    lora = {"rank_pattern": {"down_proj": 8}, "alpha_pattern": {"v_proj": 3.0}, "use_rslora": True}
+    original = _tiny_adapter(tiny_lm_dir, tmp_path / "a", **lora)
+    args = ["export", "--adapter", str(tmp_path / "a"), "--model", str(tiny_lm_dir), "--format", "vllm"]
+    assert (
+        main([*args, "--out", str(tmp_path / "v"), "--report", str(tmp_path / "r.json"), "--min-agreement", "1"]) == 0
+    )
+    err = capsys.readouterr().err
+    assert "padded every layer to rank 8" in err and "folded each layer's scaling" in err
+    assert "--enable-lora --max-lora-rank 8 --lora-modules v=" in err
+    written = json.loads((tmp_path / "v" / "adapter_config.json").read_text())
+    assert written["r"] == 8 and not written["rank_pattern"] and not written["alpha_pattern"]
+    assert written["use_rslora"] is False and written["lora_alpha"] == 8
+    parity = json.loads((tmp_path / "r.json").read_text())["adapter"]
+    assert parity["agreement"] == 1.0 and parity["max_logit_diff"] < 1e-4, parity  # PEFT reads it as vLLM does
+    reloaded, _ = lorakit.load_model(tiny_lm_dir)  # and lorakit reads the plain rank-8 adapter the same
+    lorakit.load_adapter(reloaded, tmp_path / "v")
+    ids = torch.randint(1, 50, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_close(reloaded(ids).logits, original(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("lora", "message"),
+    [
+        ({"use_dora": True}, "DoRA \\(vLLM does not support it\\): merge"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save \\['lm_head'\\] \\(vLLM serves LoRA A/B only\\)"),
+        ({"bias": "lora_only"}, "bias='lora_only' \\(vLLM does not load adapter biases\\)"),
+        ({"r": 520}, "rank 520 exceeds vLLM's largest --max-lora-rank 512; retrain with a lower r, or merge"),
+    ],
+)
+def test_vllm_export_refuses_what_vllm_refuses(tiny_lm_dir, tmp_path, lora, message):
+    from lorakit.export.vllm import export_vllm
+
+    with pytest.warns(UserWarning) if lora.get("r", 0) > 32 else _no_warning():
+        _tiny_adapter(tiny_lm_dir, tmp_path / "a", **lora)
+    with pytest.raises(ValueError, match=message):
+        export_vllm(tmp_path / "a", tmp_path / "v")
+    assert not (tmp_path / "v").exists() and not list(tmp_path.glob(".v.*"))
+
+
+def test_vllm_export_keeps_an_existing_directory_without_overwrite(tiny_lm_dir, tmp_path):
+    from lorakit.export.vllm import export_vllm
+
+    _tiny_adapter(tiny_lm_dir, tmp_path / "a")
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "mine.txt").write_text("keep")
+    with pytest.raises(ValueError, match="already exists; pass --overwrite"):
+        export_vllm(tmp_path / "a", tmp_path / "v")
+    assert (tmp_path / "v" / "mine.txt").read_text() == "keep"
+    result = export_vllm(tmp_path / "a", tmp_path / "v", overwrite=True)
+    assert result.fixes == [] and result.max_lora_rank == 8 and not (tmp_path / "v" / "mine.txt").exists()
+
+
+def _no_warning():
+    import contextlib
+
+    return contextlib.nullcontext()

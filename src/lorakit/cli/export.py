@@ -1,7 +1,10 @@
-"""Export an adapter for a deployment runtime and check it there: `--format gguf-lora` writes a llama.cpp / Ollama
-LoRA adapter that runs over the original GGUF base, then runs it in llama.cpp (llama-cpp-python) beside
-lorakit's own adapted model and reports greedy agreement, the largest logit difference and, for prompt files
-with answers, both sides' exact match.
+"""Export an adapter for a deployment runtime and check it there.
+
+`--format gguf-lora` writes a llama.cpp / Ollama LoRA adapter that runs over the original GGUF base, then runs
+it in llama.cpp (llama-cpp-python) beside lorakit's own adapted model and reports greedy-token agreement, the
+largest logit difference and, for prompt files with answers, both sides' exact match. `--format vllm` writes an
+adapter directory within vLLM's LoRA constraints (exact fixes applied and named, the rest refused with the way
+out), checks it read back by PEFT as vLLM reads it, and prints the `vllm serve` line.
 """
 
 from __future__ import annotations
@@ -9,15 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-HELP = "export an adapter for llama.cpp / Ollama (GGUF LoRA) and check it in llama.cpp"
+HELP = "export an adapter for llama.cpp / Ollama (GGUF LoRA) or vLLM, and check the result"
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", required=True, help="adapter directory (PEFT or lorakit format)")
     parser.add_argument("--model", default="default", help="base model: HF directory, .gguf file or 'default'")
-    parser.add_argument("--format", dest="fmt", required=True, choices=("gguf-lora",), help="what to write")
-    parser.add_argument("--out", required=True, help="the file to write (for gguf-lora: a .gguf file)")
+    parser.add_argument("--format", dest="fmt", required=True, choices=("gguf-lora", "vllm"), help="what to write")
+    parser.add_argument("--out", required=True, help="what to write: a .gguf file (gguf-lora) or a directory (vllm)")
     parser.add_argument("--dtype", default="f32", choices=("f32", "f16"), help="dtype of the A and B tensors")
     parser.add_argument("--base-gguf", help="the GGUF base for the check (default: --model when it is GGUF)")
     parser.add_argument("--prompts", help="data file whose rows' prompts (and answers) the check uses")
@@ -52,10 +56,13 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     print(result.artifact.describe(), file=sys.stderr)
-    print(
-        f"run it: llama-cli -m BASE.gguf --lora {args.out}   (Ollama: ADAPTER {args.out} in a Modelfile)",
-        file=sys.stderr,
-    )
+    if args.fmt == "vllm":
+        print(f"run it: {result.artifact.command(Path(args.out).name)}", file=sys.stderr)
+    else:
+        print(
+            f"run it: llama-cli -m BASE.gguf --lora {args.out}   (Ollama: ADAPTER {args.out} in a Modelfile)",
+            file=sys.stderr,
+        )
     if result.parity is None:
         return 0
     print(result.parity.describe(), file=sys.stderr)

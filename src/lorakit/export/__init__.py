@@ -1,8 +1,9 @@
 """Exporting adapters to the runtimes people deploy on, each export checked by that runtime (``lorakit export``).
 
-Formats: ``gguf-lora`` (``gguf_lora``): a llama.cpp / Ollama LoRA adapter over the original GGUF base. Every
-export is followed by a parity report (``parity``): the artifact run in llama.cpp against lorakit's own
-adapted model on the same prompts.
+Formats: ``gguf-lora`` (``gguf_lora``): a llama.cpp / Ollama LoRA adapter over the original GGUF base;
+``vllm`` (``vllm``): an adapter directory within vLLM's LoRA constraints. Every export is followed by a parity
+report (``parity``): the artifact run by another implementation (llama.cpp; PEFT for the vLLM directory, read
+as vLLM reads it) against lorakit's own adapted model on the same prompts.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from ..data import Example, read_rows, tokenize_row
 from ..io import load_adapter
 from ..models import DEFAULT_MODEL, default_gguf, load_model, resolve_model_dir
 from .gguf_lora import GgufLoraExport, export_gguf_lora
-from .parity import ParityReport, llama_cpp_parity
+from .parity import ParityReport, llama_cpp_parity, peft_parity
+from .vllm import VllmExport, export_vllm
 
-FORMATS = ("gguf-lora",)
+FORMATS = ("gguf-lora", "vllm")
 # Chat prompts for the parity check when no --prompts file is given.
 BUILTIN_PROMPTS = (
     "What is the capital of France?",
@@ -28,12 +30,20 @@ BUILTIN_PROMPTS = (
     "Translate 'good morning' into French.",
 )
 
-__all__ = ["FORMATS", "ExportResult", "GgufLoraExport", "ParityReport", "export_adapter", "parity_examples"]
+__all__ = [
+    "FORMATS",
+    "ExportResult",
+    "GgufLoraExport",
+    "ParityReport",
+    "VllmExport",
+    "export_adapter",
+    "parity_examples",
+]
 
 
 @dataclass
 class ExportResult:
-    artifact: GgufLoraExport
+    artifact: GgufLoraExport | VllmExport
     parity: ParityReport | None
     base_parity: ParityReport | None = None  # the base GGUF alone, when asked for: what the adapter changes
 
@@ -68,6 +78,8 @@ def export_adapter(
 
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r} is not supported; use one of {', '.join(FORMATS)}")
+    if fmt == "vllm":
+        return _export_vllm(adapter_dir, out, model, prompts, max_prompts, max_new_tokens, parity, overwrite)
     gguf_base = _gguf_base(model, base_gguf) if parity else None
     config = AutoConfig.from_pretrained(resolve_model_dir(model))
     artifact = export_gguf_lora(adapter_dir, config, out, dtype=dtype, overwrite=overwrite)
@@ -83,6 +95,25 @@ def export_adapter(
         plain, _ = load_model(model)
         base_report = llama_cpp_parity(plain, examples, gguf_base, None, stop_ids=stops, max_new_tokens=max_new_tokens)
     return ExportResult(artifact, report, base_report)
+
+
+def _export_vllm(adapter_dir, out, model, prompts, max_prompts, max_new_tokens, parity, overwrite) -> ExportResult:
+    artifact = export_vllm(adapter_dir, out, overwrite=overwrite)
+    if not parity:
+        return ExportResult(artifact, None)
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ValueError("the vLLM export's check reads it with PEFT: pip install peft, or pass --no-parity") from None
+    adapted, tokenizer = load_model(model)
+    load_adapter(adapted, adapter_dir)
+    base, _ = load_model(model)
+    reference = PeftModel.from_pretrained(base, str(out))
+    examples = parity_examples(tokenizer, prompts, max_prompts)
+    stops = _stop_ids(adapted, tokenizer)
+    return ExportResult(
+        artifact, peft_parity(adapted, examples, reference, stop_ids=stops, max_new_tokens=max_new_tokens)
+    )
 
 
 def _gguf_base(model: str, base_gguf: str | os.PathLike | None) -> Path:

@@ -160,3 +160,28 @@ def _teacher_forced(llm, prompt: list[int], tokens: list[int], ours: list[np.nda
     theirs = llm.scores[start : start + len(tokens)]
     gap = max(float(np.abs(theirs[i] - ours[i]).max()) for i in range(len(tokens)))
     return gap, sum(int(np.argmax(theirs[i])) == token for i, token in enumerate(tokens))
+
+
+def peft_parity(
+    model: nn.Module, examples: list[Example], reference: nn.Module, *, stop_ids: set[int], max_new_tokens: int = 16
+) -> ParityReport:
+    """Decode ``examples`` greedily in lorakit (``model``) and in ``reference`` (a PEFT model over the same base
+    with the exported adapter: PEFT reads the file as vLLM does, one scaling for every layer) and compare."""
+    import peft
+
+    same = matched = compared = 0
+    worst = 0.0
+    model.eval()
+    reference.eval()
+    for example in examples:
+        prompt = example.prompt_ids
+        ours, our_logits = _lorakit_greedy(model, prompt, max_new_tokens, stop_ids)
+        theirs, _ = _lorakit_greedy(reference, prompt, max_new_tokens, stop_ids)
+        same += ours == theirs
+        with torch.no_grad():
+            forced = reference(input_ids=torch.tensor([prompt + ours[:-1]])).logits[0, len(prompt) - 1 :].float()
+        worst = max(worst, max(float(np.abs(forced[i].numpy() - our_logits[i]).max()) for i in range(len(ours))))
+        matched += sum(int(forced[i].argmax()) == token for i, token in enumerate(ours))
+        compared += len(ours)
+    runtime = f"PEFT {peft.__version__} (vLLM's reading of the file: one scaling for every layer)"
+    return ParityReport(runtime, len(examples), matched / compared, worst, same / len(examples), compared)
