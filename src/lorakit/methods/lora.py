@@ -8,7 +8,8 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..inject import inject
-from ..io import CONFIG_NAME, read_adapter, save_adapter
+from ..io import CONFIG_NAME, adapter_tensors, read_adapter, save_adapter
+from ..state import registry
 
 
 class LoraMethod:
@@ -25,9 +26,6 @@ class LoraMethod:
 
     def restore(self, prepared: nn.Module, directory: Path) -> nn.Module:
         import torch
-
-        from ..io import adapter_tensors
-        from ..state import registry
 
         if not (directory / CONFIG_NAME).is_file():
             raise ValueError(f"{directory} holds no adapter")

@@ -39,6 +39,8 @@ import time
 
 import torch
 
+from ..fastpath import cpu_description
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TRAIN_MODES = ["lorakit", "peft", "full", "lorakit-gc", "peft-gc"]
 EXTRA_MODES = ["lorakit-lean", "peft-lowrss", "lorakit-hf-loss"]
@@ -252,8 +254,6 @@ def alternate_in_processes(modes: list[str], rounds: int, command, env: dict[str
 def render(summary: dict, args, check: dict | None) -> str:
     def ratio(a, b, key):
         return summary[a][key] / summary[b][key] if a in summary and b in summary else None
-
-    from ..fastpath import cpu_description
 
     machine = f"{cpu_description()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
     if args.device.startswith("cuda"):
