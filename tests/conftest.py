@@ -201,10 +201,20 @@ def steerable_lm_dir(tmp_path_factory, tiny_tokenizer):
     return save_tiny_lm(tmp_path_factory.mktemp("steerable-lm"), tiny_tokenizer, initializer_range=0.2)
 
 
-def save_tiny_lm(directory, tiny_tokenizer, family: str = "llama", **extra):
-    """Save a tiny random causal LM of ``family`` (``llama`` or ``opt``) with the tiny tokenizer."""
+def tiny_opt(**extra) -> nn.Module:
+    """A tiny random OPT: its decoder runs the MLP on the rows flattened with their tokens (batch * tokens)."""
     from transformers import OPTConfig, OPTForCausalLM
 
+    settings = dict(
+        vocab_size=VOCAB, hidden_size=16, ffn_dim=32, word_embed_proj_dim=16, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=64, dropout=0.0,
+    )  # fmt: skip
+    settings.update(extra)
+    return OPTForCausalLM(OPTConfig(**settings))
+
+
+def save_tiny_lm(directory, tiny_tokenizer, family: str = "llama", **extra):
+    """Save a tiny random causal LM of ``family`` (``llama`` or ``opt``) with the tiny tokenizer."""
     torch.manual_seed(0)
     settings = dict(
         vocab_size=len(tiny_tokenizer),
@@ -217,8 +227,8 @@ def save_tiny_lm(directory, tiny_tokenizer, family: str = "llama", **extra):
         tie_word_embeddings=False,
     )
     if family == "opt":  # its decoder runs the MLP on the rows flattened with their tokens
-        opt = {"ffn_dim": 64, "word_embed_proj_dim": 32, "bos_token_id": tiny_tokenizer.bos_token_id}
-        model = OPTForCausalLM(OPTConfig(**{**settings, **opt, **extra}))
+        opt = {"ffn_dim": 64, "word_embed_proj_dim": 32, "bos_token_id": tiny_tokenizer.bos_token_id, "dropout": 0.1}
+        model = tiny_opt(**{**settings, **opt, **extra})
     else:
         model = LlamaForCausalLM(
             LlamaConfig(**{**settings, "intermediate_size": 64, "num_key_value_heads": 2, **extra})

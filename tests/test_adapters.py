@@ -7,7 +7,7 @@ from torch.testing import assert_close
 import lorakit
 from lorakit.layers import LoraLayer, ModulesToSave
 
-from .conftest import FAMILIES, randomize_adapters
+from .conftest import FAMILIES, randomize_adapters, tiny_opt
 
 
 def _two_adapters(family):
@@ -190,19 +190,7 @@ def test_trainable_summary_counts():
 
 
 def _opt():
-    from transformers import OPTConfig, OPTForCausalLM
-
-    config = OPTConfig(
-        vocab_size=64,
-        hidden_size=16,
-        ffn_dim=32,
-        word_embed_proj_dim=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=64,
-        dropout=0.0,  # the training test compares two forwards
-    )
-    return OPTForCausalLM(config).eval(), ["q_proj", "v_proj", "fc1", "fc2"]
+    return tiny_opt().eval(), ["q_proj", "v_proj", "fc1", "fc2"]
 
 
 def _gpt2():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -240,7 +241,7 @@ def test_vllm_export_folds_per_layer_ranks_and_scalings_exactly(tiny_lm_dir, tmp
 def test_vllm_export_refuses_what_vllm_refuses(tiny_lm_dir, tmp_path, lora, message):
     from lorakit.export.vllm import export_vllm
 
-    with pytest.warns(UserWarning) if lora.get("r", 0) > 32 else _no_warning():
+    with pytest.warns(UserWarning) if lora.get("r", 0) > 32 else contextlib.nullcontext():
         _tiny_adapter(tiny_lm_dir, tmp_path / "a", **lora)
     with pytest.raises(ValueError, match=message):
         export_vllm(tmp_path / "a", tmp_path / "v")
@@ -258,9 +259,3 @@ def test_vllm_export_keeps_an_existing_directory_without_overwrite(tiny_lm_dir, 
     assert (tmp_path / "v" / "mine.txt").read_text() == "keep"
     result = export_vllm(tmp_path / "a", tmp_path / "v", overwrite=True)
     assert result.fixes == [] and result.max_lora_rank == 8 and not (tmp_path / "v" / "mine.txt").exists()
-
-
-def _no_warning():
-    import contextlib
-
-    return contextlib.nullcontext()

@@ -70,7 +70,8 @@ def is_cpu_packed(layer: nn.Module) -> bool:
 def keep_plain_layout(layer: nn.Module) -> None:
     """Put a 4-bit layer back on the plain layout and stop bitsandbytes from repacking it.
 
-    Called for every layer lorakit quantizes or wraps with LoRA. ``support_avx512bf16_for_cpu`` is the
+    Called by ``quantize`` for each layer it makes and by ``inject`` for every 4-bit layer of the model, wrapped
+    or not (gradients must pass through all of them). ``support_avx512bf16_for_cpu`` is the
     attribute ``Linear4bit.forward`` reads to decide on repacking. A weight already packed is rewritten in
     the plain layout by hand: bitsandbytes 0.50's own inverse (``_convert_weight_packed_for_cpu_inverse``)
     is private, re-quantizes nf4's scales, and leaves unquantized scales in the packed table's transposed

@@ -240,6 +240,12 @@ def _check_messages(messages: Any, where: str) -> None:
             )
 
 
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of ``messages`` rendered by the chat template with the assistant turn opened (what a model
+    answers from); the template's own special tokens only, none added by the tokenizer."""
+    return _encode(tokenizer, _render(tokenizer, messages, add_generation_prompt=True))
+
+
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
     if not messages:
         return ""

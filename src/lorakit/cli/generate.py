@@ -58,5 +58,6 @@ def prompt_ids(tokenizer, prompt: str | None, chat: str | None, system: str | No
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model's tokenizer has no chat template; use --prompt")
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": chat}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    from ..data import chat_prompt_ids
+
+    return chat_prompt_ids(tokenizer, messages)

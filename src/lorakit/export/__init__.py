@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import Example, read_rows, tokenize_row
+from ..data import Example, chat_prompt_ids, read_rows, tokenize_row
 from ..io import load_adapter
 from ..models import DEFAULT_MODEL, default_gguf, load_model, resolve_model_dir
 from .gguf_lora import GgufLoraExport, export_gguf_lora
@@ -146,8 +146,7 @@ def parity_examples(tokenizer, prompts: str | os.PathLike | None, limit: int) ->
     examples = []
     for where, row in rows[:limit]:
         if "messages" in row and row["messages"] and row["messages"][-1].get("role") == "user":
-            text = tokenizer.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=False)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = chat_prompt_ids(tokenizer, row["messages"])
             examples.append(Example(ids, list(ids), len(ids), len(ids)))
             continue
         example, _ = tokenize_row(row, where, tokenizer, completion_only=True)

@@ -99,7 +99,7 @@ def llama_cpp_parity(
         prompt = example.prompt_ids
         answer = example.input_ids[example.answer_start : example.answer_end] if example.reference else None
         steps = len(answer) if answer else max_new_tokens
-        ours, our_logits = _lorakit_greedy(model, prompt, steps, stop_ids)
+        ours, our_logits = _greedy(model, prompt, steps, stop_ids)
         theirs = _llama_greedy(llm, prompt, steps, stop_ids)
         same += ours == theirs
         gap, hits = _teacher_forced(llm, prompt, ours, our_logits)
@@ -119,8 +119,9 @@ def llama_cpp_parity(
 
 
 @torch.no_grad()
-def _lorakit_greedy(model: nn.Module, prompt: list[int], steps: int, stop_ids: set[int]):
-    """Greedy tokens (up to and including a stop token) and the logits that chose each of them."""
+def _greedy(model: nn.Module, prompt: list[int], steps: int, stop_ids: set[int]):
+    """Greedy tokens of a transformers-style causal LM (lorakit's, or PEFT's reading of an export), up to and
+    including a stop token, and the logits that chose each of them."""
     ids = torch.tensor([prompt])
     tokens: list[int] = []
     logits: list[np.ndarray] = []
@@ -175,8 +176,8 @@ def peft_parity(
     reference.eval()
     for example in examples:
         prompt = example.prompt_ids
-        ours, our_logits = _lorakit_greedy(model, prompt, max_new_tokens, stop_ids)
-        theirs, _ = _lorakit_greedy(reference, prompt, max_new_tokens, stop_ids)
+        ours, our_logits = _greedy(model, prompt, max_new_tokens, stop_ids)
+        theirs, _ = _greedy(reference, prompt, max_new_tokens, stop_ids)
         same += ours == theirs
         with torch.no_grad():
             forced = reference(input_ids=torch.tensor([prompt + ours[:-1]])).logits[0, len(prompt) - 1 :].float()

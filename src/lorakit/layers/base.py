@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .._bnb import float_dtype, is_quantized, keep_plain_layout, quant_method
+from .._bnb import float_dtype, is_quantized, quant_method
 from .routing import Routing
 from .variants import LoraVariant, variants_for
 
@@ -45,7 +45,6 @@ class LoraLayer(BaseWrapper):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
-        keep_plain_layout(base_layer)  # a 4-bit base must stay trainable and readable (lorakit._bnb)
         self.base_layer = base_layer
         self.lora_dropout = nn.ModuleDict()
         self.r: dict[str, int] = {}

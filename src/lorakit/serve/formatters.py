@@ -10,6 +10,7 @@ import json
 import time
 from dataclasses import dataclass, field
 
+from ..data import chat_prompt_ids
 from .engine import Event
 from .schemas import ApiError, Message, error_body
 
@@ -69,10 +70,9 @@ def chat_prompt(messages: list[Message], tokenizer) -> list[int]:
     if not any(m["content"] for m in rendered):
         raise ApiError(400, "every message is empty; send some text", param="messages")
     try:
-        text = tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True)
+        ids = chat_prompt_ids(tokenizer, rendered)
     except Exception as err:  # the template's own checks (role order, ...) speak in jinja exceptions
         raise ApiError(400, f"the chat template refused these messages: {err}", param="messages") from None
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ApiError(400, "the rendered chat prompt is empty", param="messages")
     return ids

@@ -146,9 +146,14 @@ def check_admission(state: ServerState, body: GenerationBody, prompts: list[list
                 param="max_tokens",
                 code="context_length_exceeded",
             )
-    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    stops = stop_strings(body)
     if len(stops) > 16 or any(not s for s in stops):
         raise ApiError(400, "stop takes up to 16 non-empty strings", param="stop")
+
+
+def stop_strings(body: GenerationBody) -> list[str]:
+    """The request's ``stop``, one string or a list, as a list."""
+    return [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
 
 
 def submit(
@@ -156,7 +161,7 @@ def submit(
 ) -> list[EngineRequest]:
     """One engine request per (prompt, choice), its events sent to ``queue`` as (choice index, event)."""
     loop = asyncio.get_running_loop()
-    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    stops = stop_strings(body)
     requests: list[EngineRequest] = []
     for p, ids in enumerate(prompts):
         for k in range(body.n):
