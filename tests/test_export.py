@@ -220,7 +220,7 @@ def test_vllm_export_folds_per_layer_ranks_and_scalings_exactly(tiny_lm_dir, tmp
     written = json.loads((tmp_path / "v" / "adapter_config.json").read_text())
     assert written["r"] == 8 and not written["rank_pattern"] and not written["alpha_pattern"]
     assert written["use_rslora"] is False and written["lora_alpha"] == 8
-    parity = json.loads((tmp_path / "r.json").read_text())["adapter"]
+    parity = json.loads((tmp_path / "r.json").read_text())["peft"]
     assert parity["agreement"] == 1.0 and parity["max_logit_diff"] < 1e-4, parity  # PEFT reads it as vLLM does
     reloaded, _ = lorakit.load_model(tiny_lm_dir)  # and lorakit reads the plain rank-8 adapter the same
     lorakit.load_adapter(reloaded, tmp_path / "v")
@@ -259,3 +259,182 @@ def test_vllm_export_keeps_an_existing_directory_without_overwrite(tiny_lm_dir, 
     assert (tmp_path / "v" / "mine.txt").read_text() == "keep"
     result = export_vllm(tmp_path / "a", tmp_path / "v", overwrite=True)
     assert result.fixes == [] and result.max_lora_rank == 8 and not (tmp_path / "v" / "mine.txt").exists()
+
+
+# ----- --format gguf (merged) and --format ollama: the files, read back by transformers' GGUF loader -----------
+def _reread(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def merged_default(default_adapter):
+    """lorakit's adapted embedded model, merged in float32, and a probe batch."""
+    model, tokenizer = lorakit.load_model("default")
+    lorakit.load_adapter(model, default_adapter)
+    ids = torch.tensor([tokenizer("The capital of France is Paris, and the capital of Spain is")["input_ids"]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    return logits, ids
+
+
+@pytest.mark.parametrize("dtype, gap, top1", [("f16", 0.1, 1.0), ("q8_0", 2.5, 0.9)])
+def test_merged_gguf_reads_back_in_transformers_like_lorakit(
+    default_adapter, merged_default, tmp_path, dtype, gap, top1
+):
+    from lorakit.models import default_gguf
+
+    out = tmp_path / f"merged-{dtype}.gguf"
+    args = ["export", "--adapter", str(default_adapter), "--format", "gguf", "--dtype", dtype, "--out", str(out)]
+    assert main([*args, "--no-parity"]) == 0
+    fields, _ = _read(out)
+    base_fields, _ = _read(default_gguf())
+    for key in ("tokenizer.chat_template", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.pre", "llama.block_count"):
+        assert str(fields[key]) == str(base_fields[key]), key
+    reader = GGUFReader(str(out))
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds["blk.0.attn_norm.weight"] == "F32" and kinds["blk.0.attn_q.weight"] == dtype.upper()
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == len(
+        GGUFReader(str(default_gguf())).fields["tokenizer.ggml.tokens"].data
+    )
+    expected, ids = merged_default
+    with torch.no_grad():
+        logits = _reread(out)(input_ids=ids).logits
+    # seen: f16 0.04, q8_0 1.2 (on logits spanning about 40), the top-1 token unchanged at every position
+    assert (logits - expected).abs().max() < gap
+    assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() >= top1
+
+
+def test_merged_gguf_refuses_another_base_and_bad_options(tmp_path, capsys):
+    _, _, tiny = _adapter(tmp_path)  # trained on a tiny LLaMA, not the embedded model
+    out = tmp_path / "m.gguf"
+    base = ["export", "--adapter", str(tiny), "--out", str(out), "--no-parity"]
+    assert main([*base, "--format", "gguf"]) == 2
+    assert "does not fit this model" in capsys.readouterr().err
+    assert main([*base, "--format", "gguf-lora"]) == 2
+    assert "does not fit this base" in capsys.readouterr().err
+    assert main([*base, "--format", "gguf-lora", "--dtype", "q8_0"]) == 2
+    assert "--dtype 'q8_0' is not available for --format gguf-lora; use one of f32, f16" in capsys.readouterr().err
+    assert main([*base, "--format", "gguf", "--merged"]) == 2
+    assert "--merged applies to --format ollama" in capsys.readouterr().err
+    assert main([*base, "--format", "vllm", "--dtype", "f16"]) == 2
+    assert "--dtype does not apply to --format vllm" in capsys.readouterr().err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(("m.gguf", ".m.gguf"))]
+
+
+def test_merged_gguf_checks_the_model_against_the_base_gguf(tmp_path):
+    from lorakit.export.gguf_model import export_gguf_model
+    from lorakit.models import default_gguf
+
+    model = LlamaForCausalLM(_llama_config())  # a LLaMA, but not the embedded one's shapes
+    with pytest.raises(ValueError, match="does not match the base GGUF .* belongs to another base"):
+        export_gguf_model(model, default_gguf(), tmp_path / "x.gguf")
+    assert not list(tmp_path.iterdir())
+
+
+def _modelfile(path) -> list[tuple[str, str]]:
+    """(instruction, argument) pairs, read with the Modelfile syntax Ollama documents: one instruction per line,
+    an argument in triple quotes may span lines."""
+    text, pairs = path.read_text(), []
+    while text.strip():
+        text = text.lstrip()
+        instruction, _, rest = text.partition(" ")
+        if rest.startswith('"""'):
+            argument, _, text = rest[3:].partition('"""')
+        else:
+            argument, _, text = rest.partition("\n")
+        pairs.append((instruction, argument))
+    return pairs
+
+
+def test_ollama_directory_holds_base_adapter_and_modelfile(default_adapter, tmp_path, capsys):
+    from lorakit.models import default_gguf
+
+    out = tmp_path / "dates-model"
+    args = ["export", "--adapter", str(default_adapter), "--format", "ollama", "--out", str(out), "--no-parity"]
+    assert main(args) == 0
+    assert f"ollama create dates-model -f {out / 'Modelfile'} && ollama run dates-model" in capsys.readouterr().err
+    pairs = _modelfile(out / "Modelfile")
+    by_name = {}
+    for instruction, argument in pairs:
+        by_name.setdefault(instruction, []).append(argument)
+    assert by_name["FROM"] == [f"./{default_gguf().name}"] and by_name["ADAPTER"] == ["./adapter.gguf"]
+    assert (out / default_gguf().name).read_bytes()[:4] == b"GGUF"
+    assert _read(out / "adapter.gguf")[0]["general.type"] == "adapter"
+    template = by_name["TEMPLATE"][0]
+    assert "{{- range .Messages }}<|im_start|>{{ .Role }}" in template and template.endswith("<|im_start|>assistant\n")
+    # SmolLM2's chat template adds this system message to chats without one; Ollama gets it as SYSTEM
+    assert by_name["SYSTEM"] == ["You are a helpful AI assistant named SmolLM, trained by Hugging Face"]
+    assert by_name["PARAMETER"] == ['stop "<|im_start|>"', 'stop "<|im_end|>"']
+    (out / "Modelfile").write_text("keep me")
+    assert main(args) == 2 and "already exists; pass --overwrite" in capsys.readouterr().err
+    assert (out / "Modelfile").read_text() == "keep me"
+    merged = tmp_path / "merged"
+    assert main([*args[:-3], "--out", str(merged), "--merged", "--dtype", "q8_0", "--no-parity"]) == 0
+    assert sorted(p.name for p in merged.iterdir()) == ["Modelfile", "model.gguf"]
+    assert ("FROM", "./model.gguf") in _modelfile(merged / "Modelfile")
+    assert "ADAPTER" not in dict(_modelfile(merged / "Modelfile"))
+
+
+def test_ollama_template_families_and_default_system(tmp_path):
+    from lorakit.export.ollama import default_system, modelfile
+
+    _, tokenizer = lorakit.load_model("default")
+    assert default_system(tokenizer) == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>"
+        "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+    )
+    text, family, stops = modelfile("m.gguf", None, tokenizer)
+    assert family == "llama3" and "<|eot_id|>" in stops and "SYSTEM" not in text  # no default system message
+    tokenizer.chat_template = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    text, family, _ = modelfile("m.gguf", None, tokenizer)
+    assert family is None and "TEMPLATE" not in text and text.startswith("FROM ./m.gguf\n")
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.parametrize("dtype", ["f16", "q8_0"])
+def test_merged_gguf_answers_alike_in_llama_cpp_and_transformers_and_chats_stop(default_adapter, tmp_path, dtype):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import json
+
+    from lorakit.data import chat_prompt_ids
+
+    out, report = tmp_path / f"m-{dtype}.gguf", tmp_path / "r.json"
+    args = ["export", "--adapter", str(default_adapter), "--format", "gguf", "--dtype", dtype, "--out", str(out)]
+    assert main([*args, "--report", str(report), "--min-agreement", "0.9"]) == 0
+    checks = json.loads(report.read_text())
+    assert list(checks) == ["llama.cpp", "transformers", "llama.cpp vs transformers"]
+    runtimes = checks["llama.cpp vs transformers"]
+    # seen (this random adapter, which flattens the model's choices): f16 100 % of tokens and 6 / 6 identical
+    # continuations; q8_0 95.3 % and 2 / 6 (llama.cpp multiplies q8_0 weights by 8-bit activations). The trained
+    # dates adapter gives the same answers on all 200 held-out dates at q8_0 (README).
+    assert runtimes["agreement"] >= (0.98 if dtype == "f16" else 0.9), runtimes
+    assert dtype != "f16" or runtimes["sequence_agreement"] >= 5 / 6, runtimes
+    assert checks["transformers"]["agreement"] >= 0.95, checks["transformers"]  # the rounding's drift
+    # a chat in llama.cpp, rendered with the template in the file and stopped at the end of turn it declares
+    model, tokenizer = lorakit.load_model("default")
+    lorakit.load_adapter(model, default_adapter)
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=512, verbose=False)
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    reply = llm.create_chat_completion(messages=question, max_tokens=96, temperature=0.0)["choices"][0]
+    ids = chat_prompt_ids(tokenizer, question)
+    with torch.no_grad():
+        tokens = model.generate(torch.tensor([ids]), max_new_tokens=96, do_sample=False)[0, len(ids) :].tolist()
+    assert tokens[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")  # lorakit's model ends its turn
+    assert reply["finish_reason"] == "stop", reply  # llama.cpp stops at the end of turn too
+    if dtype == "f16":  # at q8_0 this random adapter's reply drifts after a few words (seen), but still ends
+        assert reply["message"]["content"].strip() == tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    llm.close()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_ollama_directory_runs_in_llama_cpp_like_lorakit(default_adapter, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from lorakit.export import export_adapter
+
+    result = export_adapter(default_adapter, tmp_path / "o", fmt="ollama")
+    assert result.parity.agreement >= 0.9 and result.parity.max_logit_diff < 3.0, result.parity

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -165,3 +166,17 @@ def _quiet_load(cls, directory: Path, dtype: torch.dtype) -> nn.Module:
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
+
+
+def kv_cache_inputs(model: nn.Module, cache) -> dict:
+    """``{keyword: cache}`` for a causal LM's forward: ``cache`` in recent transformers releases,
+    ``past_key_values`` in earlier 5.x ones (deprecated since)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT's wrapper takes **kwargs
+    parameters = inspect.signature(inner.forward).parameters
+    return {"cache" if "cache" in parameters else "past_key_values": cache}
+
+
+def kv_cache_output(output):
+    """The KV cache a causal LM's forward returned, under either name."""
+    found = output.get("cache")
+    return found if found is not None else output.get("past_key_values")

@@ -1,10 +1,13 @@
 """Export an adapter for a deployment runtime and check it there.
 
-`--format gguf-lora` writes a llama.cpp / Ollama LoRA adapter that runs over the original GGUF base, then runs
-it in llama.cpp (llama-cpp-python) beside lorakit's own adapted model and reports greedy-token agreement, the
-largest logit difference and, for prompt files with answers, both sides' exact match. `--format vllm` writes an
-adapter directory within vLLM's LoRA constraints (exact fixes applied and named, the rest refused with the way
-out), checks it read back by PEFT as vLLM reads it, and prints the `vllm serve` line.
+`--format gguf-lora` writes a llama.cpp / Ollama LoRA adapter that runs over the original GGUF base; `--format
+gguf` merges the adapter into the base and writes one standalone GGUF (tokenizer, chat template and end-of-turn
+token from the base's GGUF); `--format ollama` writes a directory with the GGUF file(s) and a Modelfile;
+`--format vllm` writes an adapter directory within vLLM's LoRA constraints (exact fixes applied and named, the
+rest refused with the way out). Each is then run by other implementations (llama.cpp through
+llama-cpp-python, transformers' GGUF loader, PEFT for vLLM's reading) beside lorakit's own adapted model:
+greedy-token agreement, the largest logit difference and, for prompt files with answers, each side's exact
+match. The command that runs the export is printed.
 """
 
 from __future__ import annotations
@@ -12,17 +15,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-HELP = "export an adapter for llama.cpp / Ollama (GGUF LoRA) or vLLM, and check the result"
+# Kept here rather than imported so that `lorakit --help` does not import the export stack (gguf, numpy).
+FORMATS = ("gguf-lora", "gguf", "ollama", "vllm")
+DTYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+
+HELP = "export an adapter for llama.cpp / Ollama (GGUF, LoRA or merged) or vLLM, and check the result"
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", required=True, help="adapter directory (PEFT or lorakit format)")
     parser.add_argument("--model", default="default", help="base model: HF directory, .gguf file or 'default'")
-    parser.add_argument("--format", dest="fmt", required=True, choices=("gguf-lora", "vllm"), help="what to write")
-    parser.add_argument("--out", required=True, help="what to write: a .gguf file (gguf-lora) or a directory (vllm)")
-    parser.add_argument("--dtype", default="f32", choices=("f32", "f16"), help="dtype of the A and B tensors")
+    parser.add_argument("--format", dest="fmt", required=True, choices=FORMATS, help="what to write")
+    parser.add_argument("--out", required=True, help="a .gguf file (gguf-lora, gguf) or a directory (ollama, vllm)")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        help="adapter tensors: f32 (default) or f16; merged weights (gguf, ollama --merged): f16 (default), f32, "
+        "bf16, q8_0, q5_1, q5_0, q4_1, q4_0",
+    )
+    parser.add_argument("--merged", action="store_true", help="ollama: one merged GGUF instead of base + ADAPTER")
     parser.add_argument("--base-gguf", help="the GGUF base for the check (default: --model when it is GGUF)")
     parser.add_argument("--prompts", help="data file whose rows' prompts (and answers) the check uses")
     parser.add_argument("--max-prompts", type=int, default=32, help="most rows of --prompts to check (32)")
@@ -30,7 +42,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-agreement", type=float, help="exit 1 when greedy-token agreement is below this (0..1)")
     parser.add_argument("--with-base", action="store_true", help="also check the GGUF base alone (the 'before')")
     parser.add_argument("--report", help="write the parity report as JSON to this file")
-    parser.add_argument("--no-parity", action="store_true", help="write the file only, without the llama.cpp check")
+    parser.add_argument("--no-parity", action="store_true", help="write the export only, without the checks")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
@@ -53,27 +65,26 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         parity=not args.no_parity,
         with_base=args.with_base,
+        merged=args.merged,
         overwrite=args.overwrite,
     )
     print(result.artifact.describe(), file=sys.stderr)
-    if args.fmt == "vllm":
-        print(f"run it: {result.artifact.command(Path(args.out).name)}", file=sys.stderr)
-    else:
-        print(
-            f"run it: llama-cli -m BASE.gguf --lora {args.out}   (Ollama: ADAPTER {args.out} in a Modelfile)",
-            file=sys.stderr,
-        )
+    print(f"run it: {result.run}", file=sys.stderr)
     if result.parity is None:
         return 0
-    print(result.parity.describe(), file=sys.stderr)
-    if result.base_parity is not None:
-        print("base GGUF without the adapter: " + result.base_parity.describe(), file=sys.stderr)
+    for name, report in result.checks.items():
+        print(f"{name}: {report.describe()}", file=sys.stderr)
+    drift = result.checks.get("transformers")
+    if drift is not None and args.dtype not in (None, "f32"):
+        print(
+            f"rounding the merged weights to {args.dtype} moves lorakit's logits by up to {drift.max_logit_diff:.3g} "
+            f"and keeps its greedy token at {100 * drift.agreement:.1f}% of {drift.tokens} positions (transformers' "
+            "float32 reading of the file)",
+            file=sys.stderr,
+        )
     if args.report:
-        records = {"adapter": result.parity.as_record()}
-        if result.base_parity is not None:
-            records["base"] = result.base_parity.as_record()
         with open(args.report, "w") as fh:
-            json.dump(records, fh, indent=1)
+            json.dump({name: report.as_record() for name, report in result.checks.items()}, fh, indent=1)
     if args.min_agreement is not None and result.parity.agreement < args.min_agreement:
         print(
             f"lorakit export: greedy-token agreement {result.parity.agreement:.3f} is below --min-agreement "

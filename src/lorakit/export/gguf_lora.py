@@ -23,6 +23,7 @@ import torch
 
 from ..config import LoraConfig
 from ..io import PREFIX, read_adapter
+from .files import write_gguf
 
 # transformers architecture -> (llama.cpp architecture, q/k rows permuted as llama.cpp's converter does)
 ARCHITECTURES = {
@@ -75,6 +76,7 @@ def export_gguf_lora(
         raise ValueError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
     config, tensors = read_adapter(adapter_dir)
     pairs = _pairs(config, tensors, adapter_dir)
+    _check_fits(pairs, base_config, adapter_dir)
     alpha = float(config.alpha)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], base_config.num_hidden_layers)
     writer_tensors: list[tuple[str, np.ndarray]] = []
@@ -131,6 +133,25 @@ def _pairs(
     return {p: (ab["A"], ab["B"]) for p, ab in found.items()}
 
 
+def _check_fits(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], base_config, source) -> None:
+    """Every pair must fit its layer of the base (built on the meta device: no weights read)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(base_config)
+    modules = dict(skeleton.named_modules())
+    for path, (a, b) in sorted(pairs.items()):
+        layer = modules.get(path)
+        shape = getattr(getattr(layer, "weight", None), "shape", None)
+        if shape is None or len(shape) != 2:
+            raise ValueError(f"{source} adapts {path}, which this base has no linear layer for: it is for another base")
+        if (b.shape[0], a.shape[1]) != tuple(shape):
+            raise ValueError(
+                f"{source} does not fit this base: {path} is {tuple(shape)} (out, in) here, the adapter's update is "
+                f"{(b.shape[0], a.shape[1])}. It was trained on another base; export it with that --model"
+            )
+
+
 def _rotary_permute(rows: torch.Tensor, heads: int) -> torch.Tensor:
     """llama.cpp's q/k row order: within each head, the two rotary halves interleaved (its converter's permute)."""
     return rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
@@ -139,21 +160,11 @@ def _rotary_permute(rows: torch.Tensor, heads: int) -> torch.Tensor:
 def _write(out: Path, arch: str, alpha: float, tensors: list[tuple[str, np.ndarray]]) -> None:
     import gguf
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        writer = gguf.GGUFWriter(str(tmp), arch)
+    def fill(writer) -> None:
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
         for name, array in tensors:
             writer.add_tensor(name, array)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out)
-    except OSError as err:
-        raise ValueError(f"cannot write {out}: {err.strerror or err}; choose a writable --out") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_gguf(out, arch, fill)

@@ -19,6 +19,8 @@ embedded model: compare an export's figures with ``--with-base``'s.
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from ..data import Example
+from ..models import kv_cache_inputs, kv_cache_output
 
 
 @dataclass
@@ -39,17 +42,18 @@ class ParityReport:
     exact_lorakit: float | None = None  # exact match on rows with a reference answer
     exact_runtime: float | None = None
     scored: int = 0
+    reference: str = "lorakit"  # the side the runtime is compared with
 
     def describe(self) -> str:
         text = (
-            f"parity with {self.runtime} on {self.prompts} prompts: greedy-token agreement {100 * self.agreement:.1f}% "
-            f"of {self.tokens} tokens, largest logit difference {self.max_logit_diff:.3g}, identical continuations "
-            f"{100 * self.sequence_agreement:.1f}%"
+            f"{self.runtime} vs {self.reference}, {self.prompts} prompts: greedy-token agreement "
+            f"{100 * self.agreement:.1f}% of {self.tokens} tokens, largest logit difference {self.max_logit_diff:.3g}, "
+            f"identical continuations {100 * self.sequence_agreement:.1f}%"
         )
         if self.exact_runtime is not None:
             text += (
-                f"; exact match on {self.scored} answers: {self.runtime} {100 * self.exact_runtime:.1f}%, "
-                f"lorakit {100 * self.exact_lorakit:.1f}%"
+                f"; exact match on {self.scored} answers {100 * self.exact_runtime:.1f}% vs "
+                f"{100 * self.exact_lorakit:.1f}%"
             )
         return text
 
@@ -79,9 +83,11 @@ def llama_cpp_parity(
     stop_ids: set[int],
     max_new_tokens: int = 16,
     threads: int | None = None,
+    reference: str = "lorakit",
 ) -> ParityReport:
-    """Decode ``examples``' prompts greedily in lorakit (``model``, adapter applied) and in llama.cpp
-    (``base_gguf`` with ``adapter_gguf``, or alone when None) and compare; see the module docstring."""
+    """Decode ``examples``' prompts greedily in ``model`` (lorakit's adapted model, or ``reference``) and in
+    llama.cpp (``base_gguf`` with ``adapter_gguf``, or alone when None) and compare; see the module docstring.
+    ``model`` stops at ``stop_ids``, llama.cpp at the end-of-generation tokens the GGUF itself declares."""
     llama_cpp = require_llama_cpp()
     longest = max(len(e.prompt_ids) for e in examples) + max_new_tokens + 1
     llm = llama_cpp.Llama(
@@ -92,29 +98,56 @@ def llama_cpp_parity(
         logits_all=True,
         verbose=False,
     )
+    llama_stops = llama_cpp_stop_ids(llm)
+    try:
+        return compare(
+            model, examples, f"llama.cpp (llama-cpp-python {llama_cpp.__version__})",
+            theirs=lambda prompt, steps: _llama_greedy(llm, prompt, steps, llama_stops),
+            forced=lambda prompt, ours, logits: _teacher_forced(llm, prompt, ours, logits),
+            stop_ids=stop_ids, max_new_tokens=max_new_tokens, reference=reference,
+        )  # fmt: skip
+    finally:
+        llm.close()
+
+
+def compare(
+    model: nn.Module,
+    examples: list[Example],
+    runtime: str,
+    *,
+    theirs: Callable[[list[int], int], list[int]],
+    forced: Callable[[list[int], list[int], list[np.ndarray]], tuple[float, int]],
+    stop_ids: set[int],
+    max_new_tokens: int,
+    reference: str = "lorakit",
+) -> ParityReport:
+    """The report for one runtime: ``theirs(prompt, steps)`` its free-running greedy tokens, ``forced(prompt,
+    ours, our_logits)`` its largest logit gap and argmax hits fed ``model``'s own continuation."""
+    from tqdm.auto import tqdm
+
     same = matched = compared = exact_ours = exact_theirs = scored = 0
     worst = 0.0
     model.eval()
-    for example in examples:
+    progress = tqdm(examples, desc=f"checking: {runtime} vs {reference}", unit="prompt", leave=False, file=sys.stderr)
+    for example in progress:
         prompt = example.prompt_ids
         answer = example.input_ids[example.answer_start : example.answer_end] if example.reference else None
         steps = len(answer) if answer else max_new_tokens
         ours, our_logits = _greedy(model, prompt, steps, stop_ids)
-        theirs = _llama_greedy(llm, prompt, steps, stop_ids)
-        same += ours == theirs
-        gap, hits = _teacher_forced(llm, prompt, ours, our_logits)
+        their_tokens = theirs(prompt, steps)
+        same += ours == their_tokens
+        gap, hits = forced(prompt, ours, our_logits)
         worst, matched, compared = max(worst, gap), matched + hits, compared + len(ours)
         if answer:
             scored += 1
             exact_ours += ours == answer
-            exact_theirs += theirs == answer
-    runtime = f"llama.cpp (llama-cpp-python {llama_cpp.__version__})"
+            exact_theirs += their_tokens == answer
     report = ParityReport(
-        runtime, len(examples), matched / compared, worst, same / len(examples), compared, scored=scored
-    )
+        runtime, len(examples), matched / compared, worst, same / len(examples), compared, scored=scored,
+        reference=reference,
+    )  # fmt: skip
     if scored:
         report.exact_lorakit, report.exact_runtime = exact_ours / scored, exact_theirs / scored
-    llm.close()
     return report
 
 
@@ -127,8 +160,8 @@ def _greedy(model: nn.Module, prompt: list[int], steps: int, stop_ids: set[int])
     logits: list[np.ndarray] = []
     past = None
     for _ in range(steps):
-        out = model(input_ids=ids, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=ids, use_cache=True, **kv_cache_inputs(model, past))
+        past = kv_cache_output(out)
         row = out.logits[0, -1].float()
         logits.append(row.numpy())
         token = int(row.argmax())
@@ -137,6 +170,15 @@ def _greedy(model: nn.Module, prompt: list[int], steps: int, stop_ids: set[int])
             break
         ids = torch.tensor([[token]])
     return tokens, logits
+
+
+def llama_cpp_stop_ids(llm) -> set[int]:
+    """The tokens llama.cpp ends a generation at, as the GGUF's metadata declares them (EOS, end of turn)."""
+    stops = {int(llm.token_eos())}
+    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+        if key in llm.metadata:
+            stops.add(int(llm.metadata[key]))
+    return stops
 
 
 def _llama_greedy(llm, prompt: list[int], steps: int, stop_ids: set[int]) -> list[int]:
@@ -163,26 +205,27 @@ def _teacher_forced(llm, prompt: list[int], tokens: list[int], ours: list[np.nda
     return gap, sum(int(np.argmax(theirs[i])) == token for i, token in enumerate(tokens))
 
 
-def peft_parity(
-    model: nn.Module, examples: list[Example], reference: nn.Module, *, stop_ids: set[int], max_new_tokens: int = 16
+def model_parity(
+    model: nn.Module,
+    examples: list[Example],
+    other: nn.Module,
+    runtime: str,
+    *,
+    stop_ids: set[int],
+    max_new_tokens: int = 16,
 ) -> ParityReport:
-    """Decode ``examples`` greedily in lorakit (``model``) and in ``reference`` (a PEFT model over the same base
-    with the exported adapter: PEFT reads the file as vLLM does, one scaling for every layer) and compare."""
-    import peft
+    """Decode ``examples`` greedily in lorakit (``model``) and in ``other``, another implementation's reading
+    of the export (PEFT for a vLLM directory, transformers' GGUF loader for a GGUF file), and compare."""
+    other.eval()
 
-    same = matched = compared = 0
-    worst = 0.0
-    model.eval()
-    reference.eval()
-    for example in examples:
-        prompt = example.prompt_ids
-        ours, our_logits = _greedy(model, prompt, max_new_tokens, stop_ids)
-        theirs, _ = _greedy(reference, prompt, max_new_tokens, stop_ids)
-        same += ours == theirs
-        with torch.no_grad():
-            forced = reference(input_ids=torch.tensor([prompt + ours[:-1]])).logits[0, len(prompt) - 1 :].float()
-        worst = max(worst, max(float(np.abs(forced[i].numpy() - our_logits[i]).max()) for i in range(len(ours))))
-        matched += sum(int(forced[i].argmax()) == token for i, token in enumerate(ours))
-        compared += len(ours)
-    runtime = f"PEFT {peft.__version__} (vLLM's reading of the file: one scaling for every layer)"
-    return ParityReport(runtime, len(examples), matched / compared, worst, same / len(examples), compared)
+    @torch.no_grad()
+    def forced(prompt, ours, our_logits):
+        logits = other(input_ids=torch.tensor([prompt + ours[:-1]])).logits[0, len(prompt) - 1 :].float().numpy()
+        gap = max(float(np.abs(logits[i] - our_logits[i]).max()) for i in range(len(ours)))
+        return gap, sum(int(np.argmax(logits[i])) == token for i, token in enumerate(ours))
+
+    return compare(
+        model, examples, runtime,
+        theirs=lambda prompt, steps: _greedy(other, prompt, steps, stop_ids)[0],
+        forced=forced, stop_ids=stop_ids, max_new_tokens=max_new_tokens,
+    )  # fmt: skip

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from ..io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, atomic_write_many, read_adapter
+from .files import staged_directory
 
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank values
 
@@ -114,21 +114,10 @@ def _uniform(config, tensors: dict[str, torch.Tensor], rank: int) -> dict[str, t
 
 def _write(out: Path, raw: dict, tensors: dict[str, torch.Tensor], overwrite: bool) -> None:
     """Both files into a fresh directory beside ``out``, then swapped in: a failure leaves ``out`` as it was."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    try:
-        tmp.mkdir(parents=True)
+    with staged_directory(out, overwrite) as tmp:
         atomic_write_many(
             {
                 tmp / CONFIG_NAME: (json.dumps(raw, indent=2, sort_keys=True) + "\n").encode(),
                 tmp / WEIGHTS_NAME: safetensors_bytes({k: t.contiguous() for k, t in tensors.items()}),
             }
         )
-        if out.exists() and overwrite:
-            out.rename(old)
-        tmp.rename(out)
-    except OSError as err:
-        raise ValueError(f"cannot write {out}: {err.strerror or err}; choose a writable --out") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)

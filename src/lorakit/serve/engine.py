@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..adapters import route
+from ..models import kv_cache_inputs
 from ..patches import FEW_ROWS, enable_skinny_linear, remove_patches
 from ..state import has_adapters
 
@@ -249,7 +250,8 @@ class Engine:
     # ----- forwards ----------------------------------------------------------------------------------------
     def _forward(self, ids, mask, positions, cache, adapters: list[str | None]) -> torch.Tensor:
         kwargs = {"logits_to_keep": 1} if self._keep_last else {}
-        inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        inputs.update(kv_cache_inputs(self.model, cache))
         if has_adapters(self.model):  # always route: rows without an adapter must not see the active one
             with route(self.model, adapters, stacks=self._stacks):
                 out = self.model(**inputs, **kwargs)
