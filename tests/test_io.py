@@ -314,3 +314,13 @@ def test_load_with_name_in_use(tmp_path):
         lorakit.load_adapter(model, directory)
     lorakit.load_adapter(model, directory, name="second")
     assert lorakit.active_adapters(model) == ["second"]
+
+
+def test_a_config_claiming_a_huge_rank_is_refused_before_anything_is_allocated(tmp_path):
+    """A fuzzed r of 20 million once made loading allocate about 9 GB before the shapes were compared."""
+    _, directory = _trained_lorakit(FAMILIES["llama"], tmp_path)
+    config = json.loads((directory / CONFIG_NAME).read_text())
+    config["r"] = 20_000_000
+    (directory / CONFIG_NAME).write_text(json.dumps(config))
+    msg = _load_error(tmp_path, directory, "the config gives rank 20000000, the file's A is")
+    assert "nothing was loaded" in msg

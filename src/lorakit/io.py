@@ -186,7 +186,12 @@ def config_from_peft_dict(data: dict[str, Any], source: str) -> LoraConfig:
 
 # ----- save -------------------------------------------------------------------------------------------
 def save_adapter(
-    model: nn.Module, directory: str | os.PathLike, name: str = "default", pissa_as_lora: bool = True
+    model: nn.Module,
+    directory: str | os.PathLike,
+    name: str = "default",
+    pissa_as_lora: bool = True,
+    *,
+    values: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write adapter ``name`` as PEFT does: ``adapter_config.json`` and ``adapter_model.safetensors``.
 
@@ -209,6 +214,8 @@ def save_adapter(
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"cannot save adapter to {directory}: it is a file, not a directory; choose another path")
     live = pissa_as_lora_tensors(model, name) if pissa_as_lora else adapter_tensors(model, name)
+    if values is not None:
+        live = _gathered(model, live, values)
     tensors = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in live.items()}
     config = json.dumps(peft_config_dict(model, name, pissa_as_lora), indent=2, sort_keys=True) + "\n"
     try:
@@ -225,6 +232,19 @@ def save_adapter(
             f"could not save adapter to {directory}: {err.strerror or err}; files already there are unchanged",
         ) from err
     return directory
+
+
+def _gathered(model: nn.Module, live: dict[str, torch.Tensor], values: dict[str, torch.Tensor]):
+    """The adapter's tensors taken from ``values`` (whole tensors by parameter or buffer name, gathered from a
+    sharded model) instead of the model's own (shards)."""
+    names = {id(t): n for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    out = {}
+    for key, tensor in live.items():
+        name = names.get(id(tensor))
+        if name is None or name not in values:
+            raise ValueError(f"{key} is not among the gathered tensors; save this adapter from an unsharded model")
+        out[key] = values[name]
+    return out
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -360,6 +380,7 @@ def load_adapter(
         targets = find_targets(model, config, skip=saved, strict=False)
     except ValueError as err:
         raise ValueError(f"adapter {directory} does not fit this model: {err}") from None
+    _check_ranks(config, tensors, targets, directory)  # before any allocation: r comes from an untrusted file
     add_adapter_layers(model, config, name, targets, saved)
     expected = adapter_tensors(model, name)
     problems = _compare(expected, tensors, _embedding_base_weights(model, targets))
@@ -376,6 +397,32 @@ def load_adapter(
     registry(model).adapters[name].trainable = trainable
     set_active(model, [name])
     return model
+
+
+def _check_ranks(config: LoraConfig, tensors: dict[str, torch.Tensor], targets: list[str], directory) -> None:
+    """Checked before the layers are created, so that a config claiming a huge r is refused instead of
+    allocated: each targeted layer whose A and B are in the file must have the rank the config gives it, and
+    at least one targeted layer must be in the file (missing ones are listed with the rest afterwards)."""
+    problems, found = [], 0
+    for path in targets:
+        r = config.rank_and_alpha(path)[0]
+        a = tensors.get(f"{PREFIX}{path}.lora_A.weight", tensors.get(f"{PREFIX}{path}.lora_embedding_A"))
+        b = tensors.get(f"{PREFIX}{path}.lora_B.weight", tensors.get(f"{PREFIX}{path}.lora_embedding_B"))
+        if a is None or b is None:
+            continue
+        found += 1
+        if a.dim() < 2 or b.dim() < 2 or a.shape[0] != r or b.shape[1] != r:
+            problems.append(
+                f"{PREFIX}{path}: the config gives rank {r}, the file's A is {tuple(a.shape)}, B {tuple(b.shape)}"
+            )
+    if targets and not found:
+        problems.append(f"none of the {len(targets)} targeted layers has a lora_A / lora_B in the file")
+    if problems:
+        raise ValueError(
+            f"adapter {directory} does not fit this model ({len(problems)} problem(s)); nothing was loaded:\n  "
+            + "\n  ".join(problems[:20])
+            + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        )
 
 
 def _embedding_base_weights(model: nn.Module, targets: list[str]) -> dict[str, torch.Size]:
