@@ -115,11 +115,17 @@ def resolve_model_dir(spec: str | os.PathLike) -> Path:
 
 
 def load_model(
-    spec: str | os.PathLike = DEFAULT_MODEL, task: str = "causal-lm", dtype: torch.dtype = torch.float32
+    spec: str | os.PathLike = DEFAULT_MODEL,
+    task: str = "causal-lm",
+    dtype: torch.dtype = torch.float32,
+    *,
+    skeleton: bool = False,
 ) -> tuple[nn.Module, object]:
     """Load (model, tokenizer) for ``spec`` (see ``resolve_model_dir``), in eval mode, offline.
 
     The tokenizer is None when the directory has none (as with test models built from a config).
+    ``skeleton``: the model's structure with every parameter on the meta device (no memory, no weights read)
+    and its buffers real: for a process that receives its weights from another (sharded training).
 
     Raises:
         ValueError: unknown task, or ``spec`` names no model.
@@ -140,7 +146,7 @@ def load_model(
         raise ValueError(f"task {task!r} is unknown; use one of {list(TASK_NAMES)}")
     directory = resolve_model_dir(spec)
     try:
-        model = _quiet_load(classes[task], directory, dtype)
+        model = _skeleton(classes[task], directory, dtype) if skeleton else _quiet_load(classes[task], directory, dtype)
     except (OSError, ValueError, RuntimeError) as err:
         if str(spec) != DEFAULT_MODEL and Path(spec).suffix != ".gguf":
             raise ValueError(f"could not load model from {directory}: {err}") from None
@@ -153,6 +159,17 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     model.eval()
     return model, tokenizer
+
+
+def _skeleton(cls, directory: Path, dtype: torch.dtype) -> nn.Module:
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    with init_empty_weights(include_buffers=False):
+        model = cls.from_config(config, dtype=dtype)
+    model.tie_weights()  # from_config leaves a tied head untied (from_pretrained ties it)
+    return model
 
 
 def _quiet_load(cls, directory: Path, dtype: torch.dtype) -> nn.Module:

@@ -82,7 +82,8 @@ class LoraLayer(BaseWrapper):
         weight = self.base_layer.weight
         dtype = float_dtype(self.base_layer)  # adapters follow the base's float (or compute) dtype
         for param in self.adapter_parameters(name):
-            param.data = param.data.to(device=weight.device, dtype=dtype)
+            # on a skeleton's layer (meta weights, sharded training) the initial adapter stays on the CPU
+            param.data = param.data.to(device=param.device if weight.is_meta else weight.device, dtype=dtype)
         if variants:
             self.variants[name] = variants
             for variant in variants:

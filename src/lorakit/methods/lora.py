@@ -21,8 +21,9 @@ class LoraMethod:
     def prepare(self, model: nn.Module) -> nn.Module:
         return inject(model, self.config)
 
-    def save(self, trained: nn.Module, directory: Path) -> Path:
-        return save_adapter(trained, directory)
+    def save(self, trained: nn.Module, directory: Path, values: dict | None = None) -> Path:
+        """``values``: the trained tensors by parameter name, gathered from a sharded model (FSDP)."""
+        return save_adapter(trained, directory, values=values)
 
     def restore(self, prepared: nn.Module, directory: Path) -> nn.Module:
         import torch

@@ -21,6 +21,11 @@ STATE_JSON = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
+def step_dir(root: Path, step: int) -> Path:
+    """Where checkpoint ``step`` lives under ``root``."""
+    return root / f"step-{step:07d}"
+
+
 def save_checkpoint(
     root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, method, extra: dict[str, Any]
 ) -> Path:
@@ -34,8 +39,8 @@ def save_checkpoint(
         OSError: the write failed (full disk, no permission); the message says what and where, and
             that the earlier checkpoints are intact.
     """
-    final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
+    final = step_dir(root, step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
     old = root / f".old-step-{step:07d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -47,7 +52,7 @@ def save_checkpoint(
             "step": step,
             "optimizer": meta,
             "scheduler": scheduler.state_dict(),
-            "python_random": _jsonable(random.getstate()),
+            "python_random": jsonable(random.getstate()),
             **extra,
         }
         write_safetensors(tensors, tmp / STATE_TENSORS)
@@ -86,12 +91,17 @@ def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _jsonable(value: Any) -> Any:
-    return [_jsonable(v) for v in value] if isinstance(value, tuple | list) else value
+def jsonable(value: Any) -> Any:
+    """``value`` with tuples as lists, for JSON (``tupled`` undoes it)."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    return [jsonable(v) for v in value] if isinstance(value, tuple | list) else value
 
 
-def _tupled(value: Any) -> Any:
-    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
+def tupled(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: tupled(v) for k, v in value.items()}
+    return tuple(tupled(v) for v in value) if isinstance(value, list) else value
 
 
 def load_checkpoint(
@@ -116,7 +126,7 @@ def load_checkpoint(
     optimizer.load_state_dict({"state": optimizer_state, "param_groups": state["optimizer"]["param_groups"]})
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(tensors["rng.torch"])
-    random.setstate(_tupled(state["python_random"]))
+    random.setstate(tupled(state["python_random"]))
     return state
 
 

@@ -22,6 +22,7 @@ from ..config import LoraConfig
 from ..models import DTYPES, TASK_NAMES
 
 SCHEDULERS = ("constant", "linear", "cosine")
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass
@@ -109,6 +110,11 @@ class TrainLoopConfig:
 
     eval_before: bool = True
     """Evaluate the untrained model first (the 'before' of a before/after comparison)."""
+
+    strategy: str = "ddp"
+    """Under torchrun: ddp (every process holds the whole model) or fsdp (PyTorch's FSDP2: the base and the
+    adapters sharded across processes, per transformer block; each process reads only its shards of the
+    weights). Ignored in a single process."""
 
 
 @dataclass
@@ -206,6 +212,22 @@ def check_run(c: RunConfig) -> None:
         (
             c.train.loraplus_lr_ratio is None or c.train.loraplus_lr_ratio > 0,
             f"train.loraplus_lr_ratio={c.train.loraplus_lr_ratio}: use a positive ratio or leave it unset",
+        ),
+        (c.train.strategy in STRATEGIES, f"train.strategy={c.train.strategy!r}: use one of {list(STRATEGIES)}"),
+        (
+            c.train.strategy != "fsdp" or c.quantize is None,
+            f"train.strategy=fsdp with quantize={c.quantize}: FSDP cannot shard bitsandbytes' quantized weights "
+            "(they are packed bytes with separate scales); use train.strategy=ddp for QLoRA, or leave quantize unset",
+        ),
+        (
+            c.train.strategy != "fsdp" or c.lora.init != "pissa",
+            "train.strategy=fsdp with lora.init=pissa: saving a PiSSA adapter needs the whole base weights in one "
+            "process; use train.strategy=ddp, or another lora.init",
+        ),
+        (
+            c.train.strategy != "fsdp" or not c.lora.use_dora,
+            "train.strategy=fsdp with lora.use_dora=true: DoRA's magnitudes start from whole weights and its "
+            "norms are not yet checked under sharding; use train.strategy=ddp for DoRA",
         ),
     ]
     for ok, message in checks:

@@ -1,4 +1,4 @@
-"""torch.distributed glue: one process, or many under torchrun (DDP; gloo on CPU, nccl on GPU)."""
+"""torch.distributed glue: one process, or many under torchrun (DDP or FSDP; gloo on CPU, nccl on GPU)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,21 @@ def wrap(model: nn.Module, ctx: Context) -> nn.Module:
 
 
 def no_sync(wrapped: nn.Module):
-    return wrapped.no_sync() if isinstance(wrapped, DistributedDataParallel) else contextlib.nullcontext()
+    """Keep gradients local inside the block (gradient accumulation): DDP's no_sync, FSDP2's gradient sync off."""
+    if isinstance(wrapped, DistributedDataParallel):
+        return wrapped.no_sync()
+    if hasattr(wrapped, "set_requires_gradient_sync"):  # an FSDP2 module
+        return _fsdp_no_sync(wrapped)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: nn.Module):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def all_reduce_sum(value: torch.Tensor, ctx: Context) -> torch.Tensor:

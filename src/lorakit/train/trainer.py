@@ -28,11 +28,12 @@ from ..data import IGNORE, DataStats, Example, batch_indices, pack, read_rows, s
 from ..fastpath import return_freed_memory_to_os
 from ..layers import fuse_forwards
 from ..methods.lora import LoraMethod
-from ..models import DTYPES, load_model
+from ..models import DTYPES, load_model, resolve_model_dir
 from ..quant import quantize
 from ..targeting import HEAD_NAMES
 from . import distributed as dist
-from .checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from . import fsdp
+from .checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint, step_dir
 from .config import RunConfig
 from .evaluate import EvalResult, evaluate, pad_id, token_loss_sum
 from .metrics import MetricsLog, plot_metrics, read_metrics
@@ -155,7 +156,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, method=No
         return_freed_memory_to_os()  # peak RSS follows the live tensors (see lorakit.fastpath)
     out = setup_output(cfg, ctx=ctx, resume=resume)
     _seed(cfg.seed)
-    model, tokenizer = setup_model(cfg)
+    model, tokenizer = setup_model(cfg, ctx=ctx)
     train_rows, eval_rows, stats = setup_data(cfg, tokenizer=tokenizer, model=model, ctx=ctx, log=log)
     model, method = setup_method(cfg, model=model, method=method, ctx=ctx, log=log)
     optimizer, scheduler = build_optimizer(model, cfg)
@@ -163,9 +164,11 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, method=No
     loop = _Loop(
         cfg=cfg, ctx=ctx, model=model, wrapped=model, tokenizer=tokenizer, optimizer=optimizer,
         scheduler=scheduler, rows=train_rows, metrics=metrics, ckpt_root=out / "checkpoints", method=method,
+        sharded=sharded(cfg, ctx),
     )  # fmt: skip
     start_step = setup_resume(loop, resume=resume, log=log)
-    loop.wrapped = dist.wrap(model, ctx)  # after the checkpoint is loaded: DDP starts from those weights
+    if not loop.sharded:  # after the checkpoint is loaded: DDP starts from those weights
+        loop.wrapped = dist.wrap(model, ctx)
     eval_before = evaluate_before(loop, eval_rows=eval_rows, start_step=start_step, log=log)
     dist.barrier(ctx)
     try:
@@ -205,9 +208,22 @@ def setup_output(cfg: RunConfig, *, ctx: dist.Context, resume: bool) -> Path:
     return out
 
 
-def setup_model(cfg: RunConfig) -> tuple[nn.Module, object]:
-    """The base model and its tokenizer, in the configured dtype."""
-    model, tokenizer = load_model(cfg.model, task=cfg.task, dtype=DTYPES[cfg.dtype])
+def sharded(cfg: RunConfig, ctx: dist.Context) -> bool:
+    """Whether this run shards the model across processes (FSDP)."""
+    return cfg.train.strategy == "fsdp" and ctx.distributed
+
+
+def setup_model(cfg: RunConfig, *, ctx: dist.Context | None = None) -> tuple[nn.Module, object]:
+    """The base model and its tokenizer, in the configured dtype. Under FSDP every rank builds only the
+    skeleton (parameters on the meta device) and reads its shards of the weights in ``setup_method``."""
+    skeleton = ctx is not None and sharded(cfg, ctx)
+    if skeleton and not any(resolve_model_dir(cfg.model).glob("*.safetensors")):
+        raise ValueError(
+            f"train.strategy=fsdp reads each process's shards from the model's safetensors files, and "
+            f"{resolve_model_dir(cfg.model)} has none: save the model with save_pretrained(safe_serialization=True), "
+            "or use train.strategy=ddp"
+        )
+    model, tokenizer = load_model(cfg.model, task=cfg.task, dtype=DTYPES[cfg.dtype], skeleton=skeleton)
     if tokenizer is None:
         raise ValueError(f"model {cfg.model} has no tokenizer files; training needs one")
     return model, tokenizer
@@ -230,8 +246,10 @@ def setup_data(
 
 
 def setup_method(cfg: RunConfig, *, model: nn.Module, method, ctx: dist.Context, log) -> tuple[nn.Module, object]:
-    """The model on its device, quantized and checkpointed as configured, with the method's trainable parts."""
-    model = model.to(ctx.device)
+    """The model on its device, quantized and checkpointed as configured, with the method's trainable parts;
+    under FSDP, sharded, each rank holding its shards of the weights and of the initial adapter."""
+    if not any(p.is_meta for p in model.parameters()):  # a skeleton gets its memory when sharded, below
+        model = model.to(ctx.device)
     if cfg.quantize:
         log(quantize(model, cfg.quantize).describe())
     if cfg.train.gradient_checkpointing:
@@ -241,6 +259,15 @@ def setup_method(cfg: RunConfig, *, model: nn.Module, method, ctx: dist.Context,
     if cfg.train.fused_forwards and method.name == "lora":
         fuse_forwards(model)
     log(str(adapters.trainable_summary(model)))
+    if sharded(cfg, ctx):
+        if method.name != "lora":
+            raise ValueError(
+                f"train.strategy=fsdp trains LoRA adapters, not the {method.name!r} method; use train.strategy=ddp"
+            )
+        initial = fsdp.real_parameters(model)  # the adapters, initialised alike on every rank
+        fsdp.shard(model, ctx.device)
+        fsdp.load_local_shards(model, resolve_model_dir(cfg.model), initial, ctx.device)
+        log(f"fsdp: {ctx.world_size} processes, {fsdp.local_parameter_bytes(model) / 1e6:.1f} MB of parameters each")
     return model, method
 
 
@@ -252,7 +279,16 @@ def setup_resume(loop: _Loop, *, resume: bool, log) -> int:
     if not checkpoints:
         log("no checkpoint found; starting from step 0")
         return 0
-    state = load_checkpoint(checkpoints[-1], loop.model, loop.optimizer, loop.scheduler, loop.method)
+    if fsdp.is_sharded(checkpoints[-1]) != loop.sharded:
+        written, now = ("fsdp", "ddp or one process") if not loop.sharded else ("ddp or one process", "fsdp")
+        raise ValueError(
+            f"checkpoint {checkpoints[-1]} was written with {written} and this run uses {now}: resume with the "
+            "strategy and the number of processes it was written with"
+        )
+    if loop.sharded:
+        state = fsdp.load_sharded(checkpoints[-1], loop.ctx.rank, loop.model, loop.optimizer, loop.scheduler)
+    else:
+        state = load_checkpoint(checkpoints[-1], loop.model, loop.optimizer, loop.scheduler, loop.method)
     start_step = state["step"]
     loop.metrics.truncate_after(start_step)
     loop.last_good, loop.skipped = checkpoints[-1], state.get("skipped", 0)
@@ -263,7 +299,7 @@ def setup_resume(loop: _Loop, *, resume: bool, log) -> int:
 def evaluate_before(loop: _Loop, *, eval_rows: list[Example], start_step: int, log) -> EvalResult | None:
     """The untrained model's evaluation (the 'before' of a before/after comparison), on a fresh run only."""
     cfg = loop.cfg
-    if not (eval_rows and start_step == 0 and loop.ctx.is_main and cfg.train.eval_before):
+    if not (eval_rows and start_step == 0 and loop.evaluates and cfg.train.eval_before):
         return None
     result = _evaluate(cfg, loop.model, loop.tokenizer, eval_rows)
     loop.metrics.write({"kind": "eval", "step": 0, **result.as_record()})
@@ -274,12 +310,13 @@ def evaluate_before(loop: _Loop, *, eval_rows: list[Example], start_step: int, l
 def finish(loop: _Loop, *, result: RunResult, eval_rows: list[Example], log) -> None:
     """The final evaluation, the adapter (or trained weights), the loss plot; then the processes part."""
     out = result.output_dir
+    if loop.evaluates and eval_rows:
+        result.eval = _evaluate(loop.cfg, loop.model, loop.tokenizer, eval_rows)
+        loop.metrics.write({"kind": "eval", "step": loop.step, **result.eval.as_record()})
+        log(_describe_eval("after training", result.eval))
+    values = fsdp.gathered_trainable(loop.model) if loop.sharded else None  # every rank takes part
     if loop.ctx.is_main:
-        if eval_rows:
-            result.eval = _evaluate(loop.cfg, loop.model, loop.tokenizer, eval_rows)
-            loop.metrics.write({"kind": "eval", "step": loop.step, **result.eval.as_record()})
-            log(_describe_eval("after training", result.eval))
-        loop.method.save(loop.model, out)
+        loop.method.save(loop.model, out, values=values) if loop.sharded else loop.method.save(loop.model, out)
         plot_metrics(read_metrics(out / "metrics.jsonl"), out / "loss.png")
         log(f"adapter, config.yaml, metrics.jsonl and loss.png written to {out}")
     dist.barrier(loop.ctx)
@@ -343,7 +380,7 @@ class _Loop:
 
     cfg: RunConfig
     ctx: dist.Context
-    model: nn.Module  # the model whose parameters train
+    model: nn.Module  # the model whose parameters train (sharded under FSDP)
     wrapped: nn.Module  # what the steps call: the model, or its DDP wrapper
     tokenizer: object
     optimizer: torch.optim.Optimizer
@@ -356,10 +393,17 @@ class _Loop:
     skipped: int = 0
     tokens_per_second: float = 0.0
     last_good: Path | None = None
+    sharded: bool = False  # FSDP: every rank takes part in each forward, evaluations and saves included
 
     def __post_init__(self) -> None:
         self.pad = pad_id(self.tokenizer)
         self.task = TASKS[self.cfg.task]
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether this process runs the evaluations: rank 0, or every rank in step when the model is sharded
+        (each forward gathers the shards); only rank 0 writes and prints the results."""
+        return self.ctx.is_main or self.sharded
 
     def run(self, start_step: int, eval_rows: list[Example], progress: bool) -> float:
         t = self.cfg.train
@@ -395,14 +439,16 @@ class _Loop:
         if t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
             self.checkpoint(self.step)
         if t.eval_every and eval_rows and self.step % t.eval_every == 0 and self.step < t.max_steps:
-            if self.ctx.is_main:
+            if self.evaluates:
                 result = _evaluate(self.cfg, self.model, self.tokenizer, eval_rows)
                 self.metrics.write({"kind": "eval", "step": self.step, **result.as_record()})
-                _printer(True)(f"\n{_describe_eval(f'at step {self.step}', result)}")
+                _printer(self.ctx.is_main)(f"\n{_describe_eval(f'at step {self.step}', result)}")
             dist.barrier(self.ctx)
             self.wrapped.train()
 
     def checkpoint(self, step: int) -> Path | None:
+        if self.sharded:
+            return self._sharded_checkpoint(step)
         path = None
         if self.ctx.is_main:
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -413,6 +459,29 @@ class _Loop:
             self.last_good = path
         dist.barrier(self.ctx)
         return path
+
+    def _sharded_checkpoint(self, step: int) -> Path:
+        """Every rank writes its shards into one temporary directory; rank 0 adds the gathered adapter and the
+        JSON state and renames it into place once all are done."""
+        final = step_dir(self.ckpt_root, step)
+        tmp = self.ckpt_root / f".tmp-{final.name}-sharded"
+        if self.ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier(self.ctx)
+        values = fsdp.gathered_trainable(self.model)
+        if self.ctx.is_main:
+            self.method.save(self.model, tmp, values=values)
+        fsdp.save_sharded(
+            tmp, self.ctx.rank, self.model, self.optimizer, self.scheduler, {"step": step, "skipped": self.skipped}
+        )
+        dist.barrier(self.ctx)
+        if self.ctx.is_main:
+            fsdp.publish(tmp, final, self.ckpt_root)
+            prune_checkpoints(self.ckpt_root, self.cfg.train.keep_last)
+        self.last_good = final
+        dist.barrier(self.ctx)
+        return final
 
     def _step(self, indices: list[int]) -> tuple[float, int, float | None]:
         t = self.cfg.train
