@@ -438,3 +438,12 @@ def test_ollama_directory_runs_in_llama_cpp_like_lorakit(default_adapter, tmp_pa
 
     result = export_adapter(default_adapter, tmp_path / "o", fmt="ollama")
     assert result.parity.agreement >= 0.9 and result.parity.max_logit_diff < 3.0, result.parity
+
+
+def test_the_cli_offers_exactly_the_formats_and_types_the_writers_take():
+    """The CLI keeps its own copies (so that `lorakit --help` does not import the export stack)."""
+    from lorakit.cli import export as cli
+    from lorakit.export import FORMATS
+    from lorakit.export.gguf_model import TYPES
+
+    assert cli.FORMATS == FORMATS and set(cli.DTYPES) == set(TYPES)
