@@ -294,6 +294,14 @@ def atomic_write_many(files: dict[Path, bytes]) -> None:
         fsync_dir(parent)
 
 
+def fsync_files(directory: Path) -> None:
+    """Flush every file under ``directory`` (recursively) to disk, before the directory is renamed into place."""
+    for f in directory.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
 def fsync_dir(path: Path) -> None:
     """Make the renames inside directory ``path`` durable (POSIX); a no-op where directories cannot be opened."""
     try:

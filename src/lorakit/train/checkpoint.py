@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..io import fsync_dir, write_safetensors
+from ..io import fsync_dir, fsync_files, write_safetensors
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
@@ -57,9 +57,7 @@ def save_checkpoint(
         }
         write_safetensors(tensors, tmp / STATE_TENSORS)
         (tmp / STATE_JSON).write_text(json.dumps(state))
-        for f in tmp.iterdir():
-            with open(f, "rb") as handle:
-                os.fsync(handle.fileno())
+        fsync_files(tmp)
         if final.exists():  # the same step saved again (Ctrl-C right after a periodic save): swap, then drop
             os.replace(final, old)
         os.replace(tmp, final)

@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch.distributed as td
 from safetensors.torch import load_file
 from torch import nn
 
-from ..io import fsync_dir, write_safetensors
+from ..io import fsync_dir, fsync_files, write_safetensors
 from .checkpoint import jsonable, tupled
 
 SHARDS = "sharded"
@@ -212,10 +211,7 @@ def is_sharded(path: Path) -> bool:
 
 def publish(tmp: Path, final: Path, root: Path) -> None:
     """Rank 0, after every rank wrote its part: sync and rename the checkpoint into place."""
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as handle:
-                os.fsync(handle.fileno())
+    fsync_files(tmp)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
