@@ -88,10 +88,8 @@ def export_gguf_lora(
             )
         r, layer_alpha = config.rank_and_alpha(path)
         b = b.float() * (config.scaling(r, layer_alpha) * a.shape[0] / alpha)  # llama.cpp applies alpha / r
-        if permute_qk and path.endswith(("q_proj", "k_proj")):
-            heads = base_config.num_attention_heads
-            kv = getattr(base_config, "num_key_value_heads", None) or heads
-            b = _rotary_permute(b, heads if path.endswith("q_proj") else kv)
+        if permute_qk:
+            b = rotary_rows(b, path, base_config)
         writer_tensors.append((f"{name}.weight.lora_a", a.float().numpy().astype(DTYPES[dtype])))
         writer_tensors.append((f"{name}.weight.lora_b", b.numpy().astype(DTYPES[dtype])))
     _write(out, arch, alpha, writer_tensors)
@@ -150,6 +148,16 @@ def _check_fits(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], base_config
                 f"{source} does not fit this base: {path} is {tuple(shape)} (out, in) here, the adapter's update is "
                 f"{(b.shape[0], a.shape[1])}. It was trained on another base; export it with that --model"
             )
+
+
+def rotary_rows(rows: torch.Tensor, path: str, config) -> torch.Tensor:
+    """``rows`` of the module at ``path`` (its weight, or an adapter's B) in llama.cpp's order: permuted for
+    the q and k projections (their heads' counts from ``config``), unchanged for every other module."""
+    if path.endswith("q_proj"):
+        return _rotary_permute(rows, config.num_attention_heads)
+    if path.endswith("k_proj"):
+        return _rotary_permute(rows, getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    return rows
 
 
 def _rotary_permute(rows: torch.Tensor, heads: int) -> torch.Tensor:

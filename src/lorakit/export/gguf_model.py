@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .files import write_gguf
-from .gguf_lora import _architecture, _rotary_permute
+from .gguf_lora import _architecture, rotary_rows
 
 # --dtype -> (GGML tensor type, llama.cpp file type name)
 TYPES = {
@@ -129,8 +129,6 @@ def _gguf_tensors(model: torch.nn.Module, arch: str, permute_qk: bool) -> dict[s
     config = model.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
     result: dict[str, np.ndarray] = {}
     for key, tensor in model.state_dict().items():
         if tied and key == "lm_head.weight":
@@ -141,8 +139,8 @@ def _gguf_tensors(model: torch.nn.Module, arch: str, permute_qk: bool) -> dict[s
         if name is None:
             raise ValueError(f"the merged model's {key} has no llama.cpp tensor name for architecture {arch!r}")
         tensor = tensor.detach().float()
-        if permute_qk and key.endswith(("q_proj.weight", "k_proj.weight")):
-            tensor = _rotary_permute(tensor, heads if "q_proj" in key else kv)
+        if permute_qk and key.endswith(".weight"):
+            tensor = rotary_rows(tensor, key.removesuffix(".weight"), config)
         result[name] = tensor.numpy()
     return result
 

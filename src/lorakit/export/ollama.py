@@ -59,9 +59,7 @@ class OllamaExport:
         return f"ollama create {name} -f {self.directory / MODELFILE} && ollama run {name}"
 
 
-def modelfile(
-    model_file: str, adapter_file: str | None, tokenizer, temperature: float | None = None
-) -> tuple[str, str | None, list[str]]:
+def modelfile(model_file: str, adapter_file: str | None, tokenizer) -> tuple[str, str | None, list[str]]:
     """The Modelfile text, the template family used (or None) and the stop strings."""
     lines = [f"FROM ./{model_file}"]
     if adapter_file:
@@ -80,8 +78,6 @@ def modelfile(
     if eos and eos not in stops:
         stops.append(eos)
     lines += [f'PARAMETER stop "{stop}"' for stop in stops]
-    if temperature is not None:
-        lines.append(f"PARAMETER temperature {temperature:g}")
     return "\n".join(lines) + "\n", family, stops
 
 
