@@ -6,7 +6,12 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 import lorakit
-from lorakit.train.fused_loss import causal_loss_sum, linear_cross_entropy_sum, supports_fused_loss
+from lorakit.train.fused_loss import (
+    causal_loss_sum,
+    causal_token_logps,
+    linear_cross_entropy_sum,
+    supports_fused_loss,
+)
 from lorakit.train.tasks import CausalLM
 
 from .conftest import FAMILIES, randomize_adapters
@@ -70,6 +75,34 @@ def test_causal_loss_matches_logits_path_for_lora(name):
     for a, b in zip(fused_grads, [p.grad for p in params], strict=True):
         assert_close(a, b, rtol=1e-4, atol=3e-5)
     assert type(model.get_output_embeddings()) is torch.nn.Linear  # the head is back in place
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("chunk", [2, 512])
+def test_token_logps_match_the_log_softmax_of_the_logits_values_and_weighted_gradients(name, chunk, cpu_gemm):
+    """The per-token log-probabilities of preference tuning (fused head) against log_softmax on the model's logits,
+    with a backward that weights each position differently (as DPO's per-pair weights do)."""
+    family = FAMILIES[name]
+    model = family.build()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=family.targets, init="random"))
+    randomize_adapters(model)
+    batch = _batch()
+    weights = torch.linspace(-1.0, 2.0, 3 * 8).view(3, 8)
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = causal_token_logps(model, model, batch, chunk=chunk)
+    (fused * weights).sum().backward()
+    fused_grads = [p.grad.clone() for p in params]
+    model.zero_grad()
+    logits = model(input_ids=batch["input_ids"]).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    plain = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * labels.ne(-100)
+    (plain * weights).sum().backward()
+    assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    assert (fused[labels == -100] == 0).all()
+    for a, b in zip(fused_grads, [p.grad for p in params], strict=True):
+        assert_close(a, b, rtol=1e-4, atol=3e-5)
+    with torch.no_grad():  # the reference's pass: no gradient kept
+        assert_close(causal_token_logps(model, model, batch, chunk=chunk), plain.detach(), rtol=1e-5, atol=1e-5)
 
 
 def test_full_fine_tuning_trains_the_head_too():

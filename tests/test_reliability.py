@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from lorakit.cli.main import main as cli_main
 from lorakit.train import checkpoint as checkpoint_module
+from lorakit.train import objectives
 from lorakit.train import trainer as trainer_module
 from lorakit.train.checkpoint import list_checkpoints
 from lorakit.train.trainer import TrainingStopped, train
@@ -241,7 +242,7 @@ class _InfiniteGradient(torch.autograd.Function):
 
 
 def _poison_gradient_at(monkeypatch, call: int) -> None:
-    real = trainer_module.token_loss_sum
+    real = objectives.token_loss_sum
     calls = {"n": 0}
 
     def poisoned(model, batch, task):
@@ -249,7 +250,7 @@ def _poison_gradient_at(monkeypatch, call: int) -> None:
         loss, n = real(model, batch, task)
         return (_InfiniteGradient.apply(loss) if calls["n"] == call else loss), n
 
-    monkeypatch.setattr(trainer_module, "token_loss_sum", poisoned)
+    monkeypatch.setattr(objectives, "token_loss_sum", poisoned)
 
 
 def test_infinite_gradient_stops_the_run_and_keeps_the_last_good_checkpoint(run_config, monkeypatch):

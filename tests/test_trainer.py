@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from lorakit.cli.main import main
+from lorakit.train import objectives
 from lorakit.train import trainer as trainer_module
 from lorakit.train.checkpoint import list_checkpoints
 from lorakit.train.config import all_keys, field_docs, load_config, reference
@@ -97,7 +98,7 @@ def test_gradient_accumulation_gives_the_same_adapter(run_config):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(run_config, monkeypatch):
-    real = trainer_module.token_loss_sum
+    real = objectives.token_loss_sum
     calls = {"n": 0}
 
     def poisoned(model, batch, task):
@@ -105,7 +106,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(run_config, monkeypatch):
         loss, n = real(model, batch, task)
         return (loss * float("nan") if calls["n"] == 6 else loss), n
 
-    monkeypatch.setattr(trainer_module, "token_loss_sum", poisoned)
+    monkeypatch.setattr(objectives, "token_loss_sum", poisoned)
     with pytest.raises(TrainingStopped, match=r"loss became nan at step 6.*last good checkpoint is .*step-0000004"):
         train(run_config("train.save_every=2", "train.keep_last=5", "train.generate_eval=false"), progress=False)
     calls["n"] = 0

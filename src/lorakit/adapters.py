@@ -59,6 +59,29 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextlib.contextmanager
+def switched_off(model: nn.Module, names: str | Sequence[str]) -> Iterator[nn.Module]:
+    """Run inside this block with adapters ``names`` off and the other active adapters on: the model as it was
+    before ``names`` were added (a frozen SFT adapter without the adapter training on top of it, say). Nothing
+    else changes: which parameters train stays as it was.
+
+    Raises:
+        ValueError: an unknown name, or a merged one (unmerge first).
+    """
+    names = _names(model, names)
+    if set(names) & set(_merged_names(model)):
+        raise ValueError(f"switched_off() needs unmerged adapters; {names} include merged ones: unmerge first")
+    modules = [m for _, m in adapter_modules(model)]
+    saved = [m.active_adapters for m in modules]
+    for module in modules:
+        module.active_adapters = [n for n in module.active_adapters if n not in names]
+    try:
+        yield model
+    finally:
+        for module, active in zip(modules, saved, strict=True):
+            module.active_adapters = active
+
+
+@contextlib.contextmanager
 def route(model: nn.Module, per_row_names: Sequence[str | None], *, stacks: dict | None = None) -> Iterator[nn.Module]:
     """Mixed batch: row i of the next forwards uses adapter ``per_row_names[i]`` (``None``: the base model).
 

@@ -37,9 +37,8 @@ def run(args: argparse.Namespace) -> int:
     except TrainingStopped as err:
         print(f"lorakit train: stopped: {err}", file=sys.stderr)
         return 3
-    if result.eval is not None and result.eval.exact_match is not None and result.eval_before is not None:
-        before, after = result.eval_before.exact_match, result.eval.exact_match
-        print(f"exact match: {100 * before:.1f}% before -> {100 * after:.1f}% after")
+    if result.eval is not None and result.eval_before is not None and result.eval.versus(result.eval_before):
+        print(result.eval.versus(result.eval_before))
     skipped = f", {result.skipped_steps} skipped for NaN or infinite values" if result.skipped_steps else ""
     print(
         f"adapter written to {result.output_dir} ({result.steps} steps{skipped}, "

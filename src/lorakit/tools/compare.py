@@ -59,6 +59,11 @@ def build_method(cfg: RunConfig, name: str, tokenizer=None):
 def run_compare(cfg: RunConfig, methods: list[str], progress: bool = True) -> list[dict[str, Any]]:
     """Run every method in its own process; return (and write) their records."""
     check_methods(methods)
+    if cfg.objective != "sft":
+        raise ValueError(
+            f"lorakit compare measures supervised fine-tuning; objective={cfg.objective} has a reference model only "
+            "for LoRA (the adapter switched off): use objective=sft, or lorakit train for preference tuning"
+        )
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     resolved = out / "compare-config.yaml"

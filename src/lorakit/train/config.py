@@ -23,6 +23,8 @@ from ..models import DTYPES, TASK_NAMES
 
 SCHEDULERS = ("constant", "linear", "cosine")
 STRATEGIES = ("ddp", "fsdp")
+OBJECTIVES = ("sft", "dpo", "orpo")
+DPO_LOSSES = ("sigmoid", "ipo")
 
 
 @dataclass
@@ -118,6 +120,34 @@ class TrainLoopConfig:
 
 
 @dataclass
+class DpoConfig:
+    beta: float = 0.1
+    """objective=dpo: DPO's beta, how far the trained model may move from the reference (larger: closer); for
+    loss_type=ipo the regularisation tau. objective=orpo: the weight lambda of the odds-ratio term."""
+
+    loss_type: str = "sigmoid"
+    """objective=dpo: sigmoid (the DPO paper's loss, -log sigmoid(beta x margin)) or ipo (IPO's squared loss on
+    the per-token margin)."""
+
+    label_smoothing: float = 0.0
+    """loss_type=sigmoid: the assumed share of flipped preference labels, in [0, 0.5) (conservative DPO); 0: the
+    plain DPO loss."""
+
+    reference_adapter: str | None = None
+    """objective=dpo: an adapter directory (an SFT adapter, say) loaded frozen beside the trained adapter. The
+    reference model is the base with it, the trained model the base with both; the run's adapter is then
+    their exact sum (ranks concatenated). Unset: the reference is the base model (the trained adapter off)."""
+
+    precompute_reference: bool = False
+    """objective=dpo: compute the reference log-probabilities of every training pair once before the first
+    step (one forward pass over the data) instead of at every step."""
+
+    disable_dropout: bool = True
+    """objective=dpo or orpo: set every dropout probability to 0 for the run (lora_dropout included), so that
+    the trained and the reference model score a sequence alike and the log-probabilities are exact."""
+
+
+@dataclass
 class CompareConfig:
     methods: list[str] = field(default_factory=lambda: ["full", "adapter", "prompt", "lora"])
     """Methods `lorakit compare` runs, in order: full, adapter (bottleneck layers), prompt (prompt tuning), lora."""
@@ -152,6 +182,11 @@ class RunConfig:
     model: str = "default"
     """Base model: a local Hugging Face directory, a .gguf file, or `default` (embedded SmolLM2-135M-Instruct)."""
 
+    objective: str = "sft"
+    """sft (supervised fine-tuning on the rows' completions); dpo (preference tuning against a frozen reference)
+    or orpo (reference-free: the SFT loss plus an odds-ratio term) on rows {prompt, chosen, rejected}; see the
+    dpo section."""
+
     task: str = "causal-lm"
     """causal-lm; seq2seq (T5 family: prompt/completion rows); classification (BERT family: text + label rows,
     the head is trained whole as modules_to_save)."""
@@ -176,6 +211,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=16, alpha=32, target_modules="all-linear"))
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
 
     def __post_init__(self) -> None:
@@ -230,9 +266,42 @@ def check_run(c: RunConfig) -> None:
             "norms are not yet checked under sharding; use train.strategy=ddp for DoRA",
         ),
     ]
+    checks += _preference_checks(c)
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+
+
+def _preference_checks(c: RunConfig) -> list[tuple[bool, str]]:
+    d, preference = c.dpo, c.objective in ("dpo", "orpo")
+    return [
+        (c.objective in OBJECTIVES, f"objective={c.objective!r}: use one of {list(OBJECTIVES)}"),
+        (d.beta > 0, f"dpo.beta={d.beta}: use a positive value (0.1 is usual)"),
+        (d.loss_type in DPO_LOSSES, f"dpo.loss_type={d.loss_type!r}: use one of {list(DPO_LOSSES)}"),
+        (0 <= d.label_smoothing < 0.5, f"dpo.label_smoothing={d.label_smoothing}: use 0 <= value < 0.5"),
+        (
+            d.label_smoothing == 0 or d.loss_type == "sigmoid",
+            f"dpo.label_smoothing={d.label_smoothing} applies to loss_type=sigmoid, not {d.loss_type}; set it to 0",
+        ),
+        (
+            not preference or c.task == "causal-lm",
+            f"objective={c.objective} trains causal language models; task={c.task!r} is not one: use task=causal-lm",
+        ),
+        (
+            not preference or not c.data.packing,
+            f"objective={c.objective} scores each answer as one sequence; set data.packing=false",
+        ),
+        (
+            c.objective == "dpo" or (d.reference_adapter is None and not d.precompute_reference),
+            f"dpo.reference_adapter and dpo.precompute_reference need objective=dpo (objective={c.objective} has no "
+            "reference model); unset them",
+        ),
+        (
+            d.reference_adapter is None or c.train.strategy != "fsdp",
+            "dpo.reference_adapter with train.strategy=fsdp: the combined adapter is built in one process; use "
+            "train.strategy=ddp",
+        ),
+    ]
 
 
 # ----- building from YAML / dicts ------------------------------------------------------------------------

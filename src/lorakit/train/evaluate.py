@@ -42,6 +42,16 @@ class EvalResult:
             "scored": self.scored,
         }
 
+    def versus(self, before: EvalResult) -> str | None:
+        """One line comparing this result with the one ``before`` training (None without exact match)."""
+        if self.exact_match is None or before.exact_match is None:
+            return None
+        return f"exact match: {100 * before.exact_match:.1f}% before -> {100 * self.exact_match:.1f}% after"
+
+    def describe(self, when: str) -> str:
+        acc = f", exact match {100 * self.exact_match:.1f}% of {self.scored}" if self.exact_match is not None else ""
+        return f"eval {when}: loss {self.loss:.4f}, perplexity {self.perplexity:.2f}{acc}"
+
 
 @torch.no_grad()
 def evaluate(

@@ -52,6 +52,35 @@ def head_as_identity(model: nn.Module) -> Iterator[nn.Linear]:
         model.set_output_embeddings(head)
 
 
+def _chunk_logits(hidden, weight, bias, rows, chunk):
+    """(positions, float32 logits) of ``rows`` of ``hidden`` through the head, ``chunk`` positions at a time.
+    The logits may live in one reused buffer: consume each chunk before asking for the next."""
+    buffer = None  # one chunk's float32 logits, reused: fresh 100 MB blocks cost page faults on every chunk
+    for start in range(0, rows.numel(), chunk):
+        index = rows[start : start + chunk]
+        h = hidden.index_select(0, index)
+        if weight.dtype == torch.float32 and fastpath.uses_onednn(h, weight):
+            logits = fastpath.linear(h, weight)  # oneDNN: faster even with a fresh block per chunk
+        elif weight.dtype == torch.float32:
+            if buffer is None:
+                buffer = hidden.new_empty((min(chunk, rows.numel()), weight.shape[0]), dtype=torch.float32)
+            logits = torch.mm(h.float(), weight.T, out=buffer[: index.numel()])
+        else:
+            logits = (h @ weight.T).float()
+        if bias is not None:
+            logits += bias.float()
+        yield index, h, logits
+
+
+def _log_softmax_parts(logits, target):
+    """(log-probability of ``target`` in each row, the rows' softmax), from one exponential pass over
+    ``logits``, in place: the returned softmax is ``logits`` itself."""
+    top = logits.amax(dim=1, keepdim=True)
+    picked = logits.gather(1, target[:, None]).squeeze(1)
+    sums = logits.sub_(top).exp_().sum(dim=1)
+    return picked - top.squeeze(1) - sums.log(), logits.div_(sums[:, None])
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk):
@@ -63,28 +92,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if want_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        buffer = None  # one chunk's float32 logits, reused: fresh 100 MB blocks cost page faults on every chunk
-        for start in range(0, rows.numel(), chunk):
-            index = rows[start : start + chunk]
-            h = hidden.index_select(0, index)
+        for index, h, logits in _chunk_logits(hidden, weight, bias, rows, chunk):
             target = labels.index_select(0, index)
-            if weight.dtype == torch.float32 and fastpath.uses_onednn(h, weight):
-                logits = fastpath.linear(h, weight)  # oneDNN: faster even with a fresh block per chunk
-            elif weight.dtype == torch.float32:
-                if buffer is None:
-                    buffer = hidden.new_empty((min(chunk, rows.numel()), weight.shape[0]), dtype=torch.float32)
-                logits = torch.mm(h.float(), weight.T, out=buffer[: index.numel()])
-            else:
-                logits = (h @ weight.T).float()
-            if bias is not None:
-                logits += bias.float()
-            # log-sum-exp and softmax from one exponential pass, in place: exp(logits - max), its row sums
-            top = logits.amax(dim=1, keepdim=True)
-            picked = logits.gather(1, target[:, None]).squeeze(1)
-            sums = logits.sub_(top).exp_().sum(dim=1)
-            total += (top.squeeze(1) + sums.log() - picked).sum()
+            logps, probs = _log_softmax_parts(logits, target)
+            total -= logps.sum()
             if want_h or want_w or want_b:
-                probs = logits.div_(sums[:, None])  # softmax
                 probs[torch.arange(index.numel(), device=probs.device), target] -= 1  # d loss / d logits
                 if want_h:
                     grad_h.index_copy_(0, index, (probs.to(weight.dtype) @ weight).to(hidden.dtype))
@@ -109,6 +121,55 @@ class _LinearCrossEntropy(torch.autograd.Function):
             None,
             None,
         )
+
+
+class _LinearLogProbs(torch.autograd.Function):
+    """Per-position log-probabilities of the labels (0 where unlabelled), head fused as above; the head itself
+    stays frozen (its gradient would depend on how the positions are weighted, known only in backward)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk):
+        rows = (labels != IGNORE).nonzero().squeeze(1)
+        want_h = ctx.needs_input_grad[0]
+        grad_h = torch.zeros_like(hidden) if want_h else None  # d log p / d hidden, per position
+        out = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
+        for index, _, logits in _chunk_logits(hidden, weight, bias, rows, chunk):
+            target = labels.index_select(0, index)
+            logps, probs = _log_softmax_parts(logits, target)
+            out.index_copy_(0, index, logps)
+            if want_h:
+                probs[torch.arange(index.numel(), device=probs.device), target] -= 1
+                grad_h.index_copy_(0, index, (probs.to(weight.dtype) @ weight).neg_().to(hidden.dtype))
+        ctx.save_for_backward(grad_h if want_h else torch.empty(0))
+        ctx.want_h = want_h
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad_h,) = ctx.saved_tensors
+        return (grad_h * grad_out[:, None].to(grad_h.dtype) if ctx.want_h else None), None, None, None, None
+
+
+def causal_token_logps(
+    model: nn.Module, inner: nn.Module, batch: dict[str, torch.Tensor], chunk: int = CHUNK
+) -> torch.Tensor:
+    """Log-probability of each labelled next token, (batch, length - 1) float32, 0 where ``labels`` is -100.
+
+    Position t holds log p(labels[t + 1] | tokens up to t). With a plain linear head that does not train
+    (``supports_fused_loss``), the head runs fused in chunks over the labelled positions only, as for the loss
+    above; otherwise through the model's logits. ``model`` is what to call (a DDP wrapper, say), ``inner`` the
+    transformers model inside it.
+    """
+    labels = batch["labels"][:, 1:]
+    head = inner.get_output_embeddings() if supports_fused_loss(inner) else None
+    if head is not None and not any(p.requires_grad for p in head.parameters()):
+        with head_as_identity(inner):
+            hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        return _LinearLogProbs.apply(hidden, head.weight, head.bias, labels.reshape(-1), chunk).view(labels.shape)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    picked = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    return picked.masked_fill(labels == IGNORE, 0.0)
 
 
 def linear_cross_entropy_sum(

@@ -23,20 +23,36 @@ import yaml
 from torch import nn
 
 from .. import adapters
+from ..combine import combine
 from ..config import LoraConfig
-from ..data import IGNORE, DataStats, Example, batch_indices, pack, read_rows, split_eval, tokenize_rows
+from ..data import (
+    IGNORE,
+    DataStats,
+    Example,
+    PreferencePair,
+    batch_indices,
+    pack,
+    read_rows,
+    split_eval,
+    tokenize_pairs,
+    tokenize_rows,
+)
 from ..fastpath import return_freed_memory_to_os
+from ..io import load_adapter, save_adapter
 from ..layers import fuse_forwards
 from ..methods.lora import LoraMethod
 from ..models import DTYPES, load_model, resolve_model_dir
 from ..quant import quantize
+from ..state import registry
 from ..targeting import HEAD_NAMES
 from . import distributed as dist
 from . import fsdp
 from .checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint, step_dir
 from .config import RunConfig
-from .evaluate import EvalResult, evaluate, pad_id, token_loss_sum
+from .evaluate import EvalResult, evaluate, pad_id
 from .metrics import MetricsLog, plot_metrics, read_metrics
+from .objectives import REFERENCE, TRAINED, PreferenceEval, disable_dropout, evaluate_pairs, objective_for
+from .objectives import precompute_reference as precompute_reference_logps
 from .tasks import TASKS
 
 
@@ -51,8 +67,8 @@ class RunResult:
     output_dir: Path
     steps: int
     final_loss: float
-    eval: EvalResult | None
-    eval_before: EvalResult | None = None
+    eval: EvalResult | PreferenceEval | None
+    eval_before: EvalResult | PreferenceEval | None = None
     tokens_per_second: float = 0.0
     wall_seconds: float = 0.0
     skipped_steps: int = 0
@@ -66,6 +82,8 @@ def prepare_data(
     d = cfg.data
     if not d.train:
         raise ValueError("data.train is not set: give a .jsonl, .csv, .parquet file or a saved dataset directory")
+    if cfg.objective != "sft":
+        return _prepare_pairs(cfg, tokenizer)
     task = TASKS[cfg.task]
 
     def tokenize(row, where):
@@ -85,6 +103,22 @@ def prepare_data(
         train = pack(train, d.max_length)
     if not any(label != IGNORE for e in train for label in e.labels):
         raise ValueError(f"{d.train}: no token carries a loss (every completion is empty or truncated away)")
+    return train, held, stats
+
+
+def _prepare_pairs(
+    cfg: RunConfig, tokenizer
+) -> tuple[list[PreferencePair], list[PreferencePair], dict[str, DataStats]]:
+    """Preference rows as (chosen, rejected) pairs, for objective=dpo or orpo."""
+    d = cfg.data
+    train, stats = tokenize_pairs(read_rows(d.train), tokenizer, d.max_length)
+    stats = {"train": stats}
+    if d.eval:
+        held, stats["eval"] = tokenize_pairs(read_rows(d.eval), tokenizer, d.max_length)
+    else:
+        train, held = split_eval(train, d.eval_fraction, cfg.seed)
+    if d.max_eval_rows is not None:
+        held = held[: d.max_eval_rows]
     return train, held, stats
 
 
@@ -164,9 +198,13 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, method=No
     loop = _Loop(
         cfg=cfg, ctx=ctx, model=model, wrapped=model, tokenizer=tokenizer, optimizer=optimizer,
         scheduler=scheduler, rows=train_rows, metrics=metrics, ckpt_root=out / "checkpoints", method=method,
-        sharded=sharded(cfg, ctx),
+        sharded=sharded(cfg, ctx), objective=objective_for(cfg),
     )  # fmt: skip
     start_step = setup_resume(loop, resume=resume, log=log)
+    if cfg.dpo.precompute_reference:
+        batch = max(1, cfg.train.batch_size // (ctx.world_size * cfg.train.grad_accum))
+        precompute_reference_logps(model, train_rows, loop.pad, ctx, batch, progress)
+        log(f"reference log-probabilities of {len(train_rows)} training pairs computed")
     if not loop.sharded:  # after the checkpoint is loaded: DDP starts from those weights
         loop.wrapped = dist.wrap(model, ctx)
     eval_before = evaluate_before(loop, eval_rows=eval_rows, start_step=start_step, log=log)
@@ -254,8 +292,14 @@ def setup_method(cfg: RunConfig, *, model: nn.Module, method, ctx: dist.Context,
         log(quantize(model, cfg.quantize).describe())
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.dpo.reference_adapter:
+        _load_reference(model, cfg, log)
     method = method or LoraMethod(_with_head(cfg, model, log))
     model = method.prepare(model)
+    if cfg.dpo.reference_adapter:
+        adapters.set_active(model, [REFERENCE, TRAINED])  # trained = base + reference + trained adapter
+    if cfg.objective != "sft" and cfg.dpo.disable_dropout:
+        disable_dropout(model)
     if cfg.train.fused_forwards and method.name == "lora":
         fuse_forwards(model)
     log(str(adapters.trainable_summary(model)))
@@ -269,6 +313,31 @@ def setup_method(cfg: RunConfig, *, model: nn.Module, method, ctx: dist.Context,
         fsdp.load_local_shards(model, resolve_model_dir(cfg.model), initial, ctx.device)
         log(f"fsdp: {ctx.world_size} processes, {fsdp.local_parameter_bytes(model) / 1e6:.1f} MB of parameters each")
     return model, method
+
+
+def _load_reference(model: nn.Module, cfg: RunConfig, log) -> None:
+    """dpo.reference_adapter, frozen, as adapter 'reference'; refused where the run's adapter could not be
+    written as the exact sum of it and the trained adapter."""
+    source = Path(cfg.dpo.reference_adapter)
+    try:
+        load_adapter(model, source, name=REFERENCE)
+    except ValueError as err:
+        raise ValueError(f"dpo.reference_adapter: {err}") from None
+    ref = registry(model).adapters[REFERENCE].config
+    reasons = [
+        ("it uses DoRA" if ref.use_dora else None),
+        ("it trains whole modules (modules_to_save)" if ref.modules_to_save else None),
+        ("lora.use_dora is set" if cfg.lora.use_dora else None),
+        ("lora.init=pissa" if cfg.lora.init == "pissa" else None),
+        ("lora.modules_to_save is set" if cfg.lora.modules_to_save else None),
+    ]
+    reasons = [r for r in reasons if r]
+    if reasons:
+        raise ValueError(
+            f"dpo.reference_adapter={source}: {'; '.join(reasons)}. The run's adapter is the exact sum of the "
+            "reference and the trained adapter, which exists for plain LoRA adapters only: use plain LoRA for both"
+        )
+    log(f"reference: the base model with the frozen adapter {source}; the trained adapter adds to it")
 
 
 def setup_resume(loop: _Loop, *, resume: bool, log) -> int:
@@ -301,9 +370,9 @@ def evaluate_before(loop: _Loop, *, eval_rows: list[Example], start_step: int, l
     cfg = loop.cfg
     if not (eval_rows and start_step == 0 and loop.evaluates and cfg.train.eval_before):
         return None
-    result = _evaluate(cfg, loop.model, loop.tokenizer, eval_rows)
+    result = loop.evaluate(eval_rows)
     loop.metrics.write({"kind": "eval", "step": 0, **result.as_record()})
-    log(_describe_eval("before training", result))
+    log(result.describe("before training"))
     return result
 
 
@@ -311,16 +380,32 @@ def finish(loop: _Loop, *, result: RunResult, eval_rows: list[Example], log) -> 
     """The final evaluation, the adapter (or trained weights), the loss plot; then the processes part."""
     out = result.output_dir
     if loop.evaluates and eval_rows:
-        result.eval = _evaluate(loop.cfg, loop.model, loop.tokenizer, eval_rows)
+        result.eval = loop.evaluate(eval_rows)
         loop.metrics.write({"kind": "eval", "step": loop.step, **result.eval.as_record()})
-        log(_describe_eval("after training", result.eval))
+        log(result.eval.describe("after training"))
     values = fsdp.gathered_trainable(loop.model) if loop.sharded else None  # every rank takes part
     if loop.ctx.is_main:
-        loop.method.save(loop.model, out, values=values) if loop.sharded else loop.method.save(loop.model, out)
+        if loop.cfg.dpo.reference_adapter:
+            _save_with_reference(loop.model, out, log)
+        elif loop.sharded:
+            loop.method.save(loop.model, out, values=values)
+        else:
+            loop.method.save(loop.model, out)
         plot_metrics(read_metrics(out / "metrics.jsonl"), out / "loss.png")
         log(f"adapter, config.yaml, metrics.jsonl and loss.png written to {out}")
     dist.barrier(loop.ctx)
     dist.teardown(loop.ctx)
+
+
+def _save_with_reference(model: nn.Module, out: Path, log) -> None:
+    """The run's adapter over a reference adapter: their exact sum (``combine`` cat, the ranks concatenated),
+    so that it loads and deploys alone like any adapter."""
+    combine(model, {REFERENCE: 1.0, TRAINED: 1.0}, "combined", "cat")
+    try:
+        save_adapter(model, out, "combined")
+    finally:
+        adapters.delete_adapter(model, "combined")
+    log(f"{out}: the reference adapter plus the trained one, summed exactly (ranks concatenated)")
 
 
 def lean_cpu_memory(cfg: RunConfig) -> bool:
@@ -343,22 +428,6 @@ def _with_head(cfg: RunConfig, model: nn.Module, log) -> LoraConfig:
         log(f"classification: training the head {', '.join(missing)} as modules_to_save")
         lora = dataclasses.replace(lora, modules_to_save=saved + missing)
     return lora
-
-
-def _evaluate(cfg: RunConfig, model, tokenizer, rows) -> EvalResult:
-    return evaluate(
-        model,
-        tokenizer,
-        rows,
-        generate=cfg.train.generate_eval,
-        max_new_tokens=cfg.train.max_new_tokens,
-        task=TASKS[cfg.task],
-    )
-
-
-def _describe_eval(when: str, r: EvalResult) -> str:
-    acc = f", exact match {100 * r.exact_match:.1f}% of {r.scored}" if r.exact_match is not None else ""
-    return f"eval {when}: loss {r.loss:.4f}, perplexity {r.perplexity:.2f}{acc}"
 
 
 def _printer(enabled: bool):
@@ -394,10 +463,21 @@ class _Loop:
     tokens_per_second: float = 0.0
     last_good: Path | None = None
     sharded: bool = False  # FSDP: every rank takes part in each forward, evaluations and saves included
+    objective: object = None  # what a step minimises (lorakit.train.objectives); default: SFT
 
     def __post_init__(self) -> None:
         self.pad = pad_id(self.tokenizer)
         self.task = TASKS[self.cfg.task]
+        self.objective = self.objective or objective_for(self.cfg)
+
+    def evaluate(self, rows: list) -> EvalResult | PreferenceEval:
+        cfg = self.cfg
+        if self.objective.name != "sft":
+            return evaluate_pairs(self.objective, self.model, rows, self.pad)
+        return evaluate(
+            self.model, self.tokenizer, rows, generate=cfg.train.generate_eval,
+            max_new_tokens=cfg.train.max_new_tokens, task=self.task,
+        )  # fmt: skip
 
     @property
     def evaluates(self) -> bool:
@@ -417,18 +497,19 @@ class _Loop:
             if position >= t.max_steps:
                 break
             step_started = time.perf_counter()
-            loss, tokens, grad_norm = self._step(indices)
+            loss, tokens, grad_norm, stats = self._step(indices)
             step_seconds = time.perf_counter() - step_started
             self.step = position + 1
             tokens_seen += tokens
             self.tokens_per_second = tokens_seen / (time.perf_counter() - clock)
             record = {"kind": "train", "step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
                       "grad_norm": grad_norm, "tokens": tokens, "seconds": round(step_seconds, 4),
-                      "tokens_per_second": round(self.tokens_per_second, 1)}  # fmt: skip
+                      "tokens_per_second": round(self.tokens_per_second, 1), **stats}  # fmt: skip
             self.metrics.write(record)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{self.tokens_per_second:.0f}")
+                shown = {"acc": f"{stats['accuracy']:.2f}", "margin": f"{stats['margin']:.3f}"} if stats else {}
+                bar.set_postfix(loss=f"{loss:.4f}", **shown, tok_s=f"{self.tokens_per_second:.0f}")
             self._periodic(eval_rows)
         if bar is not None:
             bar.close()
@@ -440,9 +521,9 @@ class _Loop:
             self.checkpoint(self.step)
         if t.eval_every and eval_rows and self.step % t.eval_every == 0 and self.step < t.max_steps:
             if self.evaluates:
-                result = _evaluate(self.cfg, self.model, self.tokenizer, eval_rows)
+                result = self.evaluate(eval_rows)
                 self.metrics.write({"kind": "eval", "step": self.step, **result.as_record()})
-                _printer(self.ctx.is_main)(f"\n{_describe_eval(f'at step {self.step}', result)}")
+                _printer(self.ctx.is_main)(f"\n{result.describe(f'at step {self.step}')}")
             dist.barrier(self.ctx)
             self.wrapped.train()
 
@@ -483,26 +564,30 @@ class _Loop:
         dist.barrier(self.ctx)
         return final
 
-    def _step(self, indices: list[int]) -> tuple[float, int, float | None]:
+    def _step(self, indices: list[int]) -> tuple[float, int, float | None, dict[str, float]]:
+        """One optimizer step over the global batch ``indices``: (loss, tokens processed, gradient norm or None
+        when the step was dropped, the objective's metrics)."""
         t = self.cfg.train
+        objective = self.objective
         examples = [self.rows[i] for i in indices]
-        global_tokens = sum(self.task.units(e) for e in examples)
-        processed = sum(len(e.input_ids) for e in examples)
+        units = objective.units(examples)  # the global normalisers: every micro-batch's loss is its share
+        processed = objective.processed(examples)
         mine = examples[self.ctx.rank :: self.ctx.world_size]
         micro = [mine[k :: t.grad_accum] for k in range(t.grad_accum)]
         micro = [m for m in micro if m]
-        loss_sum = torch.zeros((), device=self.ctx.device)
+        totals = torch.zeros(1 + len(objective.metrics), dtype=torch.float64, device=self.ctx.device)
         for k, part in enumerate(micro):
-            batch = {key: v.to(self.ctx.device) for key, v in self.task.collate(part, self.pad).items()}
             sync = k == len(micro) - 1
             with contextlib.nullcontext() if sync else dist.no_sync(self.wrapped):
-                part_loss, _ = token_loss_sum(self.wrapped, batch, self.task)
-                (part_loss * self.ctx.world_size / max(global_tokens, 1)).backward()
-            loss_sum += part_loss.detach()
-        loss = dist.all_reduce_sum(loss_sum, self.ctx).item() / max(global_tokens, 1)
+                share, sums = objective.loss(self.wrapped, self.model, part, self.pad, self.ctx.device, units)
+                (share * self.ctx.world_size).backward()  # DDP averages over processes
+            totals += torch.stack([share.detach().double(), *(sums[m].double() for m in objective.metrics)])
+        totals = dist.all_reduce_sum(totals, self.ctx).tolist()
+        loss = totals[0]
+        stats = objective.summarize(dict(zip(objective.metrics, totals[1:], strict=True)), units)
         if not math.isfinite(loss):
             self._non_finite("loss", loss)
-            return loss, processed, None
+            return loss, processed, None, stats
         params = [p for p in self.model.parameters() if p.requires_grad]
         grads = [p.grad for p in params if p.grad is not None]
         # One norm over every gradient (after DDP's all-reduce, so all processes agree): it detects NaN or
@@ -511,13 +596,13 @@ class _Loop:
         grad_norm = norm.item()
         if not math.isfinite(grad_norm):
             self._non_finite("the gradient norm", grad_norm)
-            return loss, processed, None
+            return loss, processed, None, stats
         if t.max_grad_norm is not None:
             torch.nn.utils.clip_grads_with_norm_(params, t.max_grad_norm, norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss, processed, grad_norm
+        return loss, processed, grad_norm, stats
 
     def _non_finite(self, what: str, value: float) -> None:
         """A NaN or infinite loss or gradient: drop the update; skip the step (counted) or stop."""
