@@ -10,7 +10,7 @@ LLAMA_CPP := llama-cpp-python==0.3.36
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 CODE := $(wildcard src tests examples bench)
 
-.PHONY: demo test test-slow test-all lint format clean
+.PHONY: demo demo-dpo test test-slow test-all lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
+
+demo-dpo: $(STAMP)
+	$(PY) examples/demo_dpo.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(CODE)

@@ -65,29 +65,35 @@ def make_rows(n: int, rng: random.Random, seen: set[dt.date]) -> list[dict]:
     return rows
 
 
-def write(out: Path, train: int = 2000, eval_rows: int = 200, seed: int = 0) -> tuple[Path, Path]:
-    """Write dates-train.jsonl and dates-eval.jsonl (no date appears in both) and return their paths."""
+def write_split(out: Path, prefix: str, make, train: int, eval_rows: int, seed: int) -> tuple[Path, Path]:
+    """Write PREFIX-train.jsonl and PREFIX-eval.jsonl from ``make(n, rng, seen)`` (no date appears in both)."""
     rng = random.Random(seed)
     seen: set[dt.date] = set()
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, n in (("dates-train.jsonl", train), ("dates-eval.jsonl", eval_rows)):
+    for name, n in ((f"{prefix}-train.jsonl", train), (f"{prefix}-eval.jsonl", eval_rows)):
         path = out / name
-        path.write_text("".join(json.dumps(r) + "\n" for r in make_rows(n, rng, seen)))
+        path.write_text("".join(json.dumps(r) + "\n" for r in make(n, rng, seen)))
         paths.append(path)
     return paths[0], paths[1]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def write(out: Path, train: int = 2000, eval_rows: int = 200, seed: int = 0) -> tuple[Path, Path]:
+    """Write dates-train.jsonl and dates-eval.jsonl and return their paths."""
+    return write_split(out, "dates", make_rows, train, eval_rows, seed)
+
+
+def cli(doc: str, write, train: int, eval_rows: int, seed: int, unit: str) -> None:
+    """The command line of a task generator: --out, --train, --eval, --seed."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--out", default="examples/data", type=Path)
-    parser.add_argument("--train", type=int, default=2000)
-    parser.add_argument("--eval", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train", type=int, default=train)
+    parser.add_argument("--eval", type=int, default=eval_rows)
+    parser.add_argument("--seed", type=int, default=seed)
     args = parser.parse_args()
-    train, held = write(args.out, args.train, args.eval, args.seed)
-    print(f"wrote {train} ({args.train} rows) and {held} ({args.eval} rows)")
+    train_path, held = write(args.out, args.train, args.eval, args.seed)
+    print(f"wrote {train_path} ({args.train} {unit}) and {held} ({args.eval} {unit})")
 
 
 if __name__ == "__main__":
-    main()
+    cli(__doc__, write, 2000, 200, 0, "rows")

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lorakit
-from lorakit.data import read_rows, tokenize_rows
+from lorakit.data import read_rows, tokenize_pairs, tokenize_rows
 from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, read_safetensors
 from lorakit.tools.benchmark import peak_rss_bytes
 
@@ -167,6 +167,40 @@ def test_fuzzed_dataset_rows_are_tokenized_or_refused(tmp_path_factory, rows, ju
         assert str(path) in str(err)
     else:
         assert all(len(e.input_ids) <= 32 for e in examples)
+
+
+_MESSAGE = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "assistant", "system", "robot"]), "content": _ROW_VALUE}
+)
+
+
+@FUZZ
+@given(
+    rows=st.lists(
+        st.dictionaries(
+            st.sampled_from(["prompt", "chosen", "rejected", "messages"]),
+            _ROW_VALUE | st.lists(_MESSAGE, max_size=3),
+            max_size=4,
+        )
+        | _JSON,
+        min_size=1,
+        max_size=4,
+    ),
+    junk=st.binary(max_size=16),
+)
+def test_fuzzed_preference_rows_are_paired_or_refused(tmp_path_factory, rows, junk):
+    path = tmp_path_factory.mktemp("pairs") / "p.jsonl"
+    path.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in rows) + junk)
+    try:
+        pairs, _ = tokenize_pairs(read_rows(path), _TOKENIZER(), 32)
+    except ValueError as err:
+        assert str(path) in str(err)
+    else:
+        for pair in pairs:
+            start = pair.chosen.answer_start
+            assert max(len(pair.chosen.input_ids), len(pair.rejected.input_ids)) <= 32
+            assert pair.chosen.input_ids[:start] == pair.rejected.input_ids[:start]
+            assert pair.chosen.input_ids != pair.rejected.input_ids
 
 
 def _tokenizer_once():

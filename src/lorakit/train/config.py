@@ -129,6 +129,11 @@ class DpoConfig:
     """objective=dpo: sigmoid (the DPO paper's loss, -log sigmoid(beta x margin)) or ipo (IPO's squared loss on
     the per-token margin)."""
 
+    sft_weight: float = 0.0
+    """objective=dpo: add this weight times the chosen answers' mean token NLL to the loss (RPO; TRL's loss_type
+    [sigmoid, sft] with loss_weights [1, weight]): DPO alone may lower the rejected answers more than it raises
+    the chosen ones; this keeps the chosen ones likely. 0: plain DPO."""
+
     label_smoothing: float = 0.0
     """loss_type=sigmoid: the assumed share of flipped preference labels, in [0, 0.5) (conservative DPO); 0: the
     plain DPO loss."""
@@ -279,6 +284,7 @@ def _preference_checks(c: RunConfig) -> list[tuple[bool, str]]:
         (d.beta > 0, f"dpo.beta={d.beta}: use a positive value (0.1 is usual)"),
         (d.loss_type in DPO_LOSSES, f"dpo.loss_type={d.loss_type!r}: use one of {list(DPO_LOSSES)}"),
         (0 <= d.label_smoothing < 0.5, f"dpo.label_smoothing={d.label_smoothing}: use 0 <= value < 0.5"),
+        (d.sft_weight >= 0, f"dpo.sft_weight={d.sft_weight}: use 0 (plain DPO) or a positive weight"),
         (
             d.label_smoothing == 0 or d.loss_type == "sigmoid",
             f"dpo.label_smoothing={d.label_smoothing} applies to loss_type=sigmoid, not {d.loss_type}; set it to 0",
@@ -292,9 +298,9 @@ def _preference_checks(c: RunConfig) -> list[tuple[bool, str]]:
             f"objective={c.objective} scores each answer as one sequence; set data.packing=false",
         ),
         (
-            c.objective == "dpo" or (d.reference_adapter is None and not d.precompute_reference),
-            f"dpo.reference_adapter and dpo.precompute_reference need objective=dpo (objective={c.objective} has no "
-            "reference model); unset them",
+            c.objective == "dpo" or (d.reference_adapter is None and not d.precompute_reference and not d.sft_weight),
+            f"dpo.reference_adapter, dpo.precompute_reference and dpo.sft_weight need objective=dpo (objective="
+            f"{c.objective} has no reference model, and orpo its own NLL term); unset them",
         ),
         (
             d.reference_adapter is None or c.train.strategy != "fsdp",

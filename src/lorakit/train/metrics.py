@@ -48,7 +48,8 @@ def _lines(path: Path) -> list[str]:
 
 
 def plot_metrics(records: list[dict[str, Any]], out: Path) -> Path:
-    """Training loss, eval loss and exact-match accuracy against the step, as a PNG."""
+    """Training loss, eval loss and accuracy (exact match; for preference tuning the reward accuracy of the
+    steps and the evaluations) against the step, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,15 +63,23 @@ def plot_metrics(records: list[dict[str, Any]], out: Path) -> Path:
     if evals:
         ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="eval loss", color="tab:orange")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / token)")
+    ax.set_ylabel("loss (mean over pairs)" if any("accuracy" in r for r in records) else "loss (nats / token)")
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
-    accuracy = [(r["step"], 100 * r["exact_match"]) for r in evals if r.get("exact_match") is not None]
-    if accuracy:
-        ax2 = ax.twinx()
-        ax2.plot(*zip(*accuracy, strict=True), "s--", color="tab:green", label="exact match %")
-        ax2.set_ylabel("exact match (%)")
-        ax2.set_ylim(0, 100)
+    preference = any("accuracy" in r for r in records)
+    key, name = ("accuracy", "reward accuracy") if preference else ("exact_match", "exact match")
+    series = [("s--", "tab:green", f"eval {name} %", evals)]
+    if preference:
+        series.append(("-", "tab:olive", f"train {name} %", [r for r in records if r.get("kind") == "train"]))
+    ax2 = None
+    for style, colour, label, rows in series:
+        points = [(r["step"], 100 * r[key]) for r in rows if r.get(key) is not None]
+        if points:
+            ax2 = ax2 or ax.twinx()
+            ax2.plot(*zip(*points, strict=True), style, color=colour, label=label, linewidth=1)
+    if ax2 is not None:
+        ax2.set_ylabel(f"{name} (%)")
+        ax2.set_ylim(0, 102)
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
     ax.legend(handles, labels, loc="upper right")

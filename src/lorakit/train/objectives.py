@@ -12,6 +12,7 @@ Definitions, the same as TRL's DPOTrainer and ORPOTrainer (tests compare them on
 - DPO, sigmoid: ``d = [log pi(c) - log ref(c)] - [log pi(r) - log ref(r)]``, loss
   ``-(1 - eps) log sigmoid(beta d) - eps log sigmoid(-beta d)`` (eps: label smoothing, conservative DPO).
 - IPO: ``(d_c / n_c - d_r / n_r - 1 / (2 beta))^2`` with the log-ratios divided by the answers' token counts.
+- ``dpo.sft_weight`` w adds ``w x NLL(chosen)``, the chosen answers' mean token NLL (RPO; TRL's "sft" loss).
 - Rewards ``beta [log pi(y) - log ref(y)]``; margin = chosen - rejected reward; accuracy = share of pairs whose
   chosen reward is larger (a tie counts as wrong, so it is 0 before training).
 - ORPO (reference-free): ``NLL(chosen) - lambda log sigmoid(log odds(c) - log odds(r))`` with
@@ -182,6 +183,7 @@ class Preference(SFT):
     """Shared by DPO and ORPO: pairs in, one forward pass over [chosen; rejected], per-pair metrics."""
 
     metrics = ("rewards_chosen", "rewards_rejected", "margin", "accuracy", "prefers_chosen")
+    nll_weight = 0.0  # weight of the chosen answers' mean token NLL in the loss
 
     def __init__(self, cfg: RunConfig) -> None:
         self.dpo = cfg.dpo
@@ -204,12 +206,13 @@ class Preference(SFT):
             "margin": (rewards_c - rewards_r).sum(),
             "accuracy": (rewards_c > rewards_r).float().sum(),
             "prefers_chosen": (policy[:n] > policy[n:]).float().sum().detach(),
-            **{k: v.detach() for k, v in extra.items() if k != "nll_sum"},
+            **{k: v.detach() for k, v in extra.items()},
         }
         loss = losses.sum() / max(units["pairs"], 1)
-        if "nll_sum" in extra:
-            sums["nll"] = extra["nll_sum"].detach()
-            loss = loss + extra["nll_sum"] / max(units["chosen_tokens"], 1)
+        if self.nll_weight:
+            nll_sum = -policy[:n].sum()
+            sums["nll"] = nll_sum.detach()
+            loss = loss + self.nll_weight * nll_sum / max(units["chosen_tokens"], 1)
         return loss, sums
 
     def summarize(self, sums: dict[str, float], units: dict[str, int]) -> dict[str, float]:
@@ -222,6 +225,12 @@ class Preference(SFT):
 
 class DPO(Preference):
     name = "dpo"
+
+    def __init__(self, cfg: RunConfig) -> None:
+        super().__init__(cfg)
+        self.nll_weight = cfg.dpo.sft_weight
+        if self.nll_weight:
+            self.metrics = (*Preference.metrics, "nll")
 
     def pair_losses(self, model, pairs, batch, policy, counts):
         """(loss per pair, chosen rewards, rejected rewards, extra metric sums) from the policy's summed answer
@@ -238,13 +247,14 @@ class DPO(Preference):
 class ORPO(Preference):
     name = "orpo"
     metrics = (*Preference.metrics, "nll", "log_odds_ratio")
+    nll_weight = 1.0
 
     def pair_losses(self, model, pairs, batch, policy, counts):
         n = len(pairs)
         means = policy / counts.clamp(min=1)
         ratio, log_odds = orpo_odds_ratio(means[:n], means[n:])
         beta = self.dpo.beta
-        extra = {"nll_sum": -policy[:n].sum(), "log_odds_ratio": log_odds.detach().sum()}
+        extra = {"log_odds_ratio": log_odds.detach().sum()}
         return -beta * ratio, beta * means[:n].detach(), beta * means[n:].detach(), extra
 
 
