@@ -305,3 +305,19 @@ def train_lm_steps(model, params, ids, steps: int, lr: float) -> list[float]:
         opt.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+def interrupt_at(monkeypatch, step: int):
+    """The next training runs stop with KeyboardInterrupt (as Ctrl-C) after step ``step``'s checkpoint and
+    evaluation; returns a function that undoes it."""
+    from lorakit.train import trainer
+
+    original = trainer._Loop._periodic
+
+    def periodic(self, eval_rows):
+        original(self, eval_rows)
+        if self.step == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer._Loop, "_periodic", periodic)
+    return lambda: monkeypatch.setattr(trainer._Loop, "_periodic", original)

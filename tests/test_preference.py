@@ -20,13 +20,12 @@ from safetensors.torch import load_file
 
 import lorakit
 from lorakit.data import IGNORE, collate_pairs, read_rows, tokenize_pairs
-from lorakit.train import trainer as trainer_module
 from lorakit.train.checkpoint import list_checkpoints
 from lorakit.train.config import load_config
 from lorakit.train.objectives import DPO, ORPO, dpo_loss, reference_mode, sequence_logps
 from lorakit.train.trainer import train
 
-from .conftest import write_jsonl
+from .conftest import interrupt_at, write_jsonl
 
 COLOURS = ("red", "blue", "green")
 
@@ -346,17 +345,10 @@ def test_precomputed_reference_gives_the_same_adapter(pref_config):
 
 def test_dpo_resume_matches_the_uninterrupted_run(pref_config, monkeypatch):
     straight = train(pref_config("train.save_every=2", out="straight"), progress=False)
-    original = trainer_module._Loop._periodic
-
-    def interrupt_at_3(self, eval_rows):
-        original(self, eval_rows)
-        if self.step == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(trainer_module._Loop, "_periodic", interrupt_at_3)
+    restore = interrupt_at(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         train(pref_config("train.save_every=2", "dpo.precompute_reference=true", out="resumed"), progress=False)
-    monkeypatch.setattr(trainer_module._Loop, "_periodic", original)
+    restore()
     resumed = pref_config("train.save_every=2", "dpo.precompute_reference=true", out="resumed")
     assert list_checkpoints(Path(resumed.output_dir) / "checkpoints")[-1].name == "step-0000003"
     train(resumed, resume=True, progress=False)

@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -245,15 +246,35 @@ def test_load_and_unload_adapters_at_run_time(served, capsys):
 
 
 def test_unloading_waits_for_requests_using_the_adapter(served):
+    """The DELETE comes once the request is surely in flight (its first token streamed), not after a guessed
+    delay: the request still runs to its end on the adapter, and the DELETE returns only about then."""
     port = served["port"]
     assert raw(port, "POST", "/v1/adapters", json.dumps({"name": "busy", "path": "d"}).encode())[0] == 200
+    started = threading.Event()
+
+    def long_request() -> tuple[int, str | None, float]:
+        stream = client(port).completions.create(
+            model="busy", prompt=PROMPTS[0], max_tokens=600, temperature=0, stream=True,
+            extra_body={"ignore_eos": True}, stream_options={"include_usage": True},
+        )  # fmt: skip
+        tokens, reason = 0, None
+        for chunk in stream:
+            started.set()
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+            if chunk.choices and chunk.choices[0].finish_reason:
+                reason = chunk.choices[0].finish_reason
+        return tokens, reason, time.perf_counter()
+
     with ThreadPoolExecutor(1) as pool:
-        long = pool.submit(complete, port, "busy", PROMPTS[0], max_tokens=1500, ignore_eos=True)
-        time.sleep(0.3)
+        long = pool.submit(long_request)
+        assert started.wait(60)
         status, _ = raw(port, "DELETE", "/v1/adapters/busy")
+        deleted_at = time.perf_counter()
         assert status == 200
-        assert long.done()  # the delete returned only after the request using it finished
-        assert len(long.result()) > 0
+        tokens, reason, ended_at = long.result(timeout=60)
+    assert (tokens, reason) == (600, "length")  # served to the end on the adapter
+    assert deleted_at >= ended_at - 1.0  # the delete returned only once the request was (nearly) done
 
 
 @pytest.mark.parametrize(

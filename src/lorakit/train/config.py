@@ -25,6 +25,7 @@ SCHEDULERS = ("constant", "linear", "cosine")
 STRATEGIES = ("ddp", "fsdp")
 OBJECTIVES = ("sft", "dpo", "orpo")
 DPO_LOSSES = ("sigmoid", "ipo")
+REPORTERS = ("tensorboard", "mlflow", "wandb")
 
 
 @dataclass
@@ -112,6 +113,18 @@ class TrainLoopConfig:
 
     eval_before: bool = True
     """Evaluate the untrained model first (the 'before' of a before/after comparison)."""
+
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that also receive every metrics record: any of tensorboard (event files in
+    output_dir/tensorboard), mlflow (a run in tracking_uri), wandb (offline unless WANDB_MODE says otherwise),
+    each an optional extra (pip install 'lorakit[tensorboard]', ...). A resumed run continues the same runs."""
+
+    tracking_uri: str | None = None
+    """MLflow tracking URI (a server, or sqlite:///FILE); unset: a SQLite store of the run's own,
+    output_dir/mlflow.db, with the artifacts in output_dir/mlartifacts."""
+
+    project: str = "lorakit"
+    """MLflow experiment and W&B project name."""
 
     strategy: str = "ddp"
     """Under torchrun: ddp (every process holds the whole model) or fsdp (PyTorch's FSDP2: the base and the
@@ -255,6 +268,11 @@ def check_run(c: RunConfig) -> None:
             f"train.loraplus_lr_ratio={c.train.loraplus_lr_ratio}: use a positive ratio or leave it unset",
         ),
         (c.train.strategy in STRATEGIES, f"train.strategy={c.train.strategy!r}: use one of {list(STRATEGIES)}"),
+        (
+            all(r in REPORTERS for r in c.train.report_to) and len(set(c.train.report_to)) == len(c.train.report_to),
+            f"train.report_to={c.train.report_to!r}: list each of {list(REPORTERS)} at most once, e.g. "
+            "[tensorboard, mlflow]",
+        ),
         (
             c.train.strategy != "fsdp" or c.quantize is None,
             f"train.strategy=fsdp with quantize={c.quantize}: FSDP cannot shard bitsandbytes' quantized weights "

@@ -14,12 +14,15 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool = True) -> None:
         self.path = path
         self.enabled = enabled
+        self.trackers = None  # lorakit.train.trackers.Trackers: the same records to TensorBoard, MLflow, W&B
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(record)
 
     def truncate_after(self, step: int) -> None:
         """Drop records beyond ``step`` (a resumed run rewrites them)."""

@@ -54,6 +54,7 @@ from .metrics import MetricsLog, plot_metrics, read_metrics
 from .objectives import REFERENCE, TRAINED, PreferenceEval, disable_dropout, evaluate_pairs, objective_for
 from .objectives import precompute_reference as precompute_reference_logps
 from .tasks import TASKS
+from .trackers import open_trackers
 
 
 class TrainingStopped(RuntimeError):
@@ -201,6 +202,23 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, method=No
         sharded=sharded(cfg, ctx), objective=objective_for(cfg),
     )  # fmt: skip
     start_step = setup_resume(loop, resume=resume, log=log)
+    metrics.trackers = open_trackers(cfg, out, start_step, enabled=ctx.is_main)
+    try:
+        result = _run(
+            loop, out=out, stats=stats, eval_rows=eval_rows, start_step=start_step, progress=progress, log=log
+        )
+    except BaseException:
+        metrics.trackers.finish(out, failed=True)
+        raise
+    metrics.trackers.finish(out)
+    result.wall_seconds = time.perf_counter() - started
+    result.model = model
+    return result
+
+
+def _run(loop: _Loop, *, out: Path, stats, eval_rows, start_step: int, progress: bool, log) -> RunResult:
+    """From the set-up loop at ``start_step`` to the saved adapter: reference, DDP wrapper, evaluations, steps."""
+    cfg, ctx, model, train_rows = loop.cfg, loop.ctx, loop.model, loop.rows
     if cfg.dpo.precompute_reference:
         batch = max(1, cfg.train.batch_size // (ctx.world_size * cfg.train.grad_accum))
         precompute_reference_logps(model, train_rows, loop.pad, ctx, batch, progress)
@@ -220,8 +238,6 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, method=No
         tokens_per_second=loop.tokens_per_second, skipped_steps=loop.skipped, data=stats,
     )  # fmt: skip
     finish(loop, result=result, eval_rows=eval_rows, log=log)
-    result.wall_seconds = time.perf_counter() - started
-    result.model = model
     return result
 
 
@@ -232,7 +248,8 @@ def setup_output(cfg: RunConfig, *, ctx: dist.Context, resume: bool) -> Path:
     if not ctx.is_main:
         return out
     if cfg.overwrite and not resume and out.exists():
-        for name in ("checkpoints", "metrics.jsonl", "adapter_config.json", "adapter_model.safetensors", "loss.png"):
+        for name in ("checkpoints", "metrics.jsonl", "adapter_config.json", "adapter_model.safetensors", "loss.png",
+                     "tensorboard", "mlflow.db", "mlartifacts", "wandb", "trackers.json"):  # fmt: skip
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     try:
