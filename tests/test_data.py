@@ -99,11 +99,23 @@ def test_truncation_is_counted(tiny_tokenizer, tmp_path):
     assert "1 truncated to max_length" in stats.describe("train")
 
 
-def test_packing_concatenates_into_fixed_lengths():
+def test_packing_places_whole_rows_and_labels_no_first_token():
     examples = [Example([1, 2, 3], [IGNORE, 2, 3]), Example([4, 5, 6, 7], [4, 5, 6, 7]), Example([8], [8])]
-    packed = pack(examples, 3)
-    assert [e.input_ids for e in packed] == [[1, 2, 3], [4, 5, 6], [7, 8]]
-    assert [e.labels for e in packed] == [[IGNORE, 2, 3], [4, 5, 6], [7, 8]]
+    packed = pack(examples, 5)
+    assert [e.input_ids for e in packed] == [[1, 2, 3], [4, 5, 6, 7, 8]]  # a row is never split
+    assert [e.labels for e in packed] == [[IGNORE, 2, 3], [IGNORE, 5, 6, 7, IGNORE]]
+    assert [e.segments for e in packed] == [[3], [4, 1]]
+    batch = collate(packed, 0)
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
+    allowed = batch["attention_mask"][1, 0] == 0
+    assert allowed.tolist() == [
+        [True, False, False, False, False],
+        [True, True, False, False, False],
+        [True, True, True, False, False],
+        [True, True, True, True, False],
+        [False, False, False, False, True],  # the second row sees only itself
+    ]
+    assert (batch["attention_mask"][0, 0, 3:, :3] < 0).all()  # padding sees no row
 
 
 def test_split_and_order_are_deterministic():

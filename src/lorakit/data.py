@@ -41,6 +41,7 @@ class Example:
     answer_start: int | None = None
     answer_end: int | None = None
     reference: str | None = None  # the expected answer text
+    segments: list[int] | None = None  # packed rows: the length of each row, in order (see ``pack``)
 
     @property
     def prompt_ids(self) -> list[int] | None:
@@ -290,13 +291,29 @@ def tokenize_rows(
 
 
 def pack(examples: list[Example], max_length: int) -> list[Example]:
-    """Concatenate rows into sequences of exactly ``max_length`` tokens (the last one may be shorter)."""
+    """Rows placed one after another into sequences of at most ``max_length`` tokens, in order, never split
+    (a row that does not fit starts the next sequence; rows are already at most ``max_length`` long).
+
+    Each packed Example records its rows' lengths in ``segments``: ``collate`` then restarts the position ids
+    at every row and builds a block-diagonal causal mask, so no token attends across rows. The first token of
+    every row carries no label (unpacked, nothing predicts it either), so a packed batch gives the same loss
+    and gradients as its rows run one by one.
+    """
+    packed: list[Example] = []
     ids: list[int] = []
     labels: list[int] = []
+    segments: list[int] = []
     for example in examples:
+        n = len(example.input_ids)
+        if ids and len(ids) + n > max_length:
+            packed.append(Example(ids, labels, segments=segments))
+            ids, labels, segments = [], [], []
         ids += example.input_ids
-        labels += example.labels
-    return [Example(ids[i : i + max_length], labels[i : i + max_length]) for i in range(0, len(ids), max_length)]
+        labels += [IGNORE, *example.labels[1:]] if example.labels else []
+        segments.append(n)
+    if ids:
+        packed.append(Example(ids, labels, segments=segments))
+    return packed
 
 
 @dataclass
@@ -463,7 +480,9 @@ def batch_indices(n: int, batch_size: int, seed: int, start: int = 0) -> Iterato
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded tensors: input_ids, attention_mask, labels (padding carries no loss)."""
+    """Right-padded tensors: input_ids, attention_mask, labels (padding carries no loss). Packed examples
+    (``segments``) get position ids restarting at each row and a (batch, 1, length, length) additive mask,
+    0 where a token may attend (itself and earlier tokens of its own row) and the float32 minimum elsewhere."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -473,4 +492,24 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if any(e.segments for e in examples):
+        batch.update(_packed_attention(examples, width))
+    return batch
+
+
+def _packed_attention(examples: list[Example], width: int) -> dict[str, torch.Tensor]:
+    positions = torch.zeros((len(examples), width), dtype=torch.long)
+    row = torch.full((len(examples), width), -1, dtype=torch.long)  # which row each token belongs to
+    for i, e in enumerate(examples):
+        start = 0
+        for k, n in enumerate(e.segments or [len(e.input_ids)]):
+            positions[i, start : start + n] = torch.arange(n)
+            row[i, start : start + n] = k
+            start += n
+        row[i, start:] = torch.arange(width - start) + 1_000_000  # padding: each token on its own
+        positions[i, start:] = torch.arange(width - start)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    allowed = (row[:, :, None] == row[:, None, :]) & causal
+    additive = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    return {"attention_mask": additive[:, None], "position_ids": positions}

@@ -47,7 +47,9 @@ class DataConfig:
     """Loss on the completion / assistant turns only, for prompt+completion and chat rows."""
 
     packing: bool = False
-    """Concatenate rows into sequences of max_length tokens (fewer pad tokens; rows can share a sequence)."""
+    """Place whole rows one after another into sequences of up to max_length tokens (fewer pad tokens; causal-lm).
+    Positions restart at each row and attention stays inside it (a block-diagonal mask, batch x max_length^2
+    floats), so the loss and gradients are those of the rows run one by one; train.batch_size counts sequences."""
 
     max_eval_rows: int | None = None
     """Evaluate on at most this many rows (the first ones); unset: all."""

@@ -28,6 +28,18 @@ CHUNK = 512  # labelled positions per chunk: 512 x 49,152 float32 logits = 100 M
 _SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
+def forward_inputs(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's keyword arguments for ``batch``: input ids and mask, and for packed rows (``data.pack``) the
+    position ids and the block-diagonal additive mask, cast to the model's floating dtype (as attention wants)."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if "position_ids" in batch:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        mask = batch["attention_mask"]
+        inputs["attention_mask"] = mask.clamp(min=torch.finfo(dtype).min).to(dtype) if dtype != mask.dtype else mask
+        inputs["position_ids"] = batch["position_ids"]
+    return inputs
+
+
 def supports_fused_loss(model: nn.Module) -> bool:
     """True for transformers causal LMs whose logits are exactly ``head(hidden_states)`` with a linear head."""
     from transformers import PreTrainedModel
@@ -192,7 +204,7 @@ def causal_loss_sum(
     ``model`` is what to call (a DDP wrapper, say), ``inner`` the transformers model inside it.
     """
     with head_as_identity(inner) as head:
-        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        hidden = model(**forward_inputs(batch, inner)).logits
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     labels = batch["labels"][:, 1:].reshape(-1)
     return linear_cross_entropy_sum(hidden, head.weight, head.bias, labels, chunk)

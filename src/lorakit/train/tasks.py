@@ -17,7 +17,7 @@ from torch import nn
 
 from ..data import IGNORE, Example, collate, tokenize_row
 from ..models import TASK_NAMES
-from .fused_loss import causal_loss_sum, supports_fused_loss
+from .fused_loss import causal_loss_sum, forward_inputs, supports_fused_loss
 
 
 class CausalLM:
@@ -44,7 +44,7 @@ class CausalLM:
         return int(batch["labels"][:, 1:].ne(IGNORE).sum())
 
     def logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return model(**forward_inputs(batch, getattr(model, "module", model))).logits
 
     def train_loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The loss to train on (summed over labelled units); ``model`` may be a DDP wrapper."""
