@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "examples"))
 
+from dpo_speed import cpu_name  # noqa: E402 - beside this script
+
 from lorakit.tools.benchmark import alternate_in_processes, peak_rss_bytes  # noqa: E402
 
 
@@ -105,8 +107,6 @@ def main() -> None:
                 str(args.max_length), "--batch", str(args.batch), "--model", args.model]  # fmt: skip
 
     runs = alternate_in_processes(["plain", "packed"], args.rounds, command, env)
-    from dpo_speed import cpu_name  # beside this script
-
     print(f"\n{args.model}, LoRA r=16, batch {args.batch} sequences of at most {args.max_length} tokens, "
           f"{args.steps} steps; {cpu_name()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")  # fmt: skip
     print("| data.packing | median step (s) | real tokens / s | padding share | peak RSS (MB) |\n|---|---|---|---|---|")

@@ -321,3 +321,33 @@ def interrupt_at(monkeypatch, step: int):
 
     monkeypatch.setattr(trainer._Loop, "_periodic", periodic)
     return lambda: monkeypatch.setattr(trainer._Loop, "_periodic", original)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def torchrun_train(cfg: dict, tmp_path, *extra, nproc: int = 2, launcher: tuple = (), wait: bool = True):
+    """`torchrun -m lorakit train` on a config written from ``cfg``; the finished process, or the running one."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    path = tmp_path / f"{Path(cfg['output_dir']).name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    launch = launcher or ("--nproc_per_node", str(nproc), "--master_port", str(free_port()))
+    command = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "lorakit", "train", str(path),
+               "--no-progress", *extra]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-12000:]
+    return done

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ import lorakit
 from lorakit.cli.main import main
 from lorakit.train.trainer import train
 
+from .conftest import free_port, torchrun_train
+
 
 def _adapter(directory) -> dict[str, torch.Tensor]:
     return load_file(str(Path(directory) / "adapter_model.safetensors"))
@@ -29,34 +30,13 @@ def _max_diff(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def _port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _torchrun(cfg: dict, tmp_path, *extra, nproc: int = 2, launcher: tuple = (), wait: bool = True):
-    """`torchrun -m lorakit train` on a config written from ``cfg``; the finished process, or the running one."""
-    path = tmp_path / f"{Path(cfg['output_dir']).name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    launch = launcher or ("--nproc_per_node", str(nproc), "--master_port", str(_port()))
-    command = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "lorakit", "train", str(path),
-               "--no-progress", *extra]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if not wait:
-        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-12000:]
-    return done
-
-
 FSDP = ("train.strategy=fsdp", "train.grad_accum=2", "train.max_steps=4", "train.eval_every=2")
 
 
 def test_fsdp_gives_the_adapter_of_one_process(run_config, tmp_path, tiny_lm_dir):
     single = train(run_config(*FSDP, out="single"), progress=False)  # strategy is ignored in one process
     cfg = run_config(*FSDP, out="fsdp").to_dict()
-    done = _torchrun(cfg, tmp_path)
+    done = torchrun_train(cfg, tmp_path)
     assert "fsdp: 2 processes" in done.stderr and done.stderr.count("trainable params") == 1
     assert _max_diff(_adapter(single.output_dir), _adapter(cfg["output_dir"])) <= 1e-5
     # the eval metrics every rank computed in step, written once
@@ -91,7 +71,7 @@ def test_fsdp_with_gradient_checkpointing_gives_the_adapter_of_one_process(run_c
     settings = (*FSDP, "train.gradient_checkpointing=true", "train.generate_eval=false")
     single = train(run_config(*settings, out="single"), progress=False)
     cfg = run_config(*settings, out="fsdp-gc").to_dict()
-    _torchrun(cfg, tmp_path)
+    torchrun_train(cfg, tmp_path)
     a, b = _adapter(single.output_dir), _adapter(cfg["output_dir"])
     print({k: round((a[k] - b[k]).abs().max().item(), 6) for k in a})
     assert _max_diff(a, b) <= 1e-5
@@ -105,7 +85,7 @@ def _driven(cfg: dict, tmp_path, delay: float) -> subprocess.Popen:
     path = tmp_path / "driven.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                "-m", "tests.crash_driver", str(path), "0", str(delay)]  # fmt: skip
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -149,9 +129,9 @@ def test_two_nodes_of_one_process_give_the_adapter_of_one_process(run_config, tm
     """Multi-node, as the README launches it: two torchrun agents meeting at a rendezvous endpoint."""
     single = train(run_config(*FSDP, out="single"), progress=False)
     cfg = run_config(*FSDP, out="nodes").to_dict()
-    endpoint = f"127.0.0.1:{_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     nodes = [
-        _torchrun(cfg, tmp_path, launcher=("--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
+        torchrun_train(cfg, tmp_path, launcher=("--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
                                            "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint), wait=False)
         for rank in (0, 1)
     ]  # fmt: skip
@@ -170,7 +150,7 @@ def test_fsdp_on_gpu_computes_in_bfloat16_and_keeps_float32_adapters(monkeypatch
     from lorakit.train.fsdp import shard
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     td.init_process_group("nccl", rank=0, world_size=1)
     try:
         config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -211,5 +191,5 @@ def test_a_tied_head_gives_the_adapter_of_one_process(run_config, tmp_path, tiny
     settings = [*FSDP, "train.generate_eval=false", f"model={directory}", "lora.modules_to_save=null"]
     single = train(run_config(*settings, out="single"), progress=False)
     cfg = run_config(*settings, out="tied").to_dict()
-    _torchrun(cfg, tmp_path)
+    torchrun_train(cfg, tmp_path)
     assert _max_diff(_adapter(single.output_dir), _adapter(cfg["output_dir"])) <= 1e-5

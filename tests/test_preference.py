@@ -5,17 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import random
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 import lorakit
@@ -25,7 +20,7 @@ from lorakit.train.config import load_config
 from lorakit.train.objectives import DPO, ORPO, dpo_loss, reference_mode, sequence_logps
 from lorakit.train.trainer import train
 
-from .conftest import interrupt_at, write_jsonl
+from .conftest import interrupt_at, torchrun_train, write_jsonl
 
 COLOURS = ("red", "blue", "green")
 
@@ -418,30 +413,12 @@ def test_a_reference_adapter_that_cannot_be_summed_is_refused_before_training(pr
 
 
 # ----- several processes ------------------------------------------------------------------------------------
-def _port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _torchrun(cfg: dict, tmp_path) -> subprocess.CompletedProcess:
-    path = tmp_path / f"{Path(cfg['output_dir']).name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
-               "-m", "lorakit", "train", str(path), "--no-progress"]  # fmt: skip
-    done = subprocess.run(
-        command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-8000:]
-    return done
-
-
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_give_the_adapter_of_one(pref_config, tmp_path, strategy):
     settings = ("train.grad_accum=2", "train.max_steps=4", "train.eval_every=2", "dpo.precompute_reference=true")
     single = train(pref_config(*settings, out="single"), progress=False)
     cfg = pref_config(*settings, f"train.strategy={strategy}", out=strategy).to_dict()
-    done = _torchrun(cfg, tmp_path)
+    done = torchrun_train(cfg, tmp_path)
     assert done.stderr.count("trainable params") == 1
     assert _max_diff(_adapter(single.output_dir), _adapter(cfg["output_dir"])) <= 1e-5
     want = [r for r in _records(single.output_dir)]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -26,17 +25,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import lorakit
 from lorakit.cli.main import main
 
-from .conftest import randomize_adapters, save_tiny_lm
+from .conftest import free_port, randomize_adapters, save_tiny_lm
 
 ADAPTERS = ("a", "b", "c")
 PROMPTS = ("the colour of item 3 is", "the colour", "item 12 is", "the colour of item 45 is green and")
 KEY = "sekret-key"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +47,7 @@ def served(tmp_path_factory, tiny_tokenizer):
     outside = root / "outside"
     lorakit.save_adapter(model, outside / "x", "d")
     (adapter_dir / "escape").symlink_to(outside / "x")
-    port = _free_port()
+    port = free_port()
     args = ["--model", str(model_dir), "--adapter-dir", str(adapter_dir), "--port", str(port), "--max-tokens", "3000"]
     for name in ADAPTERS:
         args += ["--adapter", f"{name}={adapter_dir / name}"]
@@ -66,7 +59,7 @@ def served(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture(scope="module")
 def limited(served):
     """A second server: API key, batch of 1, queue of 1, 2-second timeout."""
-    port = _free_port()
+    port = free_port()
     args = ["--model", str(served["model"]), "--port", str(port), "--api-key", KEY, "--max-batch-size", "1"]
     args += ["--max-queue", "1", "--timeout", "2", "--max-tokens", "4000", "--max-body-bytes", "4096"]
     proc = _start(args, port, key=KEY)
@@ -459,7 +452,7 @@ def served_opt(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("serve-opt")
     save_tiny_lm(root / "opt", tiny_tokenizer, family="opt", init_std=0.2, max_position_embeddings=512)
     model, _ = lorakit.load_model(root / "opt")
-    args = ["--model", str(root / "opt"), "--port", str(_free_port())]
+    args = ["--model", str(root / "opt"), "--port", str(free_port())]
     for i, name in enumerate(ADAPTERS):
         config = lorakit.LoraConfig(r=2 + i, alpha=8, target_modules=["q_proj", "v_proj", "fc1", "fc2"], init="random")
         lorakit.inject(model, config, name)

@@ -22,8 +22,8 @@ import pytest
 import lorakit
 from lorakit.cli.main import build_parser
 
-from .conftest import randomize_adapters, save_tiny_lm
-from .test_serve import _free_port, _start, _stop
+from .conftest import free_port, randomize_adapters, save_tiny_lm
+from .test_serve import _start, _stop
 
 ADAPTERS = ("a", "b", "c")
 PROMPTS = ("the colour of item 3 is", "the colour", "item 12 is", "of item 45 is green and", "x")
@@ -42,7 +42,7 @@ def server(tmp_path_factory, tiny_tokenizer):
         randomize_adapters(model, seed=i, scale=0.3)
         lorakit.save_adapter(model, root / name, name)
         args += ["--adapter", f"{name}={root / name}"]
-    port = _free_port()
+    port = free_port()
     proc = _start([*args, "--port", str(port)], port)
     yield {"port": port, "pid": proc.pid}
     _stop(proc)

@@ -325,10 +325,6 @@ class PreferencePair:
     rejected: Example
     reference: tuple[float, float] | None = None
 
-    @property
-    def input_ids(self) -> list[int]:  # the longer sequence: what the length checks and statistics look at
-        return max(self.chosen.input_ids, self.rejected.input_ids, key=len)
-
 
 def tokenize_pair(row: dict[str, Any], where: str, tokenizer, max_length: int) -> tuple[PreferencePair, str, bool]:
     """(pair, kind, truncated) of a preference row. Too long: the prompt loses its beginning and the answers
