@@ -16,6 +16,7 @@ from . import inspect as inspect_cmd
 from . import merge as merge_cmd
 from . import serve as serve_cmd
 from . import train as train_cmd
+from . import ui as ui_cmd
 
 SUBCOMMANDS = {
     "train": train_cmd,
@@ -28,6 +29,7 @@ SUBCOMMANDS = {
     "compare": compare_cmd,
     "serve": serve_cmd,
     "bench": bench_cmd,
+    "ui": ui_cmd,
 }
 
 

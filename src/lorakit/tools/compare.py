@@ -187,7 +187,7 @@ def _step_stats(metrics: Path) -> dict[str, float]:
 
 
 def _artifact_bytes(out: Path) -> int:
-    bookkeeping = {"config.yaml", "metrics.jsonl", "loss.png", RESULT_NAME, "error.txt"}
+    bookkeeping = {"config.yaml", "metrics.jsonl", "loss.png", "status.json", RESULT_NAME, "error.txt"}
     return sum(p.stat().st_size for p in out.iterdir() if p.is_file() and p.name not in bookkeeping)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from .._bnb import QUANT_METHODS
-from ..config import LoraConfig
+from ..config import BIAS_MODES, INIT_METHODS, LoraConfig
 from ..models import DTYPES, TASK_NAMES
 
 SCHEDULERS = ("constant", "linear", "cosine")
@@ -26,6 +26,12 @@ STRATEGIES = ("ddp", "fsdp")
 OBJECTIVES = ("sft", "dpo", "orpo")
 DPO_LOSSES = ("sigmoid", "ipo")
 REPORTERS = ("tensorboard", "mlflow", "wandb")
+NAN_POLICIES = ("stop", "skip")
+CHOICES = {  # keys whose value is one of a fixed set (the dashboard's form shows them as menus)
+    "objective": OBJECTIVES, "task": TASK_NAMES, "dtype": tuple(DTYPES), "quantize": QUANT_METHODS,
+    "lora.bias": BIAS_MODES, "lora.init": tuple(INIT_METHODS), "train.scheduler": SCHEDULERS,
+    "train.strategy": STRATEGIES, "train.nan_policy": NAN_POLICIES, "dpo.loss_type": DPO_LOSSES,
+}  # fmt: skip
 
 
 @dataclass
@@ -264,7 +270,7 @@ def check_run(c: RunConfig) -> None:
         (c.train.scheduler in SCHEDULERS, f"train.scheduler={c.train.scheduler!r}: use one of {list(SCHEDULERS)}"),
         (c.train.warmup_steps >= 0, f"train.warmup_steps={c.train.warmup_steps}: use 0 or more"),
         (c.train.keep_last >= 1, f"train.keep_last={c.train.keep_last}: keep at least 1 checkpoint"),
-        (c.train.nan_policy in ("stop", "skip"), f"train.nan_policy={c.train.nan_policy!r}: use stop or skip"),
+        (c.train.nan_policy in NAN_POLICIES, f"train.nan_policy={c.train.nan_policy!r}: use stop or skip"),
         (
             c.train.loraplus_lr_ratio is None or c.train.loraplus_lr_ratio > 0,
             f"train.loraplus_lr_ratio={c.train.loraplus_lr_ratio}: use a positive ratio or leave it unset",
@@ -465,6 +471,23 @@ def reference(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, Any, s
         else:
             rows.append((prefix + f.name, value, docs.get(f.name, "")))
     return rows
+
+
+def field_kind(key: str) -> tuple[str, bool]:
+    """What a key holds, for forms: (bool | int | float | str | choice | yaml, whether it may be unset).
+    ``yaml`` marks lists, mappings and mixed types, written as YAML (as with --set)."""
+    cls, *path = [RunConfig, *key.split(".")]
+    for part in path[:-1]:
+        cls = typing.get_type_hints(cls)[part]
+    hint = typing.get_type_hints(cls)[path[-1]]
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    optional = type(None) in options
+    options = tuple(o for o in options if o is not type(None))
+    if key in CHOICES:
+        return "choice", optional
+    if len(options) == 1 and options[0] in (bool, int, float, str):
+        return options[0].__name__, optional
+    return "yaml", optional
 
 
 def all_keys() -> list[str]:

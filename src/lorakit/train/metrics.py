@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
+import time
 from pathlib import Path
 from typing import Any
+
+STATUS_FILE = "status.json"
+STATES = ("running", "finished", "failed", "interrupted")
 
 
 class MetricsLog:
@@ -32,6 +38,35 @@ class MetricsLog:
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         tmp.replace(self.path)
+
+
+class RunStatus:
+    """``status.json`` of a run: running (with the process id and host), then finished, failed (with the error)
+    or interrupted. Written atomically by the main process, so a reader (``lorakit ui``) never sees half a file;
+    a run whose file still says running but whose process is gone was killed."""
+
+    def __init__(self, out: Path, enabled: bool = True) -> None:
+        self.path = out / STATUS_FILE
+        self.enabled = enabled
+        self.started = time.time()
+
+    def set(self, state: str, step: int | None = None, error: str | None = None) -> None:
+        if not self.enabled:
+            return
+        record = {"state": state, "pid": os.getpid(), "host": socket.gethostname(), "started": self.started,
+                  "updated": time.time(), "step": step, "error": error}  # fmt: skip
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
+        tmp.replace(self.path)
+
+
+def read_status(out: Path) -> dict[str, Any] | None:
+    """The run's ``status.json``, or None when there is none (a run from before it existed) or it is unreadable."""
+    try:
+        record = json.loads((out / STATUS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("state") in STATES else None
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -50,7 +50,7 @@ from . import fsdp
 from .checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint, step_dir
 from .config import RunConfig
 from .evaluate import EvalResult, evaluate, pad_id
-from .metrics import MetricsLog, plot_metrics, read_metrics
+from .metrics import MetricsLog, RunStatus, plot_metrics, read_metrics
 from .objectives import REFERENCE, TRAINED, PreferenceEval, disable_dropout, evaluate_pairs, objective_for
 from .objectives import precompute_reference as precompute_reference_logps
 from .tasks import TASKS
@@ -190,6 +190,23 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, method=No
     if ctx.device.type == "cpu" and lean_cpu_memory(cfg):
         return_freed_memory_to_os()  # peak RSS follows the live tensors (see lorakit.fastpath)
     out = setup_output(cfg, ctx=ctx, resume=resume)
+    status = RunStatus(out, enabled=ctx.is_main)
+    status.set("running")
+    try:
+        result = _train(cfg, out, ctx=ctx, resume=resume, progress=progress, method=method, log=log)
+    except KeyboardInterrupt:
+        status.set("interrupted")
+        raise
+    except BaseException as err:
+        status.set("failed", error=f"{type(err).__name__}: {err}")
+        raise
+    status.set("finished", step=result.steps)
+    result.wall_seconds = time.perf_counter() - started
+    return result
+
+
+def _train(cfg: RunConfig, out: Path, *, ctx: dist.Context, resume: bool, progress: bool, method, log) -> RunResult:
+    """``train`` after the output directory: model, data, method, optimizer, resume, loop, finish."""
     _seed(cfg.seed)
     model, tokenizer = setup_model(cfg, ctx=ctx)
     train_rows, eval_rows, stats = setup_data(cfg, tokenizer=tokenizer, model=model, ctx=ctx, log=log)
@@ -211,7 +228,6 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, method=No
         metrics.trackers.finish(out, failed=True)
         raise
     metrics.trackers.finish(out)
-    result.wall_seconds = time.perf_counter() - started
     result.model = model
     return result
 
