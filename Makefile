@@ -7,6 +7,10 @@ LLAMA_STAMP := $(VENV)/.llama-cpp-stamp
 # llama.cpp for the export parity tests (a test-time peer): compiled from PyPI's source package, portable
 # (a native build crashed on an Intel CPU with AMX); about 5 minutes on 2 cores, once.
 LLAMA_CPP := llama-cpp-python==0.3.36
+# Debian's Chromium for the dashboard's browser test (Playwright drives it; its own browser download does not work
+# offline). apt-get runs as root, or through sudo.
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 CODE := $(wildcard src tests examples bench)
 
@@ -42,10 +46,14 @@ $(LLAMA_STAMP): $(STAMP)
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) --no-cache-dir $(LLAMA_CPP)
 	touch $(LLAMA_STAMP)
 
-test-slow: $(LLAMA_STAMP)
+$(CHROMIUM):
+	$(SUDO) apt-get update -q
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium
+
+test-slow: $(LLAMA_STAMP) $(CHROMIUM)
 	$(VENV)/bin/pytest -m slow -q
 
-test-all: lint $(LLAMA_STAMP)
+test-all: lint $(LLAMA_STAMP) $(CHROMIUM)
 	$(VENV)/bin/pytest -q
 
 clean:

@@ -29,7 +29,7 @@ from ..train.checkpoint import list_checkpoints
 from ..train.metrics import read_metrics, read_status
 
 NAME_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-RUN_MARKERS = ("status.json", "metrics.jsonl", "adapter_config.json", "config.yaml")
+RUN_MARKERS = ("status.json", "metrics.jsonl", "adapter_config.json", "config.yaml", "launch.yaml")
 COMPARE_MARKERS = ("compare-config.yaml", "results.json")
 SKIP_DIRS = {"checkpoints", "tensorboard", "mlartifacts", "wandb", "__pycache__"}
 LOG_FILE = "train.log"

@@ -227,12 +227,12 @@ async function loadForm() {
 function fieldRow(f) {
   const id = `f-${f.key.replace(/\./g, "-")}`;
   let input;
-  if (f.kind === "bool") {
+  if (f.kind === "bool" && !f.optional) {
     input = el("input", { type: "checkbox", checked: f.default === true });
-  } else if (f.kind === "choice") {
-    input = el("select");
+  } else if (f.kind === "choice" || f.kind === "bool") {
+    input = el("select"); // an optional bool has three values: unset, true, false
     if (f.optional) input.append(el("option", { value: "", textContent: "(unset)" }));
-    for (const c of f.choices) input.append(el("option", { value: c, textContent: c }));
+    for (const c of f.kind === "bool" ? ["true", "false"] : f.choices) input.append(el("option", { value: c, textContent: c }));
     input.value = f.default_text;
   } else {
     input = el("input", { type: "text", value: f.default_text, placeholder: f.optional ? "(unset)" : "" });
@@ -268,7 +268,7 @@ function formValues() {
   const values = {};
   for (const f of state.fields) {
     const input = document.querySelector(`[data-key="${f.key}"]`);
-    const text = f.kind === "bool" ? String(input.checked) : input.value;
+    const text = input.type === "checkbox" ? String(input.checked) : input.value;
     if (text !== f.default_text) values[f.key] = text;
   }
   return values;
