@@ -410,9 +410,23 @@ def test_chat_refuses_bad_requests(client):
     assert too_long.status_code == 400 and "context" in too_long.json()["error"]
 
 
-def test_data_files_are_listed_without_symlinks(client):
+def test_data_files_are_listed_without_symlinks(client, workspace):
+    (workspace / "a-run").mkdir()
+    (workspace / "a-run" / "metrics.jsonl").write_text("{}\n")
     files = client.get("/api/form").json()["data_files"]
-    assert files == ["data/eval.jsonl", "data/train.jsonl"]
+    assert files == ["data/eval.jsonl", "data/train.jsonl"]  # not the link, not a run's files
+
+
+def test_a_data_directory_outside_the_runs(workspace, tmp_path, tiny_lm_dir):
+    data = tmp_path / "shared-data"
+    data.mkdir()
+    write_jsonl(data / "rows.jsonl", colour_rows(16))
+    ws = Workspace(workspace, data)
+    with TestClient(create_app(ws, str(tiny_lm_dir)), base_url="http://127.0.0.1:7860") as c:
+        assert c.get("/api/form").json()["data_files"] == [str(data.resolve() / "rows.jsonl")]
+        ok = check(c, {**RUN, "data.train": str(data / "rows.jsonl")}, name="x")
+        assert ok["ok"], ok["errors"]
+        assert check(c, {**RUN, "data.eval": str(tmp_path / "outside" / "secret.jsonl")})["errors"]["data.eval"]
 
 
 def test_status_file_follows_the_trainer(run_config, monkeypatch):

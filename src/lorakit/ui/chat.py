@@ -20,7 +20,7 @@ from ..data import chat_prompt_ids
 from ..serve.engine import Engine, Event, QueueFull, SamplingParams
 from ..serve.engine import Request as EngineRequest
 from ..serve.registry import AdapterError, AdapterRegistry
-from .runs import Workspace, _read_yaml
+from .runs import Workspace, read_yaml
 
 BASE = "base"
 MAX_COLUMNS = 8
@@ -86,7 +86,7 @@ class ChatService:
     # ----- adapters -----------------------------------------------------------------------------------------
     def same_model(self, run_dir: Path) -> str | None:
         """Why the run's adapter does not belong on the dashboard's model (None: it does, or cannot tell)."""
-        config = _read_yaml(run_dir / "config.yaml")
+        config = read_yaml(run_dir / "config.yaml")
         trained_on = config.get("model") if isinstance(config, dict) else None
         if trained_on is None:
             return None

@@ -134,16 +134,15 @@ class Workspace:
         return path.relative_to(self.root).as_posix()
 
     def data_files(self) -> list[str]:
-        """Data files (.jsonl, .json, .csv, .parquet) and saved datasets in the data directory, relative to runs."""
-        found = []
-        for root in self.data_roots[-1:]:
-            if not root.is_dir():
-                continue
-            for dirpath, dirnames, filenames in os.walk(root):
+        """Data files (.jsonl, .json, .csv, .parquet) and saved datasets in the data directory: relative to the runs
+        directory when inside it (as a run's config names them), else absolute."""
+        found: list[Path] = []
+        if self.data_dir.is_dir():
+            for dirpath, dirnames, filenames in os.walk(self.data_dir):
                 here = Path(dirpath)
                 dirnames[:] = sorted(d for d in dirnames if not (here / d).is_symlink() and d not in SKIP_DIRS)
                 if (here / "dataset_info.json").is_file() or (here / "state.json").is_file():
-                    found.append(here)
+                    found.append(here)  # a dataset saved by Hugging Face `datasets`
                     dirnames[:] = []
                     continue
                 for f in sorted(filenames):
@@ -151,7 +150,7 @@ class Workspace:
                         found.append(here / f)
                 if len(found) > 500:
                     break
-        return [os.path.relpath(p, self.root).replace(os.sep, "/") for p in found]
+        return [self.relative(p) if p.is_relative_to(self.root) else str(p) for p in found]
 
     # ----- discovery ------------------------------------------------------------------------------------------
     def names(self) -> list[tuple[str, str]]:
@@ -185,7 +184,7 @@ class Workspace:
         """What the runs list shows of one run: state, progress, last metrics, adapter size."""
         d = self.run_dir(name)
         kind = kind or ("compare" if any((d / m).is_file() for m in COMPARE_MARKERS) else "train")
-        config = _read_yaml(d / ("compare-config.yaml" if kind == "compare" else "config.yaml"))
+        config = read_yaml(d / ("compare-config.yaml" if kind == "compare" else "config.yaml"))
         if kind == "compare":
             return self._compare_summary(name, d, config)
         state = self.state(name, d)
@@ -277,7 +276,7 @@ class Workspace:
         d = self.run_dir(name)
         info = self.summary(name)
         log = self.log_text(d)
-        info["config"] = _read_yaml(d / "config.yaml") or _read_yaml(d / LAUNCH_FILE)
+        info["config"] = read_yaml(d / "config.yaml") or read_yaml(d / LAUNCH_FILE)
         shown = next((d / f for f in ("config.yaml", LAUNCH_FILE, "compare-config.yaml") if (d / f).is_file()), None)
         info["config_yaml"] = shown.read_text(encoding="utf-8", errors="replace") if shown else ""
         info["log"] = log
@@ -360,15 +359,13 @@ class Workspace:
 def progress_line(log: str) -> str:
     """The last line of the log as a terminal would show it (progress bars redraw with carriage returns)."""
     for line in reversed(log.replace("\r\n", "\n").split("\n")):
-        shown = line.rsplit("\r", 1)[-1] if line.strip("\r").strip() else ""
-        if "\r" in line:
-            shown = next((part for part in reversed(line.split("\r")) if part.strip()), "")
-        if shown.strip():
-            return shown.strip()
+        for part in reversed(line.split("\r")):
+            if part.strip():
+                return part.strip()
     return ""
 
 
-def _read_yaml(path: Path) -> Any:
+def read_yaml(path: Path) -> Any:
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
