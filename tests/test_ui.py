@@ -265,6 +265,20 @@ def test_paths_outside_the_runs_directory_are_refused(client, workspace, tmp_pat
     assert "error" in response.json()
 
 
+def test_a_resume_that_fails_shows_failed_with_its_error(client, workspace):
+    d = workspace / "broken"
+    (d / "checkpoints" / "step-00000002").mkdir(parents=True)  # an empty checkpoint: the trainer refuses it
+    (d / "status.json").write_text(json.dumps({"state": "interrupted", "pid": 1, "updated": time.time() - 60}))
+    (d / "config.yaml").write_text("data: {train: data/train.jsonl}\ntrain: {max_steps: 0}\n")
+    response = client.post("/api/runs/broken/resume")
+    assert response.status_code == 400 and "train.max_steps" in response.json()["error"]  # the config is checked first
+    (d / "config.yaml").write_text(f"model: {client.app.state.model}\ndata: {{train: data/train.jsonl}}\n")
+    assert client.post("/api/runs/broken/resume").status_code == 200
+    summary = wait_for(lambda: (s := client.get("/api/runs/broken").json())["state"] != "running" and s)
+    assert summary["state"] == "failed" and "checkpoint" in summary["error"], summary
+    assert summary["resumable"]  # the checkpoint directory is still there to retry with
+
+
 def test_resume_refuses_a_config_that_reads_outside(client, workspace, tmp_path):
     d = workspace / "foreign"
     (d / "checkpoints" / "step-00000001").mkdir(parents=True)

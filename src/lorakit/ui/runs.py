@@ -232,12 +232,14 @@ class Workspace:
         """running | finished | failed | interrupted, whether it can resume, and the error if it failed."""
         launched = self.launched.get(name)
         status = read_status(d) or {}
-        error = status.get("error")
         code = None
         if launched is not None:
             code = launched.process.poll()
             if code is None:
                 return {"state": "running", "resumable": False, "error": None, "pid": launched.process.pid}
+            if (status.get("updated") or 0) < launched.started:
+                status = {}  # the status of an earlier attempt: this one ended before the trainer wrote its own
+        error = status.get("error")
         state = status.get("state")
         if state == "running":
             here = status.get("host") in (None, socket.gethostname())
