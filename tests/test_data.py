@@ -101,7 +101,7 @@ def test_truncation_is_counted(tiny_tokenizer, tmp_path):
 
 def test_packing_places_whole_rows_and_labels_no_first_token():
     examples = [Example([1, 2, 3], [IGNORE, 2, 3]), Example([4, 5, 6, 7], [4, 5, 6, 7]), Example([8], [8])]
-    packed = pack(examples, 5)
+    packed = pack(examples, 5, "in_order")
     assert [e.input_ids for e in packed] == [[1, 2, 3], [4, 5, 6, 7, 8]]  # a row is never split
     assert [e.labels for e in packed] == [[IGNORE, 2, 3], [IGNORE, 5, 6, 7, IGNORE]]
     assert [e.segments for e in packed] == [[3], [4, 1]]
@@ -116,6 +116,48 @@ def test_packing_places_whole_rows_and_labels_no_first_token():
         [False, False, False, False, True],  # the second row sees only itself
     ]
     assert (batch["attention_mask"][0, 0, 3:, :3] < 0).all()  # padding sees no row
+
+
+def test_best_fit_decreasing_fills_sequences_that_in_order_packing_leaves_half_empty():
+    lengths = [6, 5, 4, 3, 2]
+    examples = [
+        Example(list(range(10 * i, 10 * i + n)), list(range(10 * i, 10 * i + n))) for i, n in enumerate(lengths)
+    ]
+    in_order = pack(examples, 10, "in_order")
+    assert [e.segments for e in in_order] == [[6], [5, 4], [3, 2]]
+    bfd = pack(examples, 10)
+    assert [e.segments for e in bfd] == [[6, 4], [5, 3, 2]]  # 4 goes to the fuller sequence, where it fits
+    assert bfd[0].input_ids == examples[0].input_ids + examples[2].input_ids  # rows whole, side by side
+    assert bfd[0].labels == [IGNORE, *examples[0].labels[1:], IGNORE, *examples[2].labels[1:]]
+    with pytest.raises(ValueError, match="packing strategy 'ffd'"):
+        pack(examples, 10, "ffd")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_best_fit_decreasing_keeps_every_row_once_and_matches_trl(seed):
+    import random as stdrandom
+
+    from datasets import Dataset
+    from trl.data_utils import pack_dataset
+
+    rng = stdrandom.Random(seed)
+    lengths = [rng.choice([rng.randrange(1, 40), rng.randrange(40, 129)]) for _ in range(rng.randrange(50, 400))]
+    examples = [Example([i] * n, [i] * n) for i, n in enumerate(lengths)]
+    packed = pack(examples, 128)
+    assert all(len(e.input_ids) == sum(e.segments) <= 128 for e in packed)
+    placed = sorted(tuple(e.input_ids[k : k + n]) for e in packed for k, n in _offsets(e.segments))
+    assert placed == sorted(tuple(e.input_ids) for e in examples)  # every row exactly once, whole
+    theirs = pack_dataset(Dataset.from_dict({"input_ids": [e.input_ids for e in examples]}), 128, strategy="bfd")
+    assert len(packed) <= len(theirs)  # no more sequences than TRL's best-fit decreasing
+    assert len(packed) <= len(pack(examples, 128, "in_order"))
+    assert [e.segments for e in pack(examples, 128)] == [e.segments for e in packed]  # deterministic
+
+
+def _offsets(segments):
+    start = 0
+    for n in segments:
+        yield start, n
+        start += n
 
 
 def test_split_and_order_are_deterministic():

@@ -19,6 +19,7 @@ import yaml
 
 from .._bnb import QUANT_METHODS
 from ..config import BIAS_MODES, INIT_METHODS, LoraConfig
+from ..data import PACKING_STRATEGIES
 from ..models import DTYPES, TASK_NAMES
 
 SCHEDULERS = ("constant", "linear", "cosine")
@@ -31,6 +32,7 @@ CHOICES = {  # keys whose value is one of a fixed set (the dashboard's form show
     "objective": OBJECTIVES, "task": TASK_NAMES, "dtype": tuple(DTYPES), "quantize": QUANT_METHODS,
     "lora.bias": BIAS_MODES, "lora.init": tuple(INIT_METHODS), "train.scheduler": SCHEDULERS,
     "train.strategy": STRATEGIES, "train.nan_policy": NAN_POLICIES, "dpo.loss_type": DPO_LOSSES,
+    "data.packing_strategy": PACKING_STRATEGIES,
 }  # fmt: skip
 
 
@@ -53,9 +55,14 @@ class DataConfig:
     """Loss on the completion / assistant turns only, for prompt+completion and chat rows."""
 
     packing: bool = False
-    """Place whole rows one after another into sequences of up to max_length tokens (fewer pad tokens; causal-lm).
+    """Place whole rows into sequences of up to max_length tokens (see packing_strategy; fewer pad tokens; causal-lm).
     Positions restart at each row and attention stays inside it (a block-diagonal mask, batch x max_length^2
     floats), so the loss and gradients are those of the rows run one by one; train.batch_size counts sequences."""
+
+    packing_strategy: str = "bfd"
+    """With packing: bfd (best-fit decreasing: longest rows first, each into the fullest sequence it fits;
+    sequences come out nearly full) or in_order (rows in the data's order, a new sequence when the next one does
+    not fit)."""
 
     max_eval_rows: int | None = None
     """Evaluate on at most this many rows (the first ones); unset: all."""
@@ -259,6 +266,10 @@ def check_run(c: RunConfig) -> None:
         ),
         (0 <= c.data.eval_fraction < 1, f"data.eval_fraction={c.data.eval_fraction}: use 0 <= value < 1"),
         (c.data.max_length >= 8, f"data.max_length={c.data.max_length}: use at least 8"),
+        (
+            c.data.packing_strategy in PACKING_STRATEGIES,
+            f"data.packing_strategy={c.data.packing_strategy!r}: use one of {list(PACKING_STRATEGIES)}",
+        ),
         (c.train.max_steps >= 1, f"train.max_steps={c.train.max_steps}: use at least 1"),
         (c.train.batch_size >= 1, f"train.batch_size={c.train.batch_size}: use at least 1"),
         (c.train.grad_accum >= 1, f"train.grad_accum={c.train.grad_accum}: use at least 1"),

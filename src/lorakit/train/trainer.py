@@ -101,7 +101,7 @@ def prepare_data(
     if d.packing:
         if task.name != "causal-lm":
             raise ValueError(f"data.packing works for causal-lm only, not task={cfg.task!r}; set data.packing=false")
-        train = pack(train, d.max_length)
+        train = pack(train, d.max_length, d.packing_strategy)
     if not any(label != IGNORE for e in train for label in e.labels):
         raise ValueError(f"{d.train}: no token carries a loss (every completion is empty or truncated away)")
     return train, held, stats
