@@ -480,3 +480,18 @@ def test_status_file_follows_the_trainer(run_config, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         trainer.train(stopped, progress=False)
     assert read_status(Path(stopped.output_dir))["state"] == "interrupted"
+
+
+def test_metrics_are_read_again_only_when_the_file_changes(workspace):
+    ws = Workspace(workspace)
+    d = workspace / "r"
+    d.mkdir()
+    path = d / "metrics.jsonl"
+    path.write_text('{"kind": "train", "step": 1}\n')
+    first = ws.records(d)
+    assert ws.records(d) is first  # unchanged: the parsed records are reused
+    with open(path, "a") as f:
+        f.write('{"kind": "train", "step": 2}\n')
+    assert [r["step"] for r in ws.records(d)] == [1, 2]
+    path.write_text('{"kind": "train", "step": 1}\n')  # a resume rewrote it shorter
+    assert ws.metrics("r", since=2) == {"records": [{"kind": "train", "step": 1}], "next": 1, "reset": True}

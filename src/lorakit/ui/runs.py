@@ -103,6 +103,7 @@ class Workspace:
             raise ValueError(f"--runs {runs} is not a directory; create it or point --runs at one")
         self.launched: dict[str, Launched] = {}
         self._lock = threading.Lock()
+        self._records: dict[Path, tuple[tuple[int, int], list[dict[str, Any]]]] = {}
 
     # ----- paths ----------------------------------------------------------------------------------------------
     @property
@@ -188,7 +189,7 @@ class Workspace:
         if kind == "compare":
             return self._compare_summary(name, d, config)
         state = self.state(name, d)
-        records = read_metrics(d / "metrics.jsonl") if (d / "metrics.jsonl").is_file() else []
+        records = self.records(d)
         train = [r for r in records if r.get("kind") == "train"]
         evals = [r for r in records if r.get("kind") == "eval"]
         adapter = d / "adapter_model.safetensors"
@@ -286,9 +287,24 @@ class Workspace:
         info["files"] = sorted(p.name for p in d.iterdir() if not p.name.startswith("."))
         return info
 
+    def records(self, d: Path) -> list[dict[str, Any]]:
+        """The run's metrics records, read again only when metrics.jsonl changed (the list refreshes every few
+        seconds and a stream every half second, over runs of many thousand steps)."""
+        path = d / "metrics.jsonl"
+        try:
+            stat = path.stat()
+        except OSError:
+            return []
+        key = (stat.st_mtime_ns, stat.st_size)
+        cached = self._records.get(path)
+        if cached is None or cached[0] != key:
+            cached = (key, read_metrics(path))
+            self._records[path] = cached
+        return cached[1]
+
     def metrics(self, name: str, since: int = 0) -> dict[str, Any]:
         d = self.run_dir(name)
-        records = read_metrics(d / "metrics.jsonl") if (d / "metrics.jsonl").is_file() else []
+        records = self.records(d)
         reset = since > len(records)  # a resumed run rewrote its records after the checkpoint
         start = 0 if reset else max(since, 0)
         return {"records": records[start:], "next": len(records), "reset": reset}
