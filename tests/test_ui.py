@@ -146,7 +146,8 @@ def test_missing_training_data_and_bad_run_names(client, workspace):
     (workspace / "taken" / "config.yaml").write_text("model: default\n")
     assert "choose the training data" in check(client, {}, name="c")["errors"]["data.train"]
     for name, words in (("taken", "already exists"), ("../up", "invalid run name"), ("/abs", "invalid run name"),
-                        ("a/../../b", "invalid run name"), ("", "invalid run name")):  # fmt: skip
+                        ("a/../../b", "invalid run name"), ("", "invalid run name"),
+                        ("data/x", "inside the data directory")):  # fmt: skip
         assert words in check(client, RUN, name=name)["errors"]["name"], name
     response = client.post("/api/runs", json={"name": "d", "values": {**RUN, "train.lr": "0"}})
     assert response.status_code == 422 and "train.lr" in response.json()["errors"]

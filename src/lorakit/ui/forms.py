@@ -113,7 +113,9 @@ def check_form(values: dict[str, Any], ws: Workspace, model: str, name: str | No
     if name is not None:
         try:
             d = ws.run_dir(name, must_exist=False)
-            if d.exists() and any(d.iterdir()):
+            if d == ws.data_dir or d.is_relative_to(ws.data_dir):
+                errors["name"] = f"run {name!r} would be inside the data directory {ws.data_dir}; choose another name"
+            elif d.exists() and any(d.iterdir()):
                 errors["name"] = f"run {name!r} already exists in {ws.root}; choose another name"
         except PathRefused as err:
             errors["name"] = str(err)
