@@ -29,9 +29,11 @@ def _rows(seed: int = 0) -> list[Example]:
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 @pytest.mark.parametrize("fused", [True, False])
-def test_a_packed_batch_equals_its_rows_one_by_one(name, fused, cpu_gemm):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # sdpa takes the boolean mask, eager an additive one
+def test_a_packed_batch_equals_its_rows_one_by_one(name, fused, attention, cpu_gemm):
     family = FAMILIES[name]
     model = family.build()
+    model.config._attn_implementation = attention
     lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=family.targets, init="random"))
     randomize_adapters(model)
     model.eval()  # GPT-2's dropout would make two forwards differ; gradients flow all the same

@@ -512,8 +512,9 @@ def batch_indices(n: int, batch_size: int, seed: int, start: int = 0) -> Iterato
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded tensors: input_ids, attention_mask, labels (padding carries no loss). Packed examples
-    (``segments``) get position ids restarting at each row and a (batch, 1, length, length) additive mask,
-    0 where a token may attend (itself and earlier tokens of its own row) and the float32 minimum elsewhere."""
+    (``segments``) get position ids restarting at each row and a (batch, 1, length, length) boolean mask, True
+    where a token may attend (itself and earlier tokens of its own row): one byte per pair (the model's forward
+    gets it as is under sdpa, as an additive float mask otherwise: ``fused_loss.forward_inputs``)."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -542,5 +543,4 @@ def _packed_attention(examples: list[Example], width: int) -> dict[str, torch.Te
         positions[i, start:] = torch.arange(width - start)
     causal = torch.ones((width, width), dtype=torch.bool).tril()
     allowed = (row[:, :, None] == row[:, None, :]) & causal
-    additive = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, torch.finfo(torch.float32).min)
-    return {"attention_mask": additive[:, None], "position_ids": positions}
+    return {"attention_mask": allowed[:, None], "position_ids": positions}

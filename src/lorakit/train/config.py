@@ -56,8 +56,9 @@ class DataConfig:
 
     packing: bool = False
     """Place whole rows into sequences of up to max_length tokens (see packing_strategy; fewer pad tokens; causal-lm).
-    Positions restart at each row and attention stays inside it (a block-diagonal mask, batch x max_length^2
-    floats), so the loss and gradients are those of the rows run one by one; train.batch_size counts sequences."""
+    Positions restart at each row and attention stays inside it (a block-diagonal mask of batch x max_length^2
+    booleans under sdpa attention, floats of the model's dtype under eager), so the loss and gradients are those
+    of the rows run one by one; train.batch_size counts sequences."""
 
     packing_strategy: str = "bfd"
     """With packing: bfd (best-fit decreasing: longest rows first, each into the fullest sequence it fits;

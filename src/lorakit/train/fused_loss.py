@@ -30,12 +30,16 @@ _SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "o
 
 def forward_inputs(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's keyword arguments for ``batch``: input ids and mask, and for packed rows (``data.pack``) the
-    position ids and the block-diagonal additive mask, cast to the model's floating dtype (as attention wants)."""
+    position ids and the block-diagonal mask: boolean (one byte per pair) for sdpa attention, which reads it as
+    "may attend"; an additive mask in the model's floating dtype for any other attention (eager attention adds
+    the mask to the scores, so a boolean one there would be wrong)."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if "position_ids" in batch:
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         mask = batch["attention_mask"]
-        inputs["attention_mask"] = mask.clamp(min=torch.finfo(dtype).min).to(dtype) if dtype != mask.dtype else mask
+        if getattr(getattr(model, "config", None), "_attn_implementation", None) != "sdpa":
+            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+        inputs["attention_mask"] = mask
         inputs["position_ids"] = batch["position_ids"]
     return inputs
 
