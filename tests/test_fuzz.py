@@ -144,6 +144,12 @@ def test_fuzzed_safetensors_header_is_read_or_refused(tmp_path_factory, header, 
     assert peak_rss_bytes() - peak < 64 << 20
 
 
+def _jsonl_with_junk(path, rows, junk: bytes):
+    """One JSON line per row, then ``junk`` bytes (a cut or corrupt end of file)."""
+    path.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in rows) + junk)
+    return path
+
+
 _ROW_VALUE = _JSON | st.sampled_from(["", "\x00", "\ud7ff" * 3, "a" * 5000])
 
 
@@ -158,8 +164,7 @@ _ROW_VALUE = _JSON | st.sampled_from(["", "\x00", "\ud7ff" * 3, "a" * 5000])
     junk=st.binary(max_size=16),
 )
 def test_fuzzed_dataset_rows_are_tokenized_or_refused(tmp_path_factory, rows, junk):
-    path = tmp_path_factory.mktemp("data") / "d.jsonl"
-    path.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in rows) + junk)
+    path = _jsonl_with_junk(tmp_path_factory.mktemp("data") / "d.jsonl", rows, junk)
     tokenizer = _TOKENIZER()
     try:
         examples, _ = tokenize_rows(read_rows(path), tokenizer, 32, True)
@@ -189,8 +194,7 @@ _MESSAGE = st.fixed_dictionaries(
     junk=st.binary(max_size=16),
 )
 def test_fuzzed_preference_rows_are_paired_or_refused(tmp_path_factory, rows, junk):
-    path = tmp_path_factory.mktemp("pairs") / "p.jsonl"
-    path.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in rows) + junk)
+    path = _jsonl_with_junk(tmp_path_factory.mktemp("pairs") / "p.jsonl", rows, junk)
     try:
         pairs, _ = tokenize_pairs(read_rows(path), _TOKENIZER(), 32)
     except ValueError as err:

@@ -16,7 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..data import chat_prompt_ids
+from ..models import load_model
 from ..serve.engine import Engine, Event, QueueFull, SamplingParams
 from ..serve.engine import Request as EngineRequest
 from ..serve.registry import AdapterError, AdapterRegistry
@@ -59,10 +62,6 @@ class ChatService:
                 await asyncio.to_thread(self._load)
 
     def _load(self) -> None:
-        import torch
-
-        from ..models import load_model
-
         try:
             model, tokenizer = load_model(self.model_spec, dtype=torch.float32)
         except (ValueError, OSError) as err:

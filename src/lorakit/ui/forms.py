@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from ..train.config import CHOICES, RunConfig, apply_override, field_kind, from_dict, reference
-from .runs import PathRefused, Workspace
+from ..train.config import CHOICES, RunConfig, apply_override, field_kind, from_dict, load_config, reference
+from .runs import LAUNCH_FILE, PathRefused, Workspace
 
 HIDDEN = {"output_dir", "overwrite"}  # set by the dashboard: the run's directory under --runs
 SECTIONS = {"": "Run", "data": "Data", "lora": "LoRA", "train": "Training", "dpo": "Preference tuning (dpo / orpo)",
@@ -89,10 +89,9 @@ def parse_values(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]
             continue
         try:
             if isinstance(value, str):
-                apply_override(data, f"{key}={value}")
+                apply_override(data, f"{key}={value}")  # text is read as --set reads it
             else:
-                apply_override(data, f"{key}=")
-                _set(data, key, value)
+                _set(data, key, value)  # JSON numbers and booleans as they came
         except ValueError as err:
             errors[key] = str(err)
     return data, errors
@@ -208,7 +207,7 @@ def launch_file(ws: Workspace, name: str, result: FormResult) -> Path:
     """Write the run's config into its new directory (``launch.yaml``, relative paths as the form gave them)."""
     d = ws.run_dir(name, must_exist=False)
     d.mkdir(parents=True, exist_ok=True)
-    path = d / "launch.yaml"
+    path = d / LAUNCH_FILE
     path.write_text("# written by lorakit ui\n" + result.yaml, encoding="utf-8")
     return path
 
@@ -216,8 +215,6 @@ def launch_file(ws: Workspace, name: str, result: FormResult) -> Path:
 def config_paths_ok(path: Path, ws: Workspace, model: str) -> RunConfig:
     """A run's own config file, re-read and confined before a resume (a config written elsewhere may name
     paths outside the runs directory)."""
-    from ..train.config import load_config
-
     config = load_config(path)
     errors = check_paths(config, ws, model)
     if errors:

@@ -131,12 +131,12 @@ async def events(name: str, request: Request, since: int = 0):
 
 
 async def config_file(name: str, request: Request):
-    d = state_of(request).ws.run_dir(name)
-    for candidate in ("config.yaml", "launch.yaml", "compare-config.yaml"):
-        if (d / candidate).is_file():
-            return PlainTextResponse((d / candidate).read_text(encoding="utf-8"), media_type="application/yaml",
-                                     headers={"Content-Disposition": f'attachment; filename="{candidate}"'})  # fmt: skip
-    raise UiError(404, f"run {name!r} has no config file")
+    ws = state_of(request).ws
+    path = ws.config_file(ws.run_dir(name))
+    if path is None:
+        raise UiError(404, f"run {name!r} has no config file")
+    return PlainTextResponse(path.read_text(encoding="utf-8"), media_type="application/yaml",
+                             headers={"Content-Disposition": f'attachment; filename="{path.name}"'})  # fmt: skip
 
 
 async def log(name: str, request: Request) -> dict:
@@ -184,16 +184,18 @@ async def run_events(ws: Workspace, name: str, since: int, request: Request) -> 
     d = ws.run_dir(name)
     offset = max(0, ((d / "train.log").stat().st_size if (d / "train.log").is_file() else 0) - 4000)
     last_state = None
+    tail = ""  # the end of the log seen so far: its last line is the progress bar
     while True:
         summary = await asyncio.to_thread(ws.summary, name)
         news = await asyncio.to_thread(ws.metrics, name, since)
         since = news["next"]
         text = ws.log_text(d, offset=offset)
         offset += len(text.encode("utf-8"))
+        tail = (tail + text)[-2000:]
         event = {"state": summary["state"], "resumable": summary.get("resumable", False),
                  "error": summary.get("error"), "step": summary.get("step"), "max_steps": summary.get("max_steps"),
                  "records": news["records"], "reset": news["reset"], "log": text,
-                 "progress": progress_line(ws.log_text(d, 2000))}  # fmt: skip
+                 "progress": progress_line(tail)}  # fmt: skip
         if news["records"] or text or event["state"] != last_state:
             yield f"data: {json.dumps(event)}\n\n"
         last_state = event["state"]

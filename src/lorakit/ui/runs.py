@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -25,10 +24,10 @@ from typing import Any
 
 import yaml
 
+from ..serve.registry import NAME_RE as NAME_PART  # a run name's parts follow the adapter name rule
 from ..train.checkpoint import list_checkpoints
 from ..train.metrics import read_metrics, read_status
 
-NAME_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 RUN_MARKERS = ("status.json", "metrics.jsonl", "adapter_config.json", "config.yaml", "launch.yaml")
 COMPARE_MARKERS = ("compare-config.yaml", "results.json")
 SKIP_DIRS = {"checkpoints", "tensorboard", "mlartifacts", "wandb", "__pycache__"}
@@ -89,7 +88,6 @@ class Launched:
 
     process: subprocess.Popen
     log: Any
-    resume: bool
     started: float = field(default_factory=time.time)
 
 
@@ -103,7 +101,7 @@ class Workspace:
             raise ValueError(f"--runs {runs} is not a directory; create it or point --runs at one")
         self.launched: dict[str, Launched] = {}
         self._lock = threading.Lock()
-        self._records: dict[Path, tuple[tuple[int, int], list[dict[str, Any]]]] = {}
+        self._parsed: dict[Path, tuple[tuple[int, int], Any]] = {}
 
     # ----- paths ----------------------------------------------------------------------------------------------
     @property
@@ -185,7 +183,7 @@ class Workspace:
         """What the runs list shows of one run: state, progress, last metrics, adapter size."""
         d = self.run_dir(name)
         kind = kind or ("compare" if any((d / m).is_file() for m in COMPARE_MARKERS) else "train")
-        config = read_yaml(d / ("compare-config.yaml" if kind == "compare" else "config.yaml"))
+        config = self.parsed(d / ("compare-config.yaml" if kind == "compare" else "config.yaml"), read_yaml)
         if kind == "compare":
             return self._compare_summary(name, d, config)
         state = self.state(name, d)
@@ -279,28 +277,35 @@ class Workspace:
         d = self.run_dir(name)
         info = self.summary(name)
         log = self.log_text(d)
-        info["config"] = read_yaml(d / "config.yaml") or read_yaml(d / LAUNCH_FILE)
-        shown = next((d / f for f in ("config.yaml", LAUNCH_FILE, "compare-config.yaml") if (d / f).is_file()), None)
+        shown = self.config_file(d)
+        info["config"] = read_yaml(shown) if shown else None
         info["config_yaml"] = shown.read_text(encoding="utf-8", errors="replace") if shown else ""
         info["log"] = log
         info["progress"] = progress_line(log)
         info["files"] = sorted(p.name for p in d.iterdir() if not p.name.startswith("."))
         return info
 
-    def records(self, d: Path) -> list[dict[str, Any]]:
-        """The run's metrics records, read again only when metrics.jsonl changed (the list refreshes every few
-        seconds and a stream every half second, over runs of many thousand steps)."""
-        path = d / "metrics.jsonl"
+    def parsed(self, path: Path, parse, missing: Any = None) -> Any:
+        """``parse(path)``, read again only when the file changed (the runs list refreshes every few seconds and
+        a run's stream every half second, over metrics of many thousand steps); ``missing`` when absent."""
         try:
             stat = path.stat()
         except OSError:
-            return []
+            return missing
         key = (stat.st_mtime_ns, stat.st_size)
-        cached = self._records.get(path)
+        cached = self._parsed.get(path)
         if cached is None or cached[0] != key:
-            cached = (key, read_metrics(path))
-            self._records[path] = cached
+            cached = (key, parse(path))
+            self._parsed[path] = cached
         return cached[1]
+
+    def records(self, d: Path) -> list[dict[str, Any]]:
+        """The run's metrics records (cached, see ``parsed``)."""
+        return self.parsed(d / "metrics.jsonl", read_metrics, [])
+
+    def config_file(self, d: Path) -> Path | None:
+        """The config a run directory shows: the trainer's resolved one, the dashboard's, or compare's."""
+        return next((d / f for f in ("config.yaml", LAUNCH_FILE, "compare-config.yaml") if (d / f).is_file()), None)
 
     def metrics(self, name: str, since: int = 0) -> dict[str, Any]:
         d = self.run_dir(name)
@@ -330,7 +335,7 @@ class Workspace:
             )  # fmt: skip
             if current is not None:
                 current.log.close()
-            self.launched[name] = Launched(process, log, resume)
+            self.launched[name] = Launched(process, log)
         return process
 
     def stop(self, name: str) -> int:

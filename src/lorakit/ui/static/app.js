@@ -397,7 +397,6 @@ async function sendChat() {
   const boxes = models.map((m) => {
     const text = el("pre");
     const foot = el("div", { className: "foot" });
-    answers.append();
     return { node: el("div", { className: "answer" }, el("h3", { textContent: m }), text, foot), text, foot };
   });
   answers.replaceChildren(...boxes.map((b) => b.node));
