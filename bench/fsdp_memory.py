@@ -94,7 +94,8 @@ def _run(name: str, strategy: str, processes: int, args, tmp: Path) -> dict:
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         _worker(sys.argv[2], sys.argv[3])
-        return 0
+        sys.stdout.flush()
+        os._exit(0)  # no interpreter shutdown under torchrun: see lorakit.cli.main._exit_now
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--model", default="default")

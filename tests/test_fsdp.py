@@ -38,6 +38,7 @@ def test_fsdp_gives_the_adapter_of_one_process(run_config, tmp_path, tiny_lm_dir
     cfg = run_config(*FSDP, out="fsdp").to_dict()
     done = torchrun_train(cfg, tmp_path)
     assert "fsdp: 2 processes" in done.stderr and done.stderr.count("trainable params") == 1
+    assert done.stdout.count("adapter written to") == 1  # the summary from rank 0 alone
     assert _max_diff(_adapter(single.output_dir), _adapter(cfg["output_dir"])) <= 1e-5
     # the eval metrics every rank computed in step, written once
     records = [

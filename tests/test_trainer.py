@@ -1,7 +1,6 @@
 """End-to-end training on a tiny model: loss falls, outputs, resume equivalence, Ctrl-C, NaN, config errors."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from lorakit.train.checkpoint import list_checkpoints
 from lorakit.train.config import all_keys, field_docs, load_config, reference
 from lorakit.train.trainer import TrainingStopped, train
 
-from .conftest import colour_rows, write_jsonl
+from .conftest import colour_rows, torchrun_train, write_jsonl
 
 
 def _adapter(directory: Path) -> dict[str, torch.Tensor]:
@@ -198,19 +197,12 @@ def _flat(cfg) -> dict:
 
 def test_ddp_two_processes_match_one(run_config, tmp_path):
     single = train(run_config("train.max_steps=4", out="single"), progress=False)
-    cfg_path = tmp_path / "ddp.yaml"
-    import yaml
-
     ddp_cfg = run_config("train.max_steps=4", out="ddp").to_dict()
-    cfg_path.write_text(yaml.safe_dump(ddp_cfg))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
-           "-m", "lorakit", "train", str(cfg_path), "--no-progress"]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = torchrun_train(ddp_cfg, tmp_path)
     a, b = _adapter(single.output_dir), _adapter(Path(ddp_cfg["output_dir"]))
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
     assert done.stderr.count("trainable params") == 1  # only rank 0 prints
+    assert done.stdout.count("adapter written to") == 1
 
 
 def test_docs_config_reference_is_current():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 from .. import __version__
@@ -46,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    code = _dispatch(args)
+    if under_torchrun():
+        _exit_now(code)
+    return code
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         return SUBCOMMANDS[args.command].run(args) or 0
     except (ValueError, TypeError, OSError, FileExistsError) as err:
@@ -54,6 +63,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lorakit {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def under_torchrun() -> bool:
+    """One of several processes that torchrun started (WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _exit_now(code: int) -> None:
+    """End a torchrun process once its command is done, without the interpreter's shutdown.
+
+    Everything the run writes is written and closed by now. What is left are gloo's worker threads: one may
+    still be releasing the last collective (a barrier that holds the tensors of an all-gather before it), and
+    releasing a tensor takes the GIL. Should the interpreter already be shutting down at that moment, Python
+    ends that thread inside a C++ destructor, which aborts the whole process (SIGABRT, "terminate called
+    without an active exception") after a successful run. Leaving with os._exit skips that shutdown.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

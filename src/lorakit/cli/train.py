@@ -25,6 +25,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
     import sys
 
     from ..train.config import load_config
@@ -37,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
     except TrainingStopped as err:
         print(f"lorakit train: stopped: {err}", file=sys.stderr)
         return 3
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun the summary comes from rank 0 alone
     if result.eval is not None and result.eval_before is not None and result.eval.versus(result.eval_before):
         print(result.eval.versus(result.eval_before))
     skipped = f", {result.skipped_steps} skipped for NaN or infinite values" if result.skipped_steps else ""
