@@ -214,7 +214,7 @@ def tiny_opt(**extra) -> nn.Module:
 
 
 def save_tiny_lm(directory, tiny_tokenizer, family: str = "llama", **extra):
-    """Save a tiny random causal LM of ``family`` (``llama`` or ``opt``) with the tiny tokenizer."""
+    """Save a tiny random causal LM of ``family`` (``llama``, ``opt`` or ``gpt2``) with the tiny tokenizer."""
     torch.manual_seed(0)
     settings = dict(
         vocab_size=len(tiny_tokenizer),
@@ -229,6 +229,10 @@ def save_tiny_lm(directory, tiny_tokenizer, family: str = "llama", **extra):
     if family == "opt":  # its decoder runs the MLP on the rows flattened with their tokens
         opt = {"ffn_dim": 64, "word_embed_proj_dim": 32, "bos_token_id": tiny_tokenizer.bos_token_id, "dropout": 0.1}
         model = tiny_opt(**{**settings, **opt, **extra})
+    elif family == "gpt2":  # Conv1D layers: weights stored (d_in, d_out)
+        gpt2 = {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 128, "bos_token_id": settings["eos_token_id"]}
+        keep = ("vocab_size", "eos_token_id", "pad_token_id", "tie_word_embeddings")
+        model = GPT2LMHeadModel(GPT2Config(**{k: settings[k] for k in keep}, **gpt2, **extra))
     else:
         model = LlamaForCausalLM(
             LlamaConfig(**{**settings, "intermediate_size": 64, "num_key_value_heads": 2, **extra})

@@ -194,6 +194,24 @@ def test_dora_matches_peft_outputs_and_gradients(tmp_path):
         assert_close(grad, grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_dora_norms_follow_fused_adamw_steps(tmp_path):
+    """Fused AdamW updates A and B without moving their version counters; the cached ||W + s B A|| must still
+    follow every step (PEFT computes it afresh at every forward)."""
+    family = FAMILIES["llama"]
+    inputs = family.inputs()
+    ours, theirs = _dora_pair(tmp_path)
+    for model in (ours, theirs):
+        family.logits(model, inputs)  # an eval forward first: lorakit caches the norms
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05, fused=True)
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(**inputs).logits.square().mean().backward()
+            optimizer.step()
+        model.eval()
+    assert_close(family.logits(ours, inputs), family.logits(theirs, inputs), rtol=1e-4, atol=1e-5)
+
+
 def test_peft_dora_file_loads_in_lorakit(tmp_path):
     family = FAMILIES["llama"]
     inputs = family.inputs()

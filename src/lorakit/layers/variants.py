@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .._bnb import float_dtype
 
@@ -59,6 +60,31 @@ def variants_for(init: str, use_dora: bool) -> list[LoraVariant]:
     return found
 
 
+_optimizer_steps = 0  # steps taken by any torch.optim optimizer in this process: part of DoRA's norm cache key
+_watching = False
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+def _watch_optimizers() -> None:
+    """Count every optimizer step (a global post-step hook, registered once). Fused AdamW updates parameters
+    without moving their version counters, so versions alone would keep a norm from before the step."""
+    global _watching
+    if not _watching:
+        register_optimizer_step_post_hook(_count_step)
+        _watching = True
+
+
+def row_norms(weight_out_in: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, dtype) -> torch.Tensor:
+    """DoRA's ``||W + s B A||`` per output feature (W as d_out x d_in), in ``dtype``, detached."""
+    with torch.no_grad():
+        combined = weight_out_in.to(dtype) + scaling * (b @ a).to(dtype)
+        return torch.linalg.norm(combined, dim=1).to(dtype)
+
+
 class DoraVariant(LoraVariant):
     """Weight-decomposed LoRA: a trained magnitude per output feature over the normalised direction."""
 
@@ -68,22 +94,31 @@ class DoraVariant(LoraVariant):
     def __init__(self) -> None:
         self._norm: tuple[tuple, torch.Tensor] | None = None  # ||W + s B A|| and the versions it was built from
         self._merged_norm: torch.Tensor | None = None
+        # The cache is keyed by storage addresses, version counters and optimizer steps. FSDP gathers the
+        # weights into fresh buffers at every forward, at addresses that recur, with their versions at 0: a
+        # sharded model turns the cache off.
+        self.cached = True
+        _watch_optimizers()
 
     def init(self, layer, adapter: str) -> None:
+        weight = layer.base_layer.weight
+        if weight.is_meta:  # a skeleton (sharded training): lorakit.train.fsdp fills it once the weights are in
+            d_out = layer.in_out[1]
+            empty = torch.empty(d_out, device="meta", dtype=float_dtype(layer.base_layer))
+            layer.lora_magnitude_vector[adapter] = nn.Parameter(empty)
+            return
         layer.lora_magnitude_vector[adapter] = nn.Parameter(self.norm(layer, adapter).clone())
 
     def norm(self, layer, adapter: str) -> torch.Tensor:
-        """``||W + s B A||`` per output feature, detached; cached until W, A or B change (version counters)."""
+        """``||W + s B A||`` per output feature, detached; cached until W, A or B change (version counters) or
+        an optimizer steps."""
         weight, a, b = layer.base_layer.weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
         key = (weight.data_ptr(), weight._version, a.data_ptr(), a._version, b.data_ptr(), b._version)
-        key += (layer.scaling[adapter], weight.dtype, a.dtype)
-        if self._norm is not None and self._norm[0] == key:
+        key += (layer.scaling[adapter], weight.dtype, a.dtype, _optimizer_steps)
+        if self.cached and self._norm is not None and self._norm[0] == key:
             return self._norm[1]
-        with torch.no_grad():
-            dtype = float_dtype(layer.base_layer)
-            combined = layer.weight_out_in().to(dtype) + layer.scaling[adapter] * (b @ a).to(dtype)
-            norm = torch.linalg.norm(combined, dim=1).to(dtype)
-        self._norm = (key, norm)
+        norm = row_norms(layer.weight_out_in(), a, b, layer.scaling[adapter], float_dtype(layer.base_layer))
+        self._norm = (key, norm) if self.cached else None
         return norm
 
     def forward(self, layer, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:

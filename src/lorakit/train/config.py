@@ -303,11 +303,6 @@ def check_run(c: RunConfig) -> None:
             "train.strategy=fsdp with lora.init=pissa: saving a PiSSA adapter needs the whole base weights in one "
             "process; use train.strategy=ddp, or another lora.init",
         ),
-        (
-            c.train.strategy != "fsdp" or not c.lora.use_dora,
-            "train.strategy=fsdp with lora.use_dora=true: DoRA's magnitudes start from whole weights and its "
-            "norms are not yet checked under sharding; use train.strategy=ddp for DoRA",
-        ),
     ]
     checks += _preference_checks(c)
     for ok, message in checks:

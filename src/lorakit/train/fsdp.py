@@ -29,7 +29,10 @@ import torch.distributed as td
 from safetensors.torch import load_file
 from torch import nn
 
+from .._bnb import float_dtype
 from ..io import fsync_dir, fsync_files, write_safetensors
+from ..layers.base import LoraLayer
+from ..layers.variants import DoraVariant, row_norms
 from .checkpoint import jsonable, tupled
 
 SHARDS = "sharded"
@@ -81,6 +84,7 @@ def load_local_shards(model: nn.Module, directory: Path, initial: dict[str, torc
         with safe_open(str(file), framework="pt") as handle:
             where.update(dict.fromkeys(handle.keys(), file))
     buffers = {name: b.detach().clone() for name, b in model.named_buffers() if not b.is_meta}
+    computed = {f"{prefix}.lora_magnitude_vector.{adapter}" for prefix, _, adapter, _ in _dora_layers(model)}
     model.to_empty(device=device)
     state = model.state_dict(keep_vars=True)  # the parameters themselves: a tied head is the embedding's object
     sources = {name: _stored_name(name) for name in state}
@@ -94,10 +98,10 @@ def load_local_shards(model: nn.Module, directory: Path, initial: dict[str, torc
             local = target.to_local() if isinstance(target, DTensor) else target
             rows = (slice(None),)
             if isinstance(target, DTensor) and local.dim() > 0:
-                chunk = -(-target.shape[0] // world)
-                start = min(rank * chunk, target.shape[0])
-                rows = (slice(start, start + local.shape[0]),)
+                rows = (_own_rows(target, local, rank, world),)
             stored = sources[name] if sources[name] in where else by_tensor.get(id(target))  # or a tied head's
+            if name in computed:  # DoRA's magnitudes: fill_dora_magnitudes, once every weight is in
+                continue
             if name in initial:
                 local.copy_(initial[name][rows])
             elif stored is None and name in buffers:  # a buffer the files do not hold: the skeleton's own value
@@ -115,6 +119,54 @@ def load_local_shards(model: nn.Module, directory: Path, initial: dict[str, torc
         for name, value in buffers.items():  # to_empty left the buffers outside the state dict uninitialised
             if name not in state:
                 model.get_buffer(name).copy_(value)
+
+
+def _own_rows(target: torch.Tensor, local: torch.Tensor, rank: int, world: int) -> slice:
+    """The rows of ``target`` (sharded on dim 0, FSDP2's even chunks) that this rank's ``local`` holds."""
+    chunk = -(-target.shape[0] // world)
+    start = min(rank * chunk, target.shape[0])
+    return slice(start, start + local.shape[0])
+
+
+def _dora_layers(model: nn.Module):
+    """(module name, layer, adapter, variant) of every DoRA adapter in ``model``, in module order."""
+    for prefix, layer in model.named_modules():
+        if isinstance(layer, LoraLayer):
+            for adapter, variants in layer.variants.items():
+                for variant in variants:
+                    if isinstance(variant, DoraVariant):
+                        yield prefix, layer, adapter, variant
+
+
+def fill_dora_magnitudes(model: nn.Module) -> int:
+    """DoRA's initial magnitudes on a sharded model: ``||W + s B A||`` of whole rows, as one process has them.
+
+    One layer at a time, every rank gathers the layer's weight and A and B (as FSDP does for a forward), computes
+    the norms of all rows and keeps the rows of its own shard of the magnitude. The norm cache is turned off:
+    FSDP refills its gathered weights in place. Returns how many magnitudes were filled."""
+    from torch.distributed.tensor import DTensor
+
+    def whole(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+    count = 0
+    rank, world = td.get_rank(), td.get_world_size()
+    with torch.no_grad():
+        for _, layer, adapter, variant in _dora_layers(model):
+            variant.cached = False
+            weight = whole(layer.base_layer.weight)
+            weight = weight.T if layer.fan_in_fan_out else weight
+            a, b = whole(layer.lora_A[adapter].weight), whole(layer.lora_B[adapter].weight)
+            norms = row_norms(weight, a, b, layer.scaling[adapter], float_dtype(layer.base_layer))
+            magnitude = layer.lora_magnitude_vector[adapter]
+            if isinstance(magnitude, DTensor):
+                local = magnitude.to_local()
+                local.copy_(norms[_own_rows(magnitude, local, rank, world)])
+            else:
+                magnitude.copy_(norms)
+            del weight, a, b, norms
+            count += 1
+    return count
 
 
 def _stored_name(name: str) -> str:

@@ -344,6 +344,7 @@ def setup_method(cfg: RunConfig, *, model: nn.Module, method, ctx: dist.Context,
         initial = fsdp.real_parameters(model)  # the adapters, initialised alike on every rank
         fsdp.shard(model, ctx.device)
         fsdp.load_local_shards(model, resolve_model_dir(cfg.model), initial, ctx.device)
+        fsdp.fill_dora_magnitudes(model)  # from whole rows, once every rank holds its shards
         log(f"fsdp: {ctx.world_size} processes, {fsdp.local_parameter_bytes(model) / 1e6:.1f} MB of parameters each")
     return model, method
 
