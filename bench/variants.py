@@ -3,9 +3,10 @@ memory and step time against plain LoRA.
 
 Each mode runs in a fresh process (its peak RSS is its own); modes alternate over --rounds; medians reported.
 
-  forward modes (eval, no gradients, batch x seq tokens):  lora-unmerged, dora-unmerged
+  forward modes (eval, no gradients, batch x seq tokens):  lora-unmerged, dora-unmerged, peft-dora-unmerged
   training modes (AdamW step, lorakit's loss):             lora-train, lora-lean-train, qlora-nf4-train,
-                                                           qlora-int8-train
+                                                           qlora-int8-train, dora-train
+  peft-dora-train: PEFT's DoRA on the same model, the step a PEFT user writes (AdamW, the model's own loss)
   QLoRA modes run under the allocator policy lorakit's trainer sets with `quantize` on CPU (lorakit.fastpath);
   lora-lean-train is plain LoRA under that same policy, for a like-for-like memory comparison.
 
@@ -32,8 +33,8 @@ from lorakit.fastpath import cpu_description
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-FORWARD_MODES = ["lora-unmerged", "dora-unmerged"]
-TRAIN_MODES = ["lora-train", "lora-lean-train", "qlora-nf4-train", "qlora-int8-train"]
+FORWARD_MODES = ["lora-unmerged", "dora-unmerged", "peft-dora-unmerged"]
+TRAIN_MODES = ["lora-train", "lora-lean-train", "qlora-nf4-train", "qlora-int8-train", "dora-train", "peft-dora-train"]
 
 
 def build(mode: str):
@@ -50,8 +51,14 @@ def build(mode: str):
 
         report = quantize(model, mode.split("-")[1])
     torch.manual_seed(0)
-    config = lorakit.LoraConfig(r=16, alpha=32, target_modules=TARGETS, use_dora=mode.startswith("dora"))
-    lorakit.inject(model, config)
+    if mode.startswith("peft"):
+        import peft
+
+        config = peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, use_dora=True)
+        model = peft.get_peft_model(model, config)
+    else:
+        config = lorakit.LoraConfig(r=16, alpha=32, target_modules=TARGETS, use_dora="dora" in mode)
+        lorakit.inject(model, config)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -81,7 +88,10 @@ def run_mode(args) -> dict:
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         for i in range(args.steps + 1):
             start = time.perf_counter()
-            loss = CausalLM().train_loss_sum(model, batch) / ids[:, 1:].numel()
+            if args.mode.startswith("peft"):
+                loss = model(**batch).loss
+            else:
+                loss = CausalLM().train_loss_sum(model, batch) / ids[:, 1:].numel()
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -144,6 +154,12 @@ def render(summary: dict, args) -> str:
     if "lora-unmerged" in summary and "dora-unmerged" in summary:
         ratio = summary["dora-unmerged"]["median_s"] / summary["lora-unmerged"]["median_s"]
         lines.append(f"- DoRA unmerged forward / plain LoRA unmerged: **{ratio:.2f}x** (required <= 1.2x).")
+    for mode in ("dora-unmerged", "dora-train"):
+        peer = f"peft-{mode}"
+        if mode in summary and peer in summary:
+            t = summary[peer]["median_s"] / summary[mode]["median_s"]
+            m = summary[mode]["peak_rss_gb"] / summary[peer]["peak_rss_gb"]
+            lines.append(f"- {mode}: lorakit {t:.2f}x the speed of PEFT, peak RSS {m:.2f}x PEFT's.")
     for mode in ("qlora-nf4-train", "qlora-int8-train"):
         for plain in ("lora-lean-train", "lora-train"):
             if mode in summary and plain in summary:

@@ -158,18 +158,35 @@ def test_pissa_refusals():
 
 
 # ----- DoRA -----------------------------------------------------------------------------------------------
-def _dora_pair(tmp_path, bias=False):
-    """A lorakit DoRA model with random A, B and magnitude, and PEFT's model loaded from its file."""
+def _biased_llama() -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, attention_bias=True, mlp_bias=True)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # non-zero biases
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+    return model
+
+
+def _dora_pair(tmp_path, bias=False, dropout=0.0):
+    """A lorakit DoRA model with random A, B and magnitude, and PEFT's model loaded from its file; ``bias``:
+    LLaMA with biased projections."""
     family = FAMILIES["llama"]
-    model = family.build()
-    lorakit.inject(model, lorakit.LoraConfig(r=3, alpha=5, target_modules=TARGETS, use_dora=True, init="random"))
+    build = _biased_llama if bias else family.build
+    model = build()
+    config = lorakit.LoraConfig(r=3, alpha=5, target_modules=TARGETS, use_dora=True, init="random", dropout=dropout)
+    lorakit.inject(model, config)
     randomize_adapters(model)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_magnitude_vector" in name:
                 param.mul_(1 + 0.1 * torch.randn(param.shape, generator=torch.Generator().manual_seed(1)))
     lorakit.save_adapter(model, tmp_path / "dora")
-    theirs = peft.PeftModel.from_pretrained(family.build(), str(tmp_path / "dora"), is_trainable=True)
+    theirs = peft.PeftModel.from_pretrained(build(), str(tmp_path / "dora"), is_trainable=True)
     return model, theirs
 
 
@@ -192,6 +209,34 @@ def test_dora_matches_peft_outputs_and_gradients(tmp_path):
     assert grads[0].keys() == grads[1].keys() and any("magnitude" in n for n in grads[0])
     for name, grad in grads[0].items():
         assert_close(grad, grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(("bias", "dropout"), [(True, 0.0), (False, 0.3), (True, 0.3)])
+def test_dora_matches_peft_with_biases_and_dropout(tmp_path, bias, dropout):
+    """Each branch of DoRA's forward: a biased base layer, dropout in training (the same masks drawn in the
+    same order), both; outputs and gradients against PEFT."""
+    inputs = FAMILIES["llama"].inputs()
+    ours, theirs = _dora_pair(tmp_path, bias=bias, dropout=dropout)
+    results = []
+    for model in (ours, theirs):
+        model.train()
+        torch.manual_seed(7)
+        logits = model(**inputs).logits
+        logits.square().mean().backward()
+        grads = {
+            n.replace(".default", "").replace("vector.weight", "vector").removeprefix("base_model.model."): p.grad
+            for n, p in model.named_parameters()
+            if p.grad is not None
+        }
+        results.append((logits.detach(), grads))
+    (mine, my_grads), (want, their_grads) = results
+    assert_close(mine, want, rtol=1e-5, atol=1e-5)
+    assert my_grads.keys() == their_grads.keys() and any("magnitude" in n for n in my_grads)
+    for name, grad in my_grads.items():
+        assert_close(grad, their_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    if dropout:  # the masks matter: another seed for PEFT gives other outputs
+        torch.manual_seed(8)
+        assert not torch.allclose(theirs(**inputs).logits, want, atol=1e-3)
 
 
 def test_dora_norms_follow_fused_adamw_steps(tmp_path):

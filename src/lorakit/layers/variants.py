@@ -122,19 +122,23 @@ class DoraVariant(LoraVariant):
         return norm
 
     def forward(self, layer, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """Adds ``(m/||W + s B A|| - 1) W x + (m/||W + s B A||) s B A x`` to the base output (PEFT's order)."""
+        """The base output plus ``(k - 1) W x' + k s B A x'`` with ``k = m / ||W + s B A||`` and ``x'`` the
+        input after dropout (PEFT's DoRA), written as ``k (W x' + s B A x')`` beside what stays: autograd then
+        keeps one (tokens x d_out) tensor per layer for the gradients of ``m`` instead of two."""
         a, b = layer.lora_A[adapter], layer.lora_B[adapter]
         x = x.to(a.weight.dtype) if x.dtype != a.weight.dtype else x
         dropout = layer.lora_dropout[adapter]
         bias = layer.base_layer.bias
-        if isinstance(dropout, nn.Identity) or not layer.training:
-            base_result = result - bias if bias is not None else result
-        else:
-            x = dropout(x)
-            base_result = F.linear(x, layer.weight_out_in())
         scale = (layer.lora_magnitude_vector[adapter] / self.norm(layer, adapter)).view(1, -1)
+        if isinstance(dropout, nn.Identity) or not layer.training:
+            lora = b(a(x))
+            if bias is None:  # the whole output is W x, rescaled
+                return scale * (result + lora * layer.scaling[adapter])
+            return bias + scale * (result - bias + lora * layer.scaling[adapter])
+        x = dropout(x)
+        base_result = F.linear(x, layer.weight_out_in())
         lora = b(a(x))
-        return result + ((scale - 1) * base_result + scale * lora * layer.scaling[adapter])
+        return (result - base_result) + scale * (base_result + lora * layer.scaling[adapter])
 
     def _factor(self, layer, adapter: str, norm: torch.Tensor) -> torch.Tensor:
         factor = layer.lora_magnitude_vector[adapter].float() / norm
