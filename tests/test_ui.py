@@ -184,6 +184,10 @@ def test_a_run_started_from_the_form_streams_its_curves_and_finishes(client, wor
     # a second start under the same name is refused: the run is there
     again = client.post("/api/runs", json={"name": "first", "values": RUN})
     assert again.status_code == 422 and "already exists" in again.json()["errors"]["name"]
+    # deleted from the page: the dashboard lets go of the process it launched, and the name is free again
+    assert client.delete("/api/runs/first").status_code == 200
+    assert not (workspace / "first").exists()
+    assert "first" not in [r["name"] for r in client.get("/api/runs").json()["runs"]]
 
 
 def test_stop_writes_a_checkpoint_and_resume_continues_from_it(client, workspace):
@@ -243,6 +247,36 @@ def test_states_of_runs_started_elsewhere(client, workspace):
     finally:
         alive.send_signal(signal.SIGKILL)
         alive.wait()
+
+
+def test_delete_removes_a_run_and_refuses_what_is_not_one(client, workspace, tiny_lm_dir):
+    save_run(workspace, "done", tiny_lm_dir, seed=1)
+    save_run(workspace, "group/a", tiny_lm_dir, seed=2)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = workspace / "live"
+        live.mkdir()
+        status = {"state": "running", "pid": alive.pid, "host": os.uname().nodename}
+        (live / "status.json").write_text(json.dumps(status))
+        response = client.delete("/api/runs/live")
+        assert response.status_code == 409 and "stop it before deleting" in response.json()["error"]
+        assert (live / "status.json").is_file()
+    finally:
+        alive.send_signal(signal.SIGKILL)
+        alive.wait()
+    for name, status in [("group", 404), ("data", 404), ("nowhere", 404), ("..%2Foutside", 403)]:
+        response = client.delete(f"/api/runs/{name}")
+        assert response.status_code == status, (name, response.text)
+    assert (workspace / "group" / "a" / "adapter_model.safetensors").is_file()
+    assert (workspace / "data" / "train.jsonl").is_file()
+    response = client.delete("/api/runs/done", headers={"Origin": "http://evil.example"})
+    assert response.status_code == 403 and (workspace / "done").is_dir()  # cross-origin: refused
+    assert client.delete("/api/runs/done").json() == {"name": "done", "deleted": True}
+    assert client.delete("/api/runs/group/a").status_code == 200
+    assert not (workspace / "done").exists() and not (workspace / "group" / "a").exists()
+    assert not [p for p in workspace.iterdir() if p.name.startswith(".deleting")]
+    names = [r["name"] for r in client.get("/api/runs").json()["runs"]]
+    assert "done" not in names and "group/a" not in names and "live" in names
 
 
 # ----- refused paths and requests -------------------------------------------------------------------------------

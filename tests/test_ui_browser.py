@@ -170,5 +170,20 @@ def test_dashboard_launches_a_run_watches_it_and_chats_with_its_adapter(dashboar
         assert page.locator("#adapter-table tbody tr").count() == 30 * 7  # SmolLM2: 30 layers x 7 projections
         page.wait_for_selector("#adapter-heatmap .main-svg")
         page.screenshot(path=str(shots / "ui-adapter.png"))
+
+        # delete from the page: a dismissed confirmation deletes nothing, an accepted one the whole run
+        page.click("nav button[data-view=runs]")
+        page.click("#runs-table tr[data-run='dates-tiny'] td:nth-child(2)")
+        page.wait_for_selector("#run-delete:not([hidden])")
+        page.once("dialog", lambda dialog: dialog.dismiss())
+        page.click("#run-delete")
+        page.wait_for_timeout(500)
+        assert (dashboard["runs"] / "dates-tiny" / "adapter_model.safetensors").is_file()
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.click("#run-delete")
+        page.wait_for_selector("#runs-table tr[data-run='dates-tiny']", state="detached")
+        assert not (dashboard["runs"] / "dates-tiny").exists() and page.is_hidden("#run-detail")
+        page.wait_for_function("(document.getElementById('overlay-chart').data || []).length === 0 || "
+                               "document.getElementById('overlay-chart').hidden")  # fmt: skip
         browser.close()
     assert errors == []

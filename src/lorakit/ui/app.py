@@ -49,6 +49,7 @@ ROUTES: list[tuple[str, str, Any, dict]] = [  # the suffixed run routes come bef
     ("GET", RUN + "/inspect", h.inspect, {}),
     ("GET", RUN + "/compare", h.compare, {}),
     ("GET", RUN, h.details, {}),
+    ("DELETE", RUN, h.delete, {}),
     ("GET", "/api/form", h.form, {}),
     ("POST", "/api/form/check", h.check, {}),
     ("GET", "/api/chat/models", h.chat_models, {}),

@@ -149,6 +149,11 @@ async def stop(name: str, request: Request) -> dict:
     return {"name": name, "signalled": await asyncio.to_thread(state_of(request).ws.stop, name)}
 
 
+async def delete(name: str, request: Request) -> dict:
+    await asyncio.to_thread(state_of(request).ws.delete, name)
+    return {"name": name, "deleted": True}
+
+
 async def resume(name: str, request: Request) -> dict:
     s = state_of(request)
     d = s.ws.run_dir(name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -362,6 +363,26 @@ class Workspace:
         if not state["resumable"]:
             raise Conflict(f"run {name!r} ({state['state']}) has no checkpoint to resume from")
         return self.launch(name, d / "config.yaml", resume=True)
+
+    def delete(self, name: str) -> None:
+        """Remove a run or compare output that is not running, with everything in it. The directory is first
+        renamed to a hidden one beside it (one atomic step), so a removal cut short never leaves a half run in
+        the list."""
+        d = self.run_dir(name)
+        listed = dict(self.names())
+        if name not in listed:
+            raise NotFound(f"{name!r} is not a run or compare output in {self.root}; only runs can be deleted")
+        if self.data_dir.is_relative_to(d):
+            raise PathRefused(f"run {name!r} holds the data directory {self.data_dir}; not deleted")
+        for other in [n for n in listed if n == name or n.startswith(name + "/")]:
+            if self.state(other, self.root / other)["state"] == "running":
+                raise Conflict(f"run {other!r} is running; stop it before deleting {name!r}")
+        with self._lock:
+            for other in [n for n in self.launched if n == name or n.startswith(name + "/")]:
+                self.launched.pop(other).log.close()
+            doomed = d.with_name(f".deleting-{d.name}-{os.getpid()}-{time.monotonic_ns()}")
+            d.rename(doomed)
+        shutil.rmtree(doomed)
 
     def close(self, wait_s: float = 30.0) -> None:
         """Stop the runs this dashboard launched (each writes its checkpoint), waiting up to ``wait_s``."""

@@ -118,6 +118,7 @@ function showRunState(run) {
   badge.className = `badge ${run.state}`;
   $("#run-stop").hidden = run.state !== "running";
   $("#run-resume").hidden = !run.resumable;
+  $("#run-delete").hidden = run.state === "running";
   $("#run-error").textContent = run.state === "failed" && run.error ? run.error : "";
 }
 
@@ -200,6 +201,24 @@ async function runAction(action) {
     setTimeout(() => selectRun(state.selected), 400);
   } catch (err) {
     banner(`${action}: ${err.message}`);
+  }
+}
+
+async function deleteRun() {
+  const name = state.selected;
+  if (!window.confirm(`Delete run ${name} and every file in it (adapter, checkpoints, metrics, log)?`)) return;
+  try {
+    await api(`/api/runs/${name}`, { method: "DELETE" });
+    banner("");
+    if (state.source) state.source.close();
+    state.source = null;
+    state.selected = null;
+    state.overlay.delete(name);
+    $("#run-detail").hidden = true;
+    await refreshRuns();
+    await drawOverlay();
+  } catch (err) {
+    banner(`delete: ${err.message}`);
   }
 }
 
@@ -474,6 +493,7 @@ async function start() {
   for (const b of document.querySelectorAll("nav button")) b.addEventListener("click", () => show(b.dataset.view));
   $("#run-stop").addEventListener("click", () => runAction("stop"));
   $("#run-resume").addEventListener("click", () => runAction("resume"));
+  $("#run-delete").addEventListener("click", deleteRun);
   $("#new-form").addEventListener("submit", startRun);
   $("#f-name").addEventListener("input", scheduleCheck);
   $("#chat-send").addEventListener("click", sendChat);
