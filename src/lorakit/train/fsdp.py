@@ -96,12 +96,12 @@ def load_local_shards(model: nn.Module, directory: Path, initial: dict[str, torc
     with torch.no_grad():
         for name, target in state.items():
             local = target.to_local() if isinstance(target, DTensor) else target
+            if name in computed:  # DoRA's magnitudes: fill_dora_magnitudes, once every weight is in
+                continue
             rows = (slice(None),)
             if isinstance(target, DTensor) and local.dim() > 0:
                 rows = (_own_rows(target, local, rank, world),)
             stored = sources[name] if sources[name] in where else by_tensor.get(id(target))  # or a tied head's
-            if name in computed:  # DoRA's magnitudes: fill_dora_magnitudes, once every weight is in
-                continue
             if name in initial:
                 local.copy_(initial[name][rows])
             elif stored is None and name in buffers:  # a buffer the files do not hold: the skeleton's own value
@@ -138,35 +138,23 @@ def _dora_layers(model: nn.Module):
                         yield prefix, layer, adapter, variant
 
 
-def fill_dora_magnitudes(model: nn.Module) -> int:
+def fill_dora_magnitudes(model: nn.Module) -> None:
     """DoRA's initial magnitudes on a sharded model: ``||W + s B A||`` of whole rows, as one process has them.
 
     One layer at a time, every rank gathers the layer's weight and A and B (as FSDP does for a forward), computes
-    the norms of all rows and keeps the rows of its own shard of the magnitude. The norm cache is turned off:
-    FSDP refills its gathered weights in place. Returns how many magnitudes were filled."""
-    from torch.distributed.tensor import DTensor
-
-    def whole(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-    count = 0
+    the norms of all rows and keeps the rows of its own shard of the magnitude. The norm cache is turned off: FSDP
+    gathers the weights into fresh buffers at every forward, at addresses that recur, with their versions at 0."""
     rank, world = td.get_rank(), td.get_world_size()
     with torch.no_grad():
         for _, layer, adapter, variant in _dora_layers(model):
             variant.cached = False
-            weight = whole(layer.base_layer.weight)
+            weight = layer.base_layer.weight.full_tensor()
             weight = weight.T if layer.fan_in_fan_out else weight
-            a, b = whole(layer.lora_A[adapter].weight), whole(layer.lora_B[adapter].weight)
+            a, b = layer.lora_A[adapter].weight.full_tensor(), layer.lora_B[adapter].weight.full_tensor()
             norms = row_norms(weight, a, b, layer.scaling[adapter], float_dtype(layer.base_layer))
-            magnitude = layer.lora_magnitude_vector[adapter]
-            if isinstance(magnitude, DTensor):
-                local = magnitude.to_local()
-                local.copy_(norms[_own_rows(magnitude, local, rank, world)])
-            else:
-                magnitude.copy_(norms)
+            local = layer.lora_magnitude_vector[adapter].to_local()
+            local.copy_(norms[_own_rows(layer.lora_magnitude_vector[adapter], local, rank, world)])
             del weight, a, b, norms
-            count += 1
-    return count
 
 
 def _stored_name(name: str) -> str:
