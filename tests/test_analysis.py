@@ -111,3 +111,21 @@ def test_bad_inputs(tmp_path, capsys):
     _, directory = _saved(tmp_path)
     with pytest.raises(ValueError, match="top_k=0 is invalid"):
         inspect_adapter(directory, top_k=0)
+
+
+def test_layers_sort_by_number_not_as_text(tmp_path):
+    """Layers 0, 1, 2, ..., 10, 11, not 0, 1, 10, 11, 2 (a model of 12 blocks)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=12,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16)  # fmt: skip
+    model = LlamaForCausalLM(config)
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init="random"))
+    directory = lorakit.save_adapter(model, tmp_path / "deep")
+    result = inspect_adapter(directory)
+    want = [f"model.layers.{i}.self_attn.{m}" for i in range(12) for m in ("q_proj", "v_proj")]
+    assert [s.path for s in result.layers] == want
+    assert [line.split()[0] for line in format_table(result).splitlines()[1:-1]] == want
+    from lorakit.analysis import natural_key
+
+    assert sorted(["h.10.a", "h.9.b", "h.2.a", "h.2"], key=natural_key) == ["h.2", "h.2.a", "h.9.b", "h.10.a"]

@@ -58,3 +58,22 @@ def test_merge_errors_are_one_line(tmp_path, capsys):
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "lorakit", "--help"], capture_output=True, text=True, check=True)
     assert "merge" in out.stdout
+
+
+def test_eval_show_prints_as_many_samples_as_asked_with_their_questions(tiny_lm_dir, tmp_path, capsys):
+    """`lorakit eval --show 8` printed 3 samples, and of a two-line prompt the line before the question."""
+    import json
+
+    rows = [{"prompt": f"Items have colours.\nWhat colour is item {i}?", "completion": "red"} for i in range(10)]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["eval", "--model", str(tiny_lm_dir), "--data", str(data), "--max-new-tokens", "2"]
+    assert main([*args, "--show", "8"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    wants = [i for i, line in enumerate(lines) if line.lstrip().startswith("want 'red'")]
+    assert len(wants) == 8
+    assert [f"What colour is item {i}?" in lines[w - 1] for i, w in enumerate(wants)] == [True] * 8
+    assert main([*args, "--show", "20"]) == 0
+    assert capsys.readouterr().out.count("want 'red'") == 10  # as many as there are
+    assert main([*args, "--show", "-1"]) == 2
+    assert "--show must be >= 0" in capsys.readouterr().err

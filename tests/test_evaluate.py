@@ -31,3 +31,15 @@ def test_teacher_forced_exact_match_equals_generation(tiny_lm_dir, tmp_path):
     assert 0 < sum(by_generation) < len(examples), "the check needs both hits and misses"
     assert result.exact_match == sum(by_generation) / len(examples)
     assert len(result.samples) == 3 and result.samples[0][2] == answers[0]
+
+
+def test_samples_keeps_as_many_rows_as_asked(tiny_lm_dir, tmp_path):
+    """``samples`` answers are generated (batch_size rows at a time), as many as there are scorable rows."""
+    model, tokenizer = lorakit.load_model(tiny_lm_dir)
+    rows = colour_rows(10, seed=2)
+    examples, _ = tokenize_rows(read_rows(write_jsonl(tmp_path / "e.jsonl", rows)), tokenizer, 64, True)
+    many = evaluate(model, tokenizer, examples, batch_size=4, max_new_tokens=2, samples=8)
+    assert [s[1] for s in many.samples] == [e.reference for e in examples[:8]]
+    assert len(evaluate(model, tokenizer, examples, batch_size=4, max_new_tokens=2, samples=50).samples) == 10
+    assert evaluate(model, tokenizer, examples, max_new_tokens=2, samples=0).samples == []
+    assert len(evaluate(model, tokenizer, examples, max_new_tokens=2).samples) == 3  # the trainer's default

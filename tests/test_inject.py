@@ -270,3 +270,40 @@ def test_print_model_shows_every_change_lorakit_made():
     assert "(mlp): LlamaMLP(\n          lorakit: fused gated MLP" in str(model)
     lorakit.unload(model, merge=False)
     assert str(model) == plain
+
+
+def _tied_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=True,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def test_a_head_tied_to_the_embedding_is_refused_with_the_reason():
+    """The embedded model's case (SmolLM2, GPT-2): such an adapter would train, then merge and GGUF fail."""
+    llama = _tied_llama()
+    assert llama.lm_head.weight is llama.model.embed_tokens.weight
+    with pytest.raises(ValueError, match=r"lm_head: its weight is tied to the input embedding model\.embed_tokens"):
+        lorakit.inject(llama, lorakit.LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    assert _wrapped(llama) == [] and "_lorakit_registry" not in llama.__dict__  # nothing changed
+    gpt2 = FAMILIES["gpt2"].build()
+    with pytest.raises(ValueError, match=r"tied to the input embedding transformer\.wte .*Leave it out"):
+        lorakit.inject(gpt2, lorakit.LoraConfig(r=2, target_modules=r".*(c_attn|lm_head)"))
+
+
+def test_untied_heads_embeddings_and_saved_heads_are_still_accepted():
+    untied = FAMILIES["llama"].build()  # tie_word_embeddings=False: its head has its own weight
+    lorakit.inject(untied, lorakit.LoraConfig(r=2, target_modules=["lm_head"]))
+    assert _wrapped(untied) == ["lm_head"]
+    tied = _tied_llama()
+    lorakit.inject(tied, lorakit.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]), "saved")
+    lorakit.inject(tied, lorakit.LoraConfig(r=2, target_modules=["embed_tokens"]), "embedding")
+    assert _wrapped(tied) == [
+        "model.embed_tokens",
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.self_attn.q_proj",
+    ]

@@ -324,3 +324,25 @@ def test_a_config_claiming_a_huge_rank_is_refused_before_anything_is_allocated(t
     (directory / CONFIG_NAME).write_text(json.dumps(config))
     msg = _load_error(tmp_path, directory, "the config gives rank 20000000, the file's A is")
     assert "nothing was loaded" in msg
+
+
+def test_an_adapter_on_a_tied_head_is_refused_on_load(tmp_path):
+    """A PEFT adapter may target lm_head; on a base whose head is tied to the embedding it is refused, as inject
+    refuses it, before anything is added."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    untied = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32,
+                                        tie_word_embeddings=False))  # fmt: skip
+    lorakit.inject(untied, lorakit.LoraConfig(r=2, target_modules=["c_attn", "lm_head"], init="random"))
+    directory = lorakit.save_adapter(untied, tmp_path / "head")
+    tied = FAMILIES["gpt2"].build()
+    with pytest.raises(ValueError, match=r"does not fit this model: cannot add LoRA to lm_head: its weight is tied"):
+        lorakit.load_adapter(tied, directory)
+    assert not any(isinstance(m, LoraLayer) for m in tied.modules())
+
+
+def test_a_local_model_records_its_directory(tiny_lm_dir, tmp_path):
+    model, _ = lorakit.load_model(tiny_lm_dir)
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
+    config = json.loads((lorakit.save_adapter(model, tmp_path / "a") / CONFIG_NAME).read_text())
+    assert config["base_model_name_or_path"] == str(tiny_lm_dir)

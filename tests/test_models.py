@@ -73,3 +73,36 @@ def test_corrupt_cache_is_rebuilt(monkeypatch, tmp_path):
     assert rebuilt == directory and models._cache_complete(rebuilt)
     model, _ = models.load_model("default")
     assert model.config.vocab_size == 49152
+
+
+def test_the_hub_id_names_the_embedded_copy_and_no_other_hub_model(tmp_path, monkeypatch):
+    assert models.DEFAULT_MODEL_ID == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert models.is_embedded("default") and models.is_embedded(models.DEFAULT_MODEL_ID)
+    assert not models.is_embedded("HuggingFaceTB/SmolLM2-360M-Instruct")
+    with pytest.raises(ValueError, match="other Hub ids are not resolved"):
+        models.resolve_model_dir("HuggingFaceTB/SmolLM2-360M-Instruct")
+    monkeypatch.chdir(tmp_path)  # a local directory of that name is a local model
+    local = tmp_path / models.DEFAULT_MODEL_ID
+    local.mkdir(parents=True)
+    (local / "config.json").write_text("{}")
+    assert not models.is_embedded(models.DEFAULT_MODEL_ID)
+    assert models.resolve_model_dir(models.DEFAULT_MODEL_ID) == Path(models.DEFAULT_MODEL_ID)
+
+
+@pytest.mark.integration
+def test_adapters_on_the_embedded_model_record_its_hub_id(tmp_path):
+    """Not the machine's cache path: the adapter config and vLLM's serve line name the Hub model, and that
+    name loads the embedded copy again."""
+    from lorakit.export.vllm import export_vllm
+
+    model, _ = lorakit.load_model("default")
+    assert model.name_or_path == model.config.name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"], init="random"))
+    directory = lorakit.save_adapter(model, tmp_path / "adapter")
+    config = json.loads((directory / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    line = export_vllm(directory, tmp_path / "vllm").command("mine")
+    assert line.startswith("vllm serve HuggingFaceTB/SmolLM2-135M-Instruct --enable-lora")
+    again, _ = lorakit.load_model(config["base_model_name_or_path"])
+    lorakit.load_adapter(again, directory)
+    assert again.config.vocab_size == 49152 and again.name_or_path == config["base_model_name_or_path"]

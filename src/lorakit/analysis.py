@@ -31,6 +31,12 @@ _FACTOR_KEYS = {
     ".lora_embedding_B": "B",
 }
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
+_DIGITS = re.compile(r"(\d+)")
+
+
+def natural_key(path: str) -> tuple:
+    """Sort key that orders the numeric parts of a module path as numbers: layers 2 before 10, not after."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in _DIGITS.split(path) if part)
 
 
 @dataclass
@@ -78,7 +84,7 @@ def adapter_factors(directory: str | os.PathLike) -> tuple[dict[str, tuple[torch
                 path = key[: -len(suffix)].removeprefix(PREFIX)
                 parts.setdefault(path, {})[which] = tensor.float()
     factors = {}
-    for path, ab in sorted(parts.items()):
+    for path, ab in sorted(parts.items(), key=lambda item: natural_key(item[0])):
         if set(ab) != {"A", "B"}:
             raise ValueError(f"{directory}: layer {path} has lora_{next(iter(ab))} but not its partner; re-save it")
         a, b = ab["A"], ab["B"]
@@ -151,8 +157,8 @@ def inspect_adapter(
     if compare is not None:
         other, other_config = adapter_factors(compare)
         result.compared = str(compare)
-        result.only_here = sorted(set(factors) - set(other))
-        result.only_there = sorted(set(other) - set(factors))
+        result.only_here = sorted(set(factors) - set(other), key=natural_key)
+        result.only_there = sorted(set(other) - set(factors), key=natural_key)
         for stats in layers:
             if stats.path not in other:
                 continue

@@ -26,7 +26,9 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
     Raises:
         TypeError: ``config`` is not a LoraConfig.
         ValueError: the name is in use or invalid; a target entry matches nothing (the message suggests
-            close module names); a matched module has an unsupported type.
+            close module names); a matched module has an unsupported type; a matched module's weight is
+            tied to the input embedding (an output head under ``tie_word_embeddings``: such an adapter could
+            not be merged nor exported to GGUF; "all-linear" leaves the head out).
     """
     check_new_name(model, name)
     if not isinstance(config, LoraConfig):

@@ -379,7 +379,8 @@ def load_adapter(
 
     Raises:
         ValueError: missing/corrupt files, a pickle instead of safetensors, unsupported PEFT features,
-            name already in use, or keys/shapes that do not fit this model.
+            name already in use, keys/shapes that do not fit this model, or a LoRA target whose weight is tied
+            to the input embedding (as ``inject`` refuses it).
     """
     check_new_name(model, name)
     config, tensors = read_adapter(directory)

@@ -22,6 +22,9 @@ import torch
 from torch import nn
 
 DEFAULT_MODEL = "default"
+# The embedded model's Hub id: what adapters trained on it record as base_model_name_or_path (portable, unlike
+# the cache path), and a model spec that names the embedded copy (other Hub ids are not resolved).
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TASK_NAMES = ("causal-lm", "seq2seq", "classification")  # what load_model loads; lorakit.train.tasks implements each
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # names configs accept
 _MANIFEST = "lorakit-manifest.json"
@@ -97,9 +100,19 @@ def convert_gguf(gguf: Path, force: bool = False) -> Path:
     return target
 
 
-def resolve_model_dir(spec: str | os.PathLike) -> Path:
-    """A loadable Hugging Face directory for ``default``, a ``.gguf`` file, or a model directory."""
+def is_embedded(spec: str | os.PathLike) -> bool:
+    """Whether ``spec`` names the embedded default model: ``default``, or its Hub id ``DEFAULT_MODEL_ID``
+    (the embedded copy of that Hub model; other Hub ids are not yet resolved). A local directory of that
+    name (``./HuggingFaceTB/SmolLM2-135M-Instruct`` with a config.json) is a local model, not the embedded one."""
     if str(spec) == DEFAULT_MODEL:
+        return True
+    return str(spec) == DEFAULT_MODEL_ID and not (Path(spec) / "config.json").is_file()
+
+
+def resolve_model_dir(spec: str | os.PathLike) -> Path:
+    """A loadable Hugging Face directory for ``default`` (or ``DEFAULT_MODEL_ID``: the embedded copy of that
+    Hub model; other Hub ids are not yet resolved), a ``.gguf`` file, or a model directory."""
+    if is_embedded(spec):
         return convert_gguf(default_gguf())
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
@@ -110,7 +123,8 @@ def resolve_model_dir(spec: str | os.PathLike) -> Path:
         return path
     raise ValueError(
         f"--model {spec!r} is not a model: give a local Hugging Face model directory (with config.json), "
-        "a .gguf file, or 'default' for the embedded SmolLM2-135M-Instruct (no downloads are made)"
+        f"a .gguf file, or 'default' (or {DEFAULT_MODEL_ID}) for the embedded SmolLM2-135M-Instruct; other Hub "
+        "ids are not resolved (no downloads are made)"
     )
 
 
@@ -123,6 +137,8 @@ def load_model(
 ) -> tuple[nn.Module, object]:
     """Load (model, tokenizer) for ``spec`` (see ``resolve_model_dir``), in eval mode, offline.
 
+    The embedded model's ``config._name_or_path`` (``model.name_or_path``) is its Hub id ``DEFAULT_MODEL_ID``,
+    not the cache directory it is read from, so adapters saved from it record a portable base model.
     The tokenizer is None when the directory has none (as with test models built from a config).
     ``skeleton``: the model's structure with every parameter on the meta device (no memory, no weights read)
     and its buffers real: for a process that receives its weights from another (sharded training).
@@ -148,12 +164,15 @@ def load_model(
     try:
         model = _skeleton(classes[task], directory, dtype) if skeleton else _quiet_load(classes[task], directory, dtype)
     except (OSError, ValueError, RuntimeError) as err:
-        if str(spec) != DEFAULT_MODEL and Path(spec).suffix != ".gguf":
+        embedded = is_embedded(spec)
+        if not embedded and Path(spec).suffix != ".gguf":
             raise ValueError(f"could not load model from {directory}: {err}") from None
-        gguf = default_gguf() if str(spec) == DEFAULT_MODEL else Path(spec)
+        gguf = default_gguf() if embedded else Path(spec)
         print(f"lorakit: cached conversion unreadable ({type(err).__name__}); rebuilding", file=sys.stderr)
         directory = convert_gguf(gguf, force=True)
         model = _quiet_load(classes[task], directory, dtype)
+    if is_embedded(spec):
+        model.config.name_or_path = model.name_or_path = DEFAULT_MODEL_ID
     tokenizer = None
     if any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)

@@ -62,6 +62,7 @@ def find_targets(model: nn.Module, config: LoraConfig, skip: list[str] = (), str
         )
     by_path = dict(modules)
     _check_supported([(p, by_path[p]) for p in matched])
+    _refuse_tied_to_embedding(model, [(p, by_path[p]) for p in matched])
     return matched
 
 
@@ -90,6 +91,35 @@ def output_heads(model: nn.Module) -> set[str]:
     if not heads:
         heads.update(name for name in HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module))
     return heads
+
+
+def embedding_weights(model: nn.Module) -> dict[int, str]:
+    """``{id(weight): path}`` of the model's embeddings, wrapped or not; a weight several embeddings share
+    (T5's ``shared``) is named by its first, in model order: the input embedding."""
+    found: dict[int, str] = {}
+    for path, module in candidate_modules(model):
+        inner = getattr(module, "base_layer", module)
+        if isinstance(inner, nn.Embedding):
+            found.setdefault(id(inner.weight), path)
+    return found
+
+
+def _refuse_tied_to_embedding(model: nn.Module, pairs: list[tuple[str, nn.Module]]) -> None:
+    """A layer whose weight is an embedding's own tensor (an output head under tie_word_embeddings): LoRA on
+    it would train, but no merge can change the head alone, and a GGUF file has no separate head to adapt."""
+    embeddings = embedding_weights(model)
+    for path, module in pairs:
+        inner = getattr(module, "base_layer", module)
+        weight = getattr(inner, "weight", None)
+        if isinstance(inner, nn.Embedding) or weight is None or id(weight) not in embeddings:
+            continue
+        raise ValueError(
+            f"cannot add LoRA to {path}: its weight is tied to the input embedding {embeddings[id(weight)]} "
+            "(tie_word_embeddings), so an adapter on it could not be merged (the merge would change the "
+            "embedding too) nor exported to GGUF (where the head is the embedding). Leave it out of "
+            "target_modules ('all-linear' already does), or untie the head first (give it its own copy of the "
+            "weight and set tie_word_embeddings=False)"
+        )
 
 
 def _layer_index(path: str, layers_pattern: list[str] | None) -> int | None:

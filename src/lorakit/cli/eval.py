@@ -17,7 +17,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-rows", type=int, help="evaluate only the first N rows")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="token limit of generated answers")
     parser.add_argument("--no-generate", action="store_true", help="loss and perplexity only")
-    parser.add_argument("--show", type=int, default=3, help="print this many sample answers")
+    parser.add_argument(
+        "--show", type=int, default=3, help="generate and print this many sample answers (default 3; 0: none)"
+    )
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
@@ -27,6 +29,8 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.train.evaluate import evaluate
     from lorakit.train.tasks import TASKS
 
+    if args.show < 0:
+        raise ValueError(f"--show must be >= 0, got {args.show}")
     model, tokenizer = lorakit.load_model(args.model, task=args.task)
     task = TASKS[args.task]
     if tokenizer is None:
@@ -42,7 +46,13 @@ def run(args: argparse.Namespace) -> int:
         lambda row, where: task.tokenize(row, where, tokenizer, True, model.config),
     )
     result = evaluate(
-        model, tokenizer, examples, generate=not args.no_generate, max_new_tokens=args.max_new_tokens, task=task
+        model,
+        tokenizer,
+        examples,
+        generate=not args.no_generate,
+        max_new_tokens=args.max_new_tokens,
+        samples=args.show,
+        task=task,
     )
     if args.json:
         print(json.dumps(result.as_record()))
@@ -54,7 +64,15 @@ def run(args: argparse.Namespace) -> int:
         else ""
     )
     for prompt, reference, answer in result.samples[: args.show]:
-        print(
-            f"  {prompt.splitlines()[-2] if len(prompt.splitlines()) > 1 else prompt!r}\n    want {reference!r}  got {answer!r}"
-        )
+        print(f"  {prompt_tail(prompt)!r}\n    want {reference!r}  got {answer!r}")
     return 0
+
+
+def prompt_tail(prompt: str, width: int = 100) -> str:
+    """The end of a sample's prompt (what the answer continues), at most ``width`` characters; '…' marks a cut.
+
+    The whole prompt would repeat a chat template's system turn on every sample; a single line of it misses
+    the question of a multi-line prompt that ends with it.
+    """
+    text = prompt.strip()
+    return text if len(text) <= width else "…" + text[-(width - 1) :]

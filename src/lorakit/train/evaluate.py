@@ -32,7 +32,7 @@ class EvalResult:
     perplexity: float
     exact_match: float | None  # share of scorable rows whose greedy answer is exactly the reference
     scored: int
-    samples: list[tuple[str, str, str]]  # (prompt, reference, generated answer), a few rows for display
+    samples: list[tuple[str, str, str]]  # (prompt, reference, generated answer), for display
 
     def as_record(self) -> dict:
         return {
@@ -64,7 +64,11 @@ def evaluate(
     samples: int = 3,
     task=CAUSAL,
 ) -> EvalResult:
-    """Loss / perplexity over ``examples``; greedy exact match on rows with a reference (if ``generate``)."""
+    """Loss / perplexity over ``examples``; greedy exact match on rows with a reference (if ``generate``).
+
+    ``samples``: how many rows with a reference get a real greedy answer generated, for display (the first
+    ones; fewer when fewer exist; 0 for none). It does not change the figures.
+    """
     was_training = model.training
     model.eval()
     pad = pad_id(tokenizer)
@@ -81,18 +85,28 @@ def evaluate(
             hits, scored = hits + h, scored + s
     mean = total / max(count, 1)
     shown = []
-    if generate and samples and task.name != "classification":
+    if generate and samples > 0 and task.name != "classification":
         rows = [e for e in examples if e.scorable and e.reference is not None][:samples]
-        if rows:
-            prompts = [task.prompt(e) for e in rows]
-            answers = generate_batch(model, tokenizer, prompts, max_new_tokens)
-            shown = [
-                (tokenizer.decode(p, skip_special_tokens=True), e.reference, a)
-                for p, e, a in zip(prompts, rows, answers, strict=True)
-            ]
+        shown = sample_answers(model, tokenizer, rows, batch_size, max_new_tokens, task)
     model.train(was_training)
     accuracy = hits / scored if generate and scored else None
     return EvalResult(mean, math.exp(min(mean, 50)), accuracy, scored, shown)
+
+
+def sample_answers(
+    model: nn.Module, tokenizer, rows: list[Example], batch_size: int, max_new_tokens: int, task=CAUSAL
+) -> list[tuple[str, str, str]]:
+    """(prompt text, reference, greedy answer) of each row, generated ``batch_size`` rows at a time."""
+    shown = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        prompts = [task.prompt(e) for e in chunk]
+        answers = generate_batch(model, tokenizer, prompts, max_new_tokens)
+        shown += [
+            (tokenizer.decode(p, skip_special_tokens=True), e.reference, a)
+            for p, e, a in zip(prompts, chunk, answers, strict=True)
+        ]
+    return shown
 
 
 def pad_id(tokenizer) -> int:
