@@ -307,7 +307,7 @@ def test_a_resume_that_fails_shows_failed_with_its_error(client, workspace):
     (d / "config.yaml").write_text("data: {train: data/train.jsonl}\ntrain: {max_steps: 0}\n")
     response = client.post("/api/runs/broken/resume")
     assert response.status_code == 400 and "train.max_steps" in response.json()["error"]  # the config is checked first
-    (d / "config.yaml").write_text(f"model: {client.app.state.ui.model}\ndata: {{train: data/train.jsonl}}\n")
+    (d / "config.yaml").write_text(f"model: {client.app.state.ui.model}\ndata: {{train: ../data/train.jsonl}}\n")
     assert client.post("/api/runs/broken/resume").status_code == 200
     summary = wait_for(lambda: (s := client.get("/api/runs/broken").json())["state"] != "running" and s)
     assert summary["state"] == "failed" and "checkpoint" in summary["error"], summary

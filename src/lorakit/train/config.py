@@ -7,10 +7,13 @@ import dataclasses
 import difflib
 import inspect
 import itertools
+import math
+import os
 import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
+from fractions import Fraction
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -40,10 +43,12 @@ CHOICES = {  # keys whose value is one of a fixed set (the dashboard's form show
 class DataConfig:
     train: str = ""
     """Training data: a .jsonl, .csv or .parquet file, or a directory saved by Hugging Face `datasets`.
-    Rows hold `text`, or `prompt` + `completion`, or chat `messages` (a list of {role, content})."""
+    Rows hold `text`, or `prompt` + `completion`, or chat `messages` (a list of {role, content}). A relative
+    path in a config file is relative to that file's directory (given with --set: to the working directory)."""
 
     eval: str | None = None
-    """Evaluation data in the same formats. If unset, `eval_fraction` of the training rows is held out."""
+    """Evaluation data in the same formats (a relative path: as for train). If unset, `eval_fraction` of the
+    training rows is held out."""
 
     eval_fraction: float = 0.0
     """Share of the training rows held out for evaluation when `eval` is unset (0 = no evaluation)."""
@@ -72,7 +77,11 @@ class DataConfig:
 @dataclass
 class TrainLoopConfig:
     max_steps: int = 100
-    """Optimizer steps to run."""
+    """Optimizer steps to run (unless epochs is set)."""
+
+    epochs: float | None = None
+    """Passes over the training data; when set, the run's max_steps is ceil(epochs x training rows (sequences,
+    with packing) / batch_size), computed after the data is read. Setting both epochs and max_steps is an error."""
 
     batch_size: int = 8
     """Rows per optimizer step across all processes (global batch), before gradient accumulation splits it."""
@@ -108,6 +117,10 @@ class TrainLoopConfig:
     lean_cpu_memory: bool | None = None
     """On Linux CPU: return freed activations to the OS at once (lower peak RSS, about 10 % slower steps).
     Unset: on when gradient_checkpointing or quantize is set (runs that chose memory over speed), else off."""
+
+    log_every: int = 10
+    """Without a progress bar (--no-progress, or output not a terminal): print one line every N steps (step, loss,
+    lr, tokens/s); 0: none."""
 
     eval_every: int = 0
     """Evaluate every N steps (and at the end); 0: only at the end."""
@@ -168,9 +181,10 @@ class DpoConfig:
     plain DPO loss."""
 
     reference_adapter: str | None = None
-    """objective=dpo: an adapter directory (an SFT adapter, say) loaded frozen beside the trained adapter. The
-    reference model is the base with it, the trained model the base with both; the run's adapter is then
-    their exact sum (ranks concatenated). Unset: the reference is the base model (the trained adapter off)."""
+    """objective=dpo: an adapter directory (an SFT adapter, say; a relative path: as for data.train) loaded
+    frozen beside the trained adapter. The reference model is the base with it, the trained model the base with
+    both; the run's adapter is then their exact sum (ranks concatenated). Unset: the reference is the base model
+    (the trained adapter off)."""
 
     precompute_reference: bool = False
     """objective=dpo: compute the reference log-probabilities of every training pair once before the first
@@ -214,7 +228,8 @@ class CompareConfig:
 @dataclass
 class RunConfig:
     model: str = "default"
-    """Base model: a local Hugging Face directory, a .gguf file, or `default` (embedded SmolLM2-135M-Instruct)."""
+    """Base model: a local Hugging Face directory, a .gguf file, or `default` (embedded SmolLM2-135M-Instruct).
+    A relative path that exists beside the config file is read from there, else from the working directory."""
 
     objective: str = "sft"
     """sft (supervised fine-tuning on the rows' completions); dpo (preference tuning against a frozen reference)
@@ -234,7 +249,9 @@ class RunConfig:
     quantization."""
 
     output_dir: str = "out/run"
-    """Where the adapter, resolved config, metrics, plot and checkpoints go."""
+    """Where the adapter, resolved config, metrics, plot and checkpoints go. A relative path is relative to the
+    working directory (as transformers' and TRL's output_dir), not to the config file; data paths are read
+    against the config file's directory."""
 
     overwrite: bool = False
     """Allow writing into an existing output directory that holds a finished run."""
@@ -252,7 +269,12 @@ class RunConfig:
         check_run(self)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as plain data (what output_dir/config.yaml holds), loadable again: with train.epochs set,
+        train.max_steps is left out (it follows from the data, and a file may not set both)."""
+        data = dataclasses.asdict(self)
+        if self.train.epochs is not None:
+            del data["train"]["max_steps"]
+        return data
 
 
 def check_run(c: RunConfig) -> None:
@@ -272,6 +294,11 @@ def check_run(c: RunConfig) -> None:
             f"data.packing_strategy={c.data.packing_strategy!r}: use one of {list(PACKING_STRATEGIES)}",
         ),
         (c.train.max_steps >= 1, f"train.max_steps={c.train.max_steps}: use at least 1"),
+        (
+            c.train.epochs is None or (math.isfinite(c.train.epochs) and c.train.epochs > 0),
+            f"train.epochs={c.train.epochs}: use a positive number of passes (1, 3, 0.5, ...), or leave it unset",
+        ),
+        (c.train.log_every >= 0, f"train.log_every={c.train.log_every}: use 0 (no log lines) or more"),
         (c.train.batch_size >= 1, f"train.batch_size={c.train.batch_size}: use at least 1"),
         (c.train.grad_accum >= 1, f"train.grad_accum={c.train.grad_accum}: use at least 1"),
         (
@@ -344,25 +371,69 @@ def _preference_checks(c: RunConfig) -> list[tuple[bool, str]]:
 
 
 # ----- building from YAML / dicts ------------------------------------------------------------------------
+PATH_KEYS = ("data.train", "data.eval", "dpo.reference_adapter")
+"""Keys holding paths the run reads. A relative one is read against the config file's directory when written in
+the file, against the working directory when given with --set; either way it is stored absolute, so the
+config.yaml a run writes works from any directory. ``model`` follows the rule only where such a path exists
+(it may also be ``default`` or a Hub id); ``output_dir`` stays relative to the working directory."""
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML config file (or start from defaults), apply ``key.sub=value`` overrides, validate."""
+    """Read a YAML config file (or start from defaults), apply ``key.sub=value`` overrides, validate.
+
+    Relative paths (``PATH_KEYS``, and ``model`` where it names an existing path) become absolute: those in the
+    file against the file's directory, those of overrides against the working directory."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path} is not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: the top level must be a mapping of keys to values")
+        data = _read_yaml(path)
+        resolve_paths(data, path.parent)
     for item in overrides:
-        apply_override(data, item)
+        key = apply_override(data, item)
+        resolve_paths(data, Path.cwd(), under=key)
     return from_dict(RunConfig, data, "")
 
 
-def apply_override(data: dict[str, Any], item: str) -> None:
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the top level must be a mapping of keys to values")
+    return data
+
+
+def resolve_paths(data: dict[str, Any], base: Path, under: str = "") -> None:
+    """Make the relative paths of ``data`` absolute against ``base``, in place: the ``PATH_KEYS`` (and ``model``
+    where ``base / model`` exists) at or below the dotted key ``under`` ("": all). Other values are left alone."""
+    for key in (*PATH_KEYS, "model"):
+        if under and key != under and not key.startswith(under + "."):
+            continue
+        *sections, name = key.split(".")
+        node = data
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        value = node.get(name) if isinstance(node, dict) else None
+        if not isinstance(value, str) or not value.strip():
+            continue
+        if key == "model" and (value == "default" or not (base / Path(value).expanduser()).exists()):
+            continue  # the embedded model, a Hub id, or a path relative to the working directory
+        node[name] = absolute_path(value, base)
+
+
+def absolute_path(value: str, base: Path) -> str:
+    """``value`` (``~`` expanded) if absolute, else ``base / value``, absolute and normalised (no ``..``)."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
+    return os.path.abspath(base / path)
+
+
+def apply_override(data: dict[str, Any], item: str) -> str:
+    """Apply one ``key.sub=value`` (the value read as YAML) to ``data``, in place; returns the dotted key."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ValueError(f"--set {item!r}: write it as key=value, for example --set train.lr=1e-4")
@@ -377,22 +448,27 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         if not isinstance(node, dict):
             raise ValueError(f"--set {item!r}: {part} is not a section")
     node[parts[-1]] = value
+    return key.strip()
 
 
 def from_dict(cls: type, data: Any, prefix: str) -> Any:
+    """``cls`` built from the nested mapping ``data`` (``prefix``: the dotted path to it, "" at the top). Every
+    unknown key of the whole mapping is reported at once; a section's missing keys take its defaults."""
     where = prefix.rstrip(".") or "the config"
     if not isinstance(data, dict):
         raise ValueError(f"{where} must be a mapping, got {data!r}")
+    unknown = unknown_keys(cls, data, prefix)
+    if unknown:
+        raise ValueError(unknown_keys_message(unknown))
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
-        if key not in fields:
-            raise ValueError(_unknown_key(prefix + str(key), [prefix + n for n in fields]))
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise ValueError(f"{prefix}{key} must be a mapping of keys to values, got {value!r}")
+            value = _check_exclusive(value, f"{prefix}{key}.")
             default = fields[key].default_factory()  # documented defaults of the section, then the user's keys
             merged = {f.name: getattr(default, f.name) for f in dataclasses.fields(hint)} | value
             kwargs[key] = from_dict(hint, merged, f"{prefix}{key}.")
@@ -404,19 +480,164 @@ def from_dict(cls: type, data: Any, prefix: str) -> Any:
         raise ValueError(f"{where}: {err}" if prefix else str(err)) from None
 
 
-def _unknown_key(key: str, valid: list[str]) -> str:
-    close = (
-        difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-        or difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.6)
-        or [
-            v
-            for v in valid
-            if v.rsplit(".", 1)[-1]
-            in difflib.get_close_matches(key.rsplit(".", 1)[-1], [x.rsplit(".", 1)[-1] for x in valid], n=1)
-        ]
-    )
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return f"unknown config key {key!r}.{hint} Valid keys here: {', '.join(valid)}"
+EXCLUSIVE = {"train.": ("epochs", "max_steps")}
+"""Pairs of section keys a config may not both set (checked on the keys the user gave, before the defaults)."""
+
+
+def _check_exclusive(given: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The section's keys without those of an exclusive pair set to null (``--set train.max_steps=null`` drops
+    a max_steps of the file, so that train.epochs may take its place); both set is an error."""
+    pair = EXCLUSIVE.get(prefix, ())
+    given = {k: v for k, v in given.items() if not (k in pair and v is None)}
+    if pair and all(k in given for k in pair):
+        a, b = (prefix + k for k in pair)
+        raise ValueError(
+            f"{a}={given[pair[0]]!r} and {b}={given[pair[1]]!r} are both set: keep one ({a}: passes over the "
+            f"training data; {b}: optimizer steps); on the command line, --set {a}=null or --set {b}=null drops one"
+        )
+    return given
+
+
+def steps_for_epochs(epochs: float, rows: int, batch_size: int) -> int:
+    """Optimizer steps for ``epochs`` passes over ``rows`` training rows (sequences, with packing) at
+    ``batch_size`` rows a step: ceil(epochs x rows / batch_size), at least 1. ``epochs`` is taken as the
+    decimal it was written as (0.1 x 30 rows / 1 is 3 steps, not 4)."""
+    if not (math.isfinite(epochs) and epochs > 0):
+        raise ValueError(f"train.epochs={epochs}: use a positive number of passes")
+    if rows < 1 or batch_size < 1:
+        raise ValueError(f"steps_for_epochs needs rows >= 1 and batch_size >= 1, got {rows} and {batch_size}")
+    return max(1, math.ceil(Fraction(repr(float(epochs))) * rows / batch_size))
+
+
+# ----- unknown keys: what people bring from other trainers ---------------------------------------------------
+ALIASES: dict[str, tuple[str, str]] = {
+    # name -> (lorakit key, whose name it is), or (a sentence, whose name it is) where no key is the same
+    "learning_rate": ("train.lr", "transformers' learning_rate"),
+    "num_train_epochs": ("train.epochs", "transformers' num_train_epochs"),
+    "num_epochs": ("train.epochs", "axolotl's num_epochs"),
+    "per_device_train_batch_size": (
+        "lorakit's train.batch_size is the global batch (rows per optimizer step, all processes together), split "
+        "into train.grad_accum micro-batches: set train.batch_size = per-device batch x gradient accumulation x "
+        "processes",
+        "transformers' per_device_train_batch_size",
+    ),
+    "micro_batch_size": (
+        "lorakit's train.batch_size is the global batch (rows per optimizer step, all processes together), split "
+        "into train.grad_accum micro-batches: set train.batch_size = micro_batch_size x train.grad_accum x "
+        "processes",
+        "axolotl's micro_batch_size",
+    ),
+    "gradient_accumulation_steps": ("train.grad_accum", "transformers' gradient_accumulation_steps"),
+    "warmup_ratio": (
+        "lorakit counts warmup in steps: set train.warmup_steps (ratio x train.max_steps)",
+        "transformers' warmup_ratio",
+    ),
+    "lr_scheduler_type": ("train.scheduler", "transformers' lr_scheduler_type"),
+    "lr_scheduler": ("train.scheduler", "axolotl's lr_scheduler"),
+    "optim": (
+        "lorakit trains with AdamW (train.lr, train.weight_decay); there is no optimizer key",
+        "transformers' optim",
+    ),
+    "eval_steps": ("train.eval_every", "transformers' eval_steps"),
+    "save_steps": ("train.save_every", "transformers' save_steps"),
+    "save_total_limit": ("train.keep_last", "transformers' save_total_limit"),
+    "logging_steps": ("train.log_every", "transformers' logging_steps"),
+    "lora_r": ("lora.r", "axolotl's lora_r"),
+    "rank": ("lora.r", "the LoRA rank"),
+    "lora_alpha": ("lora.alpha", "PEFT's lora_alpha"),
+    "lora_dropout": ("lora.dropout", "PEFT's lora_dropout"),
+    "lora_target_modules": ("lora.target_modules", "axolotl's lora_target_modules"),
+    "lora_target_linear": ("lorakit writes it lora.target_modules: all-linear", "axolotl's lora_target_linear"),
+    "max_seq_length": ("data.max_length", "TRL's max_seq_length"),
+    "sequence_len": ("data.max_length", "axolotl's sequence_len"),
+    "completion_only_loss": ("data.completion_only", "TRL's completion_only_loss"),
+    "train_on_inputs": (
+        "lorakit's data.completion_only is its opposite (true: loss on the completions only)",
+        "axolotl's train_on_inputs",
+    ),
+    "bf16": ("lorakit sets the precision with one key: write `dtype: bfloat16`", "transformers' bf16"),
+    "fp16": ("lorakit sets the precision with one key: write `dtype: float16`", "transformers' fp16"),
+    "torch_dtype": ("dtype", "transformers' torch_dtype"),
+    "load_in_4bit": ("lorakit writes it `quantize: nf4` (or fp4)", "transformers' load_in_4bit"),
+    "load_in_8bit": ("lorakit writes it `quantize: int8`", "transformers' load_in_8bit"),
+    "model_name_or_path": ("model", "transformers' model_name_or_path"),
+    "base_model": ("model", "axolotl's base_model"),
+    "dataset": ("data.train", "a local .jsonl, .csv, .parquet file or saved dataset"),
+    "dataset_name": ("data.train", "TRL's dataset_name; lorakit reads local files, not Hub datasets"),
+    "datasets": ("data.train", "axolotl's datasets"),
+    "train_file": ("data.train", "transformers' train_file"),
+    "validation_file": ("data.eval", "transformers' validation_file"),
+}
+"""Names from transformers' TrainingArguments, TRL's configs, PEFT's LoraConfig and axolotl, with lorakit's key
+(or what to write instead). Names lorakit shares (warmup_steps, weight_decay, max_grad_norm, seed, output_dir,
+packing, beta, report_to, max_steps, max_length, epochs, ...) need no entry: in the wrong section they are
+pointed to their own (``unknown_keys_message``)."""
+
+SECTION_CUTOFF = 0.66  # close-match ratio within the key's own section ('rr' -> 'r', not 'learning_rate' ->
+ELSEWHERE_CUTOFF = 0.85  # 'tracking_uri'); a key of another section or an alias must be nearly the same word
+
+
+def unknown_keys(cls: type, data: dict[str, Any], prefix: str) -> list[tuple[str, str]]:
+    """(dotted key, dotted section) of every key of ``data`` (and its sections, recursively) that ``cls`` lacks."""
+    hints = typing.get_type_hints(cls)
+    found = []
+    for key, value in data.items():
+        if key not in hints:
+            found.append((prefix + str(key), prefix.rstrip(".")))
+        elif dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            found += unknown_keys(hints[key], value, f"{prefix}{key}.")
+    return found
+
+
+def unknown_keys_message(unknown: list[tuple[str, str]]) -> str:
+    """One line per unknown key with its suggestion, then the valid keys of each section involved."""
+    lines = [f"unknown config key {key!r}{_suggestion(key, section)}" for key, section in unknown]
+    for section in dict.fromkeys(section for _, section in unknown):
+        names = ", ".join(_section_names(section))
+        lines.append(f"Valid keys in {section}: {names}" if section else f"Valid top-level keys: {names}")
+    return "\n".join(lines)
+
+
+def _suggestion(key: str, section: str) -> str:
+    """The text after the key: lorakit's name for it, or the key it is closest to, or nothing."""
+    name = key.rsplit(".", 1)[-1]
+    plain = name.lower().replace("-", "_")
+    elsewhere = [k for k in all_keys() if k.rsplit(".", 1)[-1] == plain and k.rpartition(".")[0] != section]
+    if elsewhere:
+        home = elsewhere[0].rpartition(".")[0]
+        return (
+            f". Did you mean {elsewhere[0]!r}? ({plain} is {f'in the {home} section' if home else 'a top-level key'})"
+        )
+    if plain in ALIASES:
+        target, source = ALIASES[plain]
+        return f": lorakit calls it {target!r} ({source})" if _is_key(target) else f": {target} ({source})"
+    close = difflib.get_close_matches(plain, _section_names(section), n=1, cutoff=SECTION_CUTOFF)
+    if close:
+        return f". Did you mean {(section + '.' if section else '') + close[0]!r}?"
+    return _distant_suggestion(plain)
+
+
+def _distant_suggestion(name: str) -> str:
+    """A near-identical alias or key of another section ('lerning_rate' -> train.lr), else nothing."""
+    alias = difflib.get_close_matches(name, list(ALIASES), n=1, cutoff=ELSEWHERE_CUTOFF)
+    if alias and _is_key(ALIASES[alias[0]][0]):
+        target, source = ALIASES[alias[0]]
+        return f". Did you mean {target!r}? ({source})"
+    leaves = {k.rsplit(".", 1)[-1]: k for k in reversed(all_keys())}
+    close = difflib.get_close_matches(name, list(leaves), n=1, cutoff=ELSEWHERE_CUTOFF)
+    return f". Did you mean {leaves[close[0]]!r}?" if close else ""
+
+
+def _is_key(text: str) -> bool:
+    return text in all_keys()
+
+
+def _section_names(section: str) -> list[str]:
+    """The key names of a section ("": the top level, sections included), in documentation order."""
+    cls = RunConfig
+    for part in filter(None, section.split(".")):
+        cls = typing.get_type_hints(cls)[part]
+    return [f.name for f in dataclasses.fields(cls)]
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:

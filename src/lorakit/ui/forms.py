@@ -9,6 +9,7 @@ trainer would refuse (attached to each key the message names).
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,16 @@ from typing import Any
 
 import yaml
 
-from ..train.config import CHOICES, RunConfig, apply_override, field_kind, from_dict, load_config, reference
+from ..train.config import (
+    CHOICES,
+    RunConfig,
+    apply_override,
+    field_kind,
+    from_dict,
+    load_config,
+    reference,
+    resolve_paths,
+)
 from .runs import LAUNCH_FILE, PathRefused, Workspace
 
 HIDDEN = {"output_dir", "overwrite"}  # set by the dashboard: the run's directory under --runs
@@ -204,11 +214,14 @@ def _get(data: dict[str, Any], key: str) -> Any:
 
 
 def launch_file(ws: Workspace, name: str, result: FormResult) -> Path:
-    """Write the run's config into its new directory (``launch.yaml``, relative paths as the form gave them)."""
+    """Write the run's config into its new directory (``launch.yaml``). The form's paths are relative to the
+    runs directory; a config file's are read against its own directory, so they are written absolute."""
     d = ws.run_dir(name, must_exist=False)
     d.mkdir(parents=True, exist_ok=True)
+    data = copy.deepcopy(result.data)
+    resolve_paths(data, ws.root)
     path = d / LAUNCH_FILE
-    path.write_text("# written by lorakit ui\n" + result.yaml, encoding="utf-8")
+    path.write_text("# written by lorakit ui\n" + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path
 
 
