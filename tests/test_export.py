@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -447,3 +451,184 @@ def test_the_cli_offers_exactly_the_formats_and_types_the_writers_take():
     from lorakit.export.gguf_model import TYPES
 
     assert cli.FORMATS == FORMATS and set(cli.DTYPES) == set(TYPES)
+
+
+# ----- all or nothing: a failed export leaves nothing at --out (issue 34) ---------------------------------------
+def _failed_export_args(tiny_lm_dir, tmp_path, fmt: str) -> tuple[list[str], object]:
+    """CLI arguments exporting a tiny LLaMA adapter as ``fmt`` (no --out), and the --out to use: a file for
+    gguf-lora and gguf, a directory for ollama and vllm. The GGUF base is a tiny real one for a merged export
+    (its tensors must match), any file otherwise (nothing reads it before the checks)."""
+    _tiny_adapter(tiny_lm_dir, tmp_path / "a")
+    base = tmp_path / "base.gguf"
+    if fmt == "gguf":
+        _tiny_base_gguf(tiny_lm_dir, base)
+    else:
+        base.write_bytes(b"GGUF not a real base")
+    args = ["export", "--adapter", str(tmp_path / "a"), "--model", str(tiny_lm_dir), "--format", fmt]
+    if fmt != "vllm":
+        args += ["--base-gguf", str(base)]
+    return args, tmp_path / ("out.gguf" if fmt in ("gguf-lora", "gguf") else "out")
+
+
+def _tiny_base_gguf(tiny_lm_dir, path) -> None:
+    """The tiny LLaMA of ``tiny_lm_dir`` as a GGUF with llama.cpp's tensor names: a base a merged export fits."""
+    import gguf
+
+    from lorakit.export.gguf_model import _gguf_tensors
+
+    model, _ = lorakit.load_model(tiny_lm_dir)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for name, array in _gguf_tensors(model, "llama", True).items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _leftovers(tmp_path) -> list[str]:
+    """Staged or moved-aside artifacts the export left beside --out."""
+    return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out"))
+
+
+def _snapshot(path) -> dict[str, bytes]:
+    """Every file under ``path`` (or ``path`` itself) by relative name, with its bytes."""
+    if path.is_file():
+        return {"": path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("lorakit export: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("fmt", ["gguf-lora", "gguf", "ollama"])
+def test_a_check_that_cannot_run_stops_the_export_before_anything_is_written(
+    tiny_lm_dir, tmp_path, capsys, monkeypatch, fmt
+):
+    """Without llama-cpp-python the check cannot run: one line says so before a file exists, and the advised
+    rerun with --no-parity then succeeds without --overwrite."""
+    args, out = _failed_export_args(tiny_lm_dir, tmp_path, fmt)
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` raises ImportError
+        assert main([*args, "--out", str(out)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "llama-cpp-python" in line and "pip install llama-cpp-python" in line and "--no-parity" in line
+    assert not out.exists() and not _leftovers(tmp_path)
+    assert main([*args, "--out", str(out), "--no-parity"]) == 0
+    assert out.exists() and not _leftovers(tmp_path)
+
+
+def test_a_merged_gguf_check_needs_transformers_gguf_loader_before_writing(tiny_lm_dir, tmp_path, capsys, monkeypatch):
+    from transformers.utils import import_utils
+
+    args, out = _failed_export_args(tiny_lm_dir, tmp_path, "gguf")
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.ModuleType("llama_cpp"))  # llama.cpp's check could run
+    monkeypatch.setattr(import_utils, "is_gguf_available", lambda *a, **k: False)
+    assert main([*args, "--out", str(out)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "transformers' GGUF loader" in line and "pip install -U 'gguf>=" in line and "--no-parity" in line
+    assert not out.exists() and not _leftovers(tmp_path)
+
+
+def _failing_llama_cpp(monkeypatch) -> list[tuple]:
+    """llama-cpp-python stand-in whose model load fails, as a broken file or build makes it; returns the
+    (model, adapter) paths it was given and whether they existed then."""
+    seen: list[tuple] = []
+
+    class Llama:
+        def __init__(self, model_path, lora_path=None, **_):
+            files = [Path(p) for p in (model_path, lora_path) if p is not None]
+            seen.append((files, all(p.is_file() for p in files)))
+            raise RuntimeError(f"llama_decode failed on {lora_path or model_path}")
+
+    module = types.ModuleType("llama_cpp")
+    module.Llama, module.__version__ = Llama, "0.0-test"
+    monkeypatch.setitem(sys.modules, "llama_cpp", module)
+    return seen
+
+
+@pytest.mark.parametrize("fmt", ["gguf-lora", "gguf", "ollama"])
+def test_a_check_that_fails_after_writing_leaves_no_export_and_keeps_the_previous_one(
+    tiny_lm_dir, tmp_path, capsys, monkeypatch, fmt
+):
+    args, out = _failed_export_args(tiny_lm_dir, tmp_path, fmt)
+    seen = _failing_llama_cpp(monkeypatch)
+    nested = tmp_path / "new" / "sub" / out.name  # folders the export creates for --out go again too
+    assert main([*args, "--out", str(nested)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"the parity check of {nested} failed" in line and "llama_decode failed on" in line
+    assert ".staged-" not in line and ".tmp-" not in line  # the message names --out, not the staged copy
+    assert seen and seen[0][1], seen  # the check ran on the complete artifact ...
+    assert all(nested not in files for files, _ in seen)  # ... in its staged place, not at --out
+    assert not (tmp_path / "new").exists()
+    if fmt == "ollama":  # a previous export with --overwrite: left exactly as it was
+        out.mkdir()
+        (out / "Modelfile").write_text("FROM ./previous.gguf\n")
+        (out / "previous.gguf").write_bytes(b"GGUF previous")
+    else:
+        out.write_bytes(b"GGUF previous export")
+    before = _snapshot(out)
+    assert main([*args, "--out", str(out), "--overwrite"]) == 2
+    assert "the parity check of" in _one_error_line(capsys.readouterr().err)
+    assert _snapshot(out) == before and not _leftovers(tmp_path)
+
+
+def test_a_failing_vllm_check_leaves_nothing_and_a_passing_one_names_out(tiny_lm_dir, tmp_path, capsys, monkeypatch):
+    import peft
+
+    args, out = _failed_export_args(tiny_lm_dir, tmp_path, "vllm")
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "peft", None)  # PEFT missing: decided before writing
+        assert main([*args, "--out", str(out)]) == 2
+    assert "pip install peft, or pass --no-parity" in _one_error_line(capsys.readouterr().err)
+    assert not out.exists() and not _leftovers(tmp_path)
+
+    def broken(*_, **__):
+        raise RuntimeError("Error(s) in loading state_dict for LoraModel")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(peft.PeftModel, "from_pretrained", broken)  # the check fails after the directory is written
+        assert main([*args, "--out", str(out)]) == 2
+        assert "loading state_dict for LoraModel" in _one_error_line(capsys.readouterr().err)
+        assert not out.exists() and not _leftovers(tmp_path)
+        out.mkdir()
+        (out / "adapter_config.json").write_text('{"previous": true}')
+        assert main([*args, "--out", str(out), "--overwrite"]) == 2
+        assert _snapshot(out) == {"adapter_config.json": b'{"previous": true}'} and not _leftovers(tmp_path)
+    capsys.readouterr()
+    assert main([*args, "--out", str(out), "--overwrite"]) == 0  # checked in its staged place, then moved
+    err = capsys.readouterr().err
+    assert f"wrote {out} for vLLM" in err and f"--lora-modules out={out}" in err and ".tmp-" not in err
+    assert sorted(_snapshot(out)) == ["adapter_config.json", "adapter_model.safetensors"] and not _leftovers(tmp_path)
+
+
+def test_an_unwritable_report_stops_the_export_before_writing(tiny_lm_dir, tmp_path, capsys):
+    args, out = _failed_export_args(tiny_lm_dir, tmp_path, "vllm")
+    assert main([*args, "--out", str(out), "--report", str(tmp_path / "missing" / "r.json")]) == 2
+    assert "does not exist" in _one_error_line(capsys.readouterr().err)
+    assert not out.exists() and not _leftovers(tmp_path)
+
+
+def test_a_directory_that_cannot_be_moved_into_place_puts_the_previous_one_back(tmp_path, monkeypatch):
+    from lorakit.export.files import staged_directory
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous")
+    rename = Path.rename
+
+    def failing(self, target):
+        if self.name.startswith(".out.tmp-"):  # the new directory's move into place
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with (
+        pytest.raises(ValueError, match="cannot write .*out: Invalid cross-device link"),
+        staged_directory(out, True) as tmp,
+    ):
+        (tmp / "new.txt").write_text("new")
+    assert _snapshot(out) == {"keep.txt": b"previous"} and not _leftovers(tmp_path)

@@ -8,13 +8,20 @@ rest refused with the way out). Each is then run by other implementations (llama
 llama-cpp-python, transformers' GGUF loader, PEFT for vLLM's reading) beside lorakit's own adapted model:
 greedy-token agreement, the largest logit difference and, for prompt files with answers, each side's exact
 match. The command that runs the export is printed.
+
+A command that fails leaves nothing at --out (with --overwrite, what was there stays as it was): a check that
+cannot run (llama-cpp-python, PEFT or transformers' GGUF support missing) stops it before anything is
+written, and an export or a check that fails afterwards discards the artifact. A result below --min-agreement
+is a finished, checked export: it is kept, and the command exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 # Kept here rather than imported so that `lorakit --help` does not import the export stack (gguf, numpy).
 FORMATS = ("gguf-lora", "gguf", "ollama", "vllm")
@@ -53,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("use --max-prompts >= 1 and --max-new-tokens >= 1")
     if args.min_agreement is not None and not 0 <= args.min_agreement <= 1:
         raise ValueError(f"--min-agreement {args.min_agreement} must be between 0 and 1")
+    _check_report_path(args.report)
     result = export_adapter(
         args.adapter,
         args.out,
@@ -83,8 +91,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if args.report:
-        with open(args.report, "w") as fh:
-            json.dump({name: report.as_record() for name, report in result.checks.items()}, fh, indent=1)
+        _write_report(Path(args.report), {name: report.as_record() for name, report in result.checks.items()})
     if args.min_agreement is not None and result.parity.agreement < args.min_agreement:
         print(
             f"lorakit export: greedy-token agreement {result.parity.agreement:.3f} is below --min-agreement "
@@ -93,3 +100,24 @@ def run(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _check_report_path(report: str | None) -> None:
+    """--report must be writable before the export starts: found unwritable only afterwards, it would fail a
+    command whose artifact is already in place."""
+    if report is None:
+        return
+    path = Path(report)
+    if path.is_dir():
+        raise ValueError(f"--report {path} is a directory; give a file path")
+    if not path.parent.is_dir():
+        raise ValueError(f"--report {path}: the folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise ValueError(f"--report {path}: the folder {path.parent} is not writable")
+
+
+def _write_report(path: Path, records: dict) -> None:
+    """The parity report as JSON, replacing ``path`` in one rename (never half written)."""
+    from ..io import atomic_write_many
+
+    atomic_write_many({path: json.dumps(records, indent=1).encode()})

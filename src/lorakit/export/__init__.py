@@ -12,7 +12,8 @@ lorakit's own adapted model on the same prompts.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -20,13 +21,20 @@ import torch
 from ..adapters import unload
 from ..data import Example, chat_prompt_ids, read_rows, tokenize_row
 from ..io import load_adapter
-from ..models import DEFAULT_MODEL, default_gguf, load_model, resolve_model_dir
-from .files import place, staged_directory
-from .gguf_lora import GgufLoraExport, export_gguf_lora
+from ..models import DEFAULT_MODEL, default_gguf, is_embedded, load_model, resolve_model_dir
+from .files import check_target, place, staged_directory, staged_file
+from .gguf_lora import GgufLoraExport, gguf_lora_file
 from .gguf_model import TYPES, GgufModelExport, export_gguf_model
 from .ollama import MODELFILE, OllamaExport, modelfile
-from .parity import ParityReport, llama_cpp_parity, model_parity
-from .vllm import VllmExport, export_vllm
+from .parity import (
+    ParityReport,
+    llama_cpp_parity,
+    model_parity,
+    require_llama_cpp,
+    require_peft,
+    require_transformers_gguf,
+)
+from .vllm import VllmExport, vllm_files
 
 FORMATS = ("gguf-lora", "gguf", "ollama", "vllm")
 # Chat prompts for the parity check when no --prompts file is given.
@@ -114,10 +122,16 @@ def export_adapter(
     ``max_prompts``; default: a few built-in chat prompts. ``with_base``: also check the GGUF base alone.
     ``merged``: for ``ollama``, one merged GGUF instead of the base plus the adapter.
 
+    All or nothing: whether every check can run (its runtime importable, a GGUF base, the prompts) is decided
+    before anything is written; the artifact is then written beside ``out``, checked there, and moved into
+    place only when every check has run. On any error nothing is left at ``out`` (with ``overwrite``, what was
+    there stays as it was). A check's figures are not judged here (``--min-agreement`` is the caller's).
+
     Raises:
-        ValueError: an unknown format or dtype, a model without a GGUF base where one is needed, an adapter
-            that does not fit the base, an existing ``out`` without ``overwrite``, and everything the
-            format's writer refuses (see ``export_gguf_lora``, ``export_gguf_model``, ``export_vllm``).
+        ValueError: an unknown format or dtype, a check that cannot run (its runtime is missing), a model
+            without a GGUF base where one is needed, an adapter that does not fit the base, an existing
+            ``out`` without ``overwrite``, everything the format's writer refuses (see ``gguf_lora_file``,
+            ``export_gguf_model``, ``vllm_files``), and a check that fails.
     """
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r} is not supported; use one of {', '.join(FORMATS)}")
@@ -128,13 +142,17 @@ def export_adapter(
     if fmt == "vllm":
         if dtype is not None:
             raise ValueError("--dtype does not apply to --format vllm: the adapter keeps the dtype it was saved in")
+        check_target(out, overwrite, directory=True)
+        _require_runtimes(fmt, False, check)
         return _export_vllm(adapter_dir, out, model, check, overwrite)
     merged = merged or fmt == "gguf"
     dtype = dtype or ("f16" if merged else "f32")
     allowed = TYPES if merged else ("f32", "f16")
     if dtype not in allowed:
         raise ValueError(f"--dtype {dtype!r} is not available for --format {fmt}; use one of {', '.join(allowed)}")
+    check_target(out, overwrite, directory=fmt == "ollama")
     base = _gguf_base(model, base_gguf, needed_for=None if fmt == "gguf-lora" and not parity else fmt)
+    _require_runtimes(fmt, merged, check)
     if fmt == "gguf-lora":
         return _export_gguf_lora(adapter_dir, out, model, dtype, base, check, overwrite)
     if fmt == "gguf":
@@ -142,35 +160,69 @@ def export_adapter(
     return _export_ollama(adapter_dir, out, model, dtype, base, merged, check, overwrite)
 
 
+def _require_runtimes(fmt: str, merged: bool, check: _Plan | None) -> None:
+    """Every runtime the export's checks run in must be there: decided before anything is written, so that a
+    check that cannot run stops the command with the fix (install it, or --no-parity) and no file to remove."""
+    if check is None:
+        return
+    if fmt == "vllm":
+        require_peft()
+        return
+    require_llama_cpp()
+    if merged:
+        require_transformers_gguf()
+
+
+def _checked(run: Callable[[], dict[str, ParityReport]], staged: Path, out: Path) -> dict[str, ParityReport]:
+    """The checks' reports; a check that fails ends the export as one error line (llama.cpp, transformers and
+    PEFT raise their own exception types), and the staging around this call then removes the artifact. The
+    staged path in a message is named as ``out``, the path the user gave."""
+    try:
+        return run()
+    except Exception as err:
+        detail = " ".join(str(err).replace(str(staged), str(out)).split()) or type(err).__name__
+        raise ValueError(
+            f"the parity check of {out} failed ({detail}); the export was not kept. Fix the cause, or pass "
+            "--no-parity to write it unchecked"
+        ) from err
+
+
 def _export_gguf_lora(adapter_dir, out: Path, model, dtype, base: Path | None, check, overwrite) -> ExportResult:
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(resolve_model_dir(model))
-    artifact = export_gguf_lora(adapter_dir, config, out, dtype=dtype, overwrite=overwrite)
-    result = ExportResult(artifact, run=f"llama-cli -m {base or 'BASE.gguf'} --lora {out}")
-    if check is not None:
-        result.checks = _gguf_lora_checks(adapter_dir, model, base, out, check)
-    return result
+    contents = gguf_lora_file(adapter_dir, AutoConfig.from_pretrained(resolve_model_dir(model)), dtype=dtype)
+    checks = None if check is None else _gguf_lora_checks(adapter_dir, model, check)
+    with staged_file(out, overwrite) as staged:
+        artifact = contents.write(staged)
+        reports = {} if checks is None else _checked(lambda: checks(base, staged), staged, out)
+    artifact = replace(artifact, path=out)
+    return ExportResult(artifact, reports, run=f"llama-cli -m {base or 'BASE.gguf'} --lora {out}")
 
 
-def _gguf_lora_checks(adapter_dir, model, base: Path, adapter_file: Path, check) -> dict[str, ParityReport]:
+def _gguf_lora_checks(adapter_dir, model, check: _Plan) -> Callable[[Path, Path], dict[str, ParityReport]]:
+    """What the checks of a LoRA GGUF compare with (lorakit's adapted model, the prompts), loaded before the
+    file is written; the function returned runs them on ``(base GGUF, adapter GGUF)``."""
     adapted, tokenizer = load_model(model)
     load_adapter(adapted, adapter_dir)
     context = check.bind(tokenizer, adapted)
-    checks = {"adapter": llama_cpp_parity(adapted, context.examples, base, adapter_file, **_decoding(context))}
-    if context.with_base:
-        plain, _ = load_model(model)
-        checks["base"] = llama_cpp_parity(plain, context.examples, base, None, **_decoding(context))
-    return checks
+    plain = load_model(model)[0] if context.with_base else None
+
+    def run(base: Path, adapter_file: Path) -> dict[str, ParityReport]:
+        checks = {"adapter": llama_cpp_parity(adapted, context.examples, base, adapter_file, **_decoding(context))}
+        if plain is not None:
+            checks["base"] = llama_cpp_parity(plain, context.examples, base, None, **_decoding(context))
+        return checks
+
+    return run
 
 
 def _export_gguf(adapter_dir, out: Path, model, dtype, base: Path, check, overwrite) -> ExportResult:
     plain, tokenizer = _merged(adapter_dir, model)
-    artifact = export_gguf_model(plain, base, out, dtype=dtype, overwrite=overwrite)
-    result = ExportResult(artifact, run=f"llama-cli -m {out} -cnv")
-    if check is not None:
-        result.checks = _gguf_checks(plain, tokenizer, out, dtype, check)
-    return result
+    checks = None if check is None else _gguf_checks(plain, tokenizer, dtype, check)
+    with staged_file(out, overwrite) as staged:
+        artifact = export_gguf_model(plain, base, staged, dtype=dtype)
+        reports = {} if checks is None else _checked(lambda: checks(staged), staged, out)
+    return ExportResult(replace(artifact, path=out), reports, run=f"llama-cli -m {out} -cnv")
 
 
 def _merged(adapter_dir, model) -> tuple[torch.nn.Module, object]:
@@ -180,71 +232,85 @@ def _merged(adapter_dir, model) -> tuple[torch.nn.Module, object]:
     return unload(adapted, merge=True), tokenizer
 
 
-def _gguf_checks(plain, tokenizer, file: Path, dtype: str, check) -> dict[str, ParityReport]:
-    """A merged GGUF in llama.cpp and in transformers' GGUF loader, each against lorakit, and against each
-    other. The transformers reading computes in float32, so its distance to lorakit is the drift the file's
-    rounding to ``dtype`` causes."""
+def _gguf_checks(plain, tokenizer, dtype: str, check: _Plan) -> Callable[[Path], dict[str, ParityReport]]:
+    """The checks of a merged GGUF ``file``: in llama.cpp and in transformers' GGUF loader, each against
+    lorakit, and against each other. The transformers reading computes in float32, so its distance to lorakit
+    is the drift the file's rounding to ``dtype`` causes. The prompts are read before the file is written."""
     import transformers
     from transformers import AutoModelForCausalLM
 
     context = check.bind(tokenizer, plain)
-    checks = {"llama.cpp": llama_cpp_parity(plain, context.examples, file, None, **_decoding(context))}
-    reread = _quiet(lambda: AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32))
-    label = f"transformers {transformers.__version__} GGUF loader ({dtype} weights, float32 products)"
-    checks["transformers"] = model_parity(plain, context.examples, reread, label, **_decoding(context))
-    checks["llama.cpp vs transformers"] = llama_cpp_parity(
-        reread, context.examples, file, None, reference="transformers' GGUF loader", **_decoding(context)
-    )
-    return checks
+
+    def run(file: Path) -> dict[str, ParityReport]:
+        checks = {"llama.cpp": llama_cpp_parity(plain, context.examples, file, None, **_decoding(context))}
+        reread = _quiet(
+            lambda: AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)
+        )
+        label = f"transformers {transformers.__version__} GGUF loader ({dtype} weights, float32 products)"
+        checks["transformers"] = model_parity(plain, context.examples, reread, label, **_decoding(context))
+        checks["llama.cpp vs transformers"] = llama_cpp_parity(
+            reread, context.examples, file, None, reference="transformers' GGUF loader", **_decoding(context)
+        )
+        return checks
+
+    return run
 
 
 def _export_ollama(adapter_dir, out: Path, model, dtype, base: Path, merged: bool, check, overwrite) -> ExportResult:
+    """The Ollama directory, built and checked in a staged directory that replaces ``out`` once all is done."""
     from transformers import AutoConfig, AutoTokenizer
 
-    parts = []
-    plain = None
+    if merged:
+        plain, tokenizer = _merged(adapter_dir, model)
+        model_file, adapter_file = "model.gguf", None
+        checks = None if check is None else _gguf_checks(plain, tokenizer, dtype, check)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(model))
+        model_file, adapter_file = base.name, "adapter.gguf"
+        contents = gguf_lora_file(adapter_dir, AutoConfig.from_pretrained(resolve_model_dir(model)), dtype=dtype)
+        checks = None if check is None else _gguf_lora_checks(adapter_dir, model, check)
+    text, family, stops = modelfile(model_file, adapter_file, tokenizer)
     with staged_directory(out, overwrite) as tmp:
         if merged:
-            plain, tokenizer = _merged(adapter_dir, model)
-            model_file, adapter_file = "model.gguf", None
-            parts.append(export_gguf_model(plain, base, tmp / model_file, dtype=dtype).describe())
+            written = export_gguf_model(plain, base, tmp / model_file, dtype=dtype)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(model))
-            model_file, adapter_file = base.name, "adapter.gguf"
-            config = AutoConfig.from_pretrained(resolve_model_dir(model))
-            parts.append(export_gguf_lora(adapter_dir, config, tmp / adapter_file, dtype=dtype).describe())
+            written = contents.write(tmp / adapter_file)
             place(base, tmp / model_file)
-        text, family, stops = modelfile(model_file, adapter_file, tokenizer)
         (tmp / MODELFILE).write_text(text)
-    parts = [p.replace(str(tmp), str(out)) for p in parts]
-    artifact = OllamaExport(out, model_file, adapter_file, family, stops, parts)
-    result = ExportResult(artifact, run=artifact.command(out.name.lower().replace("_", "-") or "lorakit"))
-    if check is not None:
-        if merged:
-            result.checks = _gguf_checks(plain, tokenizer, out / model_file, dtype, check)
-        else:
-            result.checks = _gguf_lora_checks(adapter_dir, model, out / model_file, out / adapter_file, check)
-    return result
+        files = [tmp / name for name in (model_file, adapter_file) if name]  # what the checks run
+        reports = {} if checks is None else _checked(lambda: checks(*files), tmp, out)
+    part = replace(written, path=out / written.path.name).describe()
+    artifact = OllamaExport(out, model_file, adapter_file, family, stops, [part])
+    return ExportResult(artifact, reports, run=artifact.command(out.name.lower().replace("_", "-") or "lorakit"))
 
 
 def _export_vllm(adapter_dir, out: Path, model, check: _Plan | None, overwrite) -> ExportResult:
-    artifact = export_vllm(adapter_dir, out, overwrite=overwrite)
-    result = ExportResult(artifact, run=artifact.command(out.name))
-    if check is None:
-        return result
-    try:
-        import peft
-        from peft import PeftModel
-    except ImportError:
-        raise ValueError("the vLLM export's check reads it with PEFT: pip install peft, or pass --no-parity") from None
+    """The vLLM directory, built and read back with PEFT in a staged directory that replaces ``out`` once the
+    check has run."""
+    files = vllm_files(adapter_dir)
+    checks = None if check is None else _vllm_checks(adapter_dir, model, check)
+    with staged_directory(out, overwrite) as tmp:
+        files.write(tmp)
+        reports = {} if checks is None else _checked(lambda: checks(tmp), tmp, out)
+    artifact = files.result(out)
+    return ExportResult(artifact, reports, run=artifact.command(out.name))
+
+
+def _vllm_checks(adapter_dir, model, check: _Plan) -> Callable[[Path], dict[str, ParityReport]]:
+    """lorakit's adapted model, the base for PEFT and the prompts, loaded before the directory is written; the
+    function returned reads a written ``directory`` with PEFT (as vLLM reads it) and compares."""
+    peft = require_peft()
     adapted, tokenizer = load_model(model)
     load_adapter(adapted, adapter_dir)
     base, _ = load_model(model)
-    reread = PeftModel.from_pretrained(base, str(out))
     context = check.bind(tokenizer, adapted)
-    label = f"PEFT {peft.__version__} (vLLM's reading of the file: one scaling for every layer)"
-    result.checks = {"peft": model_parity(adapted, context.examples, reread, label, **_decoding(context))}
-    return result
+
+    def run(directory: Path) -> dict[str, ParityReport]:
+        reread = peft.PeftModel.from_pretrained(base, str(directory))
+        label = f"PEFT {peft.__version__} (vLLM's reading of the file: one scaling for every layer)"
+        return {"peft": model_parity(adapted, context.examples, reread, label, **_decoding(context))}
+
+    return run
 
 
 def _decoding(context: _Check) -> dict:
@@ -274,7 +340,7 @@ def _gguf_base(model: str, base_gguf: str | os.PathLike | None, needed_for: str 
     """The base model's GGUF file; ``needed_for``: the format that needs one (an error names it), or None."""
     if base_gguf is not None:
         path = Path(base_gguf)
-    elif str(model) == DEFAULT_MODEL:
+    elif is_embedded(model):
         path = default_gguf()
     elif Path(model).suffix == ".gguf":
         path = Path(model)

@@ -52,6 +52,22 @@ class GgufLoraExport:
         )
 
 
+@dataclass
+class GgufLoraFile:
+    """A llama.cpp LoRA GGUF ready to be written: the adapter read, checked against the base and converted."""
+
+    architecture: str
+    alpha: float
+    pairs: int  # A/B pairs
+    tensors: list[tuple[str, np.ndarray]]
+
+    def write(self, out: str | os.PathLike) -> GgufLoraExport:
+        """Write the file at ``out``, atomically (``out`` is replaced)."""
+        out = Path(out)
+        _write(out, self.architecture, self.alpha, self.tensors)
+        return GgufLoraExport(out, self.architecture, self.pairs, self.alpha, out.stat().st_size)
+
+
 def export_gguf_lora(
     adapter_dir: str | os.PathLike, base_config, out: str | os.PathLike, *, dtype: str = "f32", overwrite: bool = False
 ) -> GgufLoraExport:
@@ -62,18 +78,28 @@ def export_gguf_lora(
         dtype: ``f32`` or ``f16`` for the A and B tensors.
 
     Raises:
+        ValueError: what ``gguf_lora_file`` refuses, or an existing ``out`` without ``overwrite``.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+    return gguf_lora_file(adapter_dir, base_config, dtype=dtype).write(out)
+
+
+def gguf_lora_file(adapter_dir: str | os.PathLike, base_config, *, dtype: str = "f32") -> GgufLoraFile:
+    """The adapter in ``adapter_dir`` as a llama.cpp LoRA GGUF's contents, nothing written yet: every refusal
+    comes before a file exists.
+
+    Raises:
         ValueError: an architecture llama.cpp names differently and lorakit does not map, an adapter with
-            parts a llama.cpp LoRA cannot carry (DoRA, modules_to_save, trained biases, embeddings), a bad
-            dtype, or an existing ``out`` without ``overwrite``.
+            parts a llama.cpp LoRA cannot carry (DoRA, modules_to_save, trained biases, embeddings), an adapter
+            that does not fit the base, or a bad dtype.
     """
     import gguf
 
-    out = Path(out)
     arch, permute_qk = _architecture(base_config)
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not available for gguf-lora; use one of {', '.join(DTYPES)}")
-    if out.exists() and not overwrite:
-        raise ValueError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
     config, tensors = read_adapter(adapter_dir)
     pairs = _pairs(config, tensors, adapter_dir)
     _check_fits(pairs, base_config, adapter_dir)
@@ -92,8 +118,7 @@ def export_gguf_lora(
             b = rotary_rows(b, path, base_config)
         writer_tensors.append((f"{name}.weight.lora_a", a.float().numpy().astype(DTYPES[dtype])))
         writer_tensors.append((f"{name}.weight.lora_b", b.numpy().astype(DTYPES[dtype])))
-    _write(out, arch, alpha, writer_tensors)
-    return GgufLoraExport(out, arch, len(pairs), alpha, out.stat().st_size)
+    return GgufLoraFile(arch, alpha, len(pairs), writer_tensors)
 
 
 def _architecture(base_config) -> tuple[str, bool]:

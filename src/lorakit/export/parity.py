@@ -62,16 +62,47 @@ class ParityReport:
 
 
 def require_llama_cpp():
-    """The llama_cpp module, or a ValueError saying how to install it."""
+    """The llama_cpp module, or a ValueError saying how to install it. Called before an export writes anything,
+    so that a check that cannot run stops the command before there is a file to clean up."""
     try:
         import llama_cpp
-    except ImportError as err:
+    except Exception as err:  # ImportError, or OSError / RuntimeError from a build whose library fails to load
         raise ValueError(
-            f"the parity check runs the export in llama.cpp through llama-cpp-python, which is not installed "
+            f"the parity check runs the export in llama.cpp through llama-cpp-python, which cannot be imported "
             f'({err}). Install it with CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install llama-cpp-python (it compiles '
             "from source, a few minutes), or pass --no-parity"
         ) from None
     return llama_cpp
+
+
+def require_peft():
+    """The peft module (the vLLM export's check reads the directory with PEFT), or a ValueError saying how to
+    install it."""
+    try:
+        import peft
+    except Exception as err:
+        raise ValueError(
+            f"the vLLM export's check reads it with PEFT, which cannot be imported ({err}): pip install peft, or "
+            "pass --no-parity"
+        ) from None
+    return peft
+
+
+def require_transformers_gguf() -> None:
+    """transformers' GGUF loader (a check of a merged GGUF reads the file back with it) must be usable: it
+    needs the gguf package at transformers' minimum version, and accelerate."""
+    from transformers.utils import import_utils
+
+    missing = []
+    if not import_utils.is_gguf_available():
+        missing.append(f"gguf>={getattr(import_utils, 'GGUF_MIN_VERSION', '0.10.0')}")
+    if not import_utils.is_accelerate_available():
+        missing.append("accelerate")
+    if missing:
+        raise ValueError(
+            "the merged GGUF's check reads the file back with transformers' GGUF loader, which needs "
+            f"{' and '.join(missing)}: pip install -U {' '.join(repr(m) for m in missing)}, or pass --no-parity"
+        )
 
 
 def llama_cpp_parity(

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from ..io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, atomic_write_many, read_adapter
-from .files import staged_directory
+from .files import check_target, staged_directory
 
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank values
 
@@ -43,16 +43,53 @@ class VllmExport:
         return f"wrote {self.path} for vLLM (largest rank {self.max_rank}): {fixed}"
 
 
+@dataclass
+class VllmFiles:
+    """A vLLM adapter directory's contents, ready to be written: the adapter read, refused or fixed."""
+
+    config: dict  # adapter_config.json
+    tensors: dict[str, torch.Tensor]
+    max_rank: int
+    fixes: list[str] = field(default_factory=list)
+
+    def write(self, directory: Path) -> None:
+        """Both files into ``directory`` (an existing one: the staged directory of ``staged_directory``)."""
+        atomic_write_many(
+            {
+                directory / CONFIG_NAME: (json.dumps(self.config, indent=2, sort_keys=True) + "\n").encode(),
+                directory / WEIGHTS_NAME: safetensors_bytes({k: t.contiguous() for k, t in self.tensors.items()}),
+            }
+        )
+
+    def result(self, path: Path) -> VllmExport:
+        """What was written, once the directory is at ``path``."""
+        limit = next(r for r in MAX_LORA_RANKS if r >= self.max_rank)
+        return VllmExport(path, self.max_rank, limit, self.config.get("base_model_name_or_path"), self.fixes)
+
+
 def export_vllm(adapter_dir: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> VllmExport:
-    """Write the adapter in ``adapter_dir`` as a vLLM-ready adapter directory ``out``.
+    """Write the adapter in ``adapter_dir`` as a vLLM-ready adapter directory ``out``: built beside it and
+    swapped in, so that a failure leaves ``out`` as it was.
+
+    Raises:
+        ValueError: what ``vllm_files`` refuses, or an existing ``out`` without ``overwrite``.
+    """
+    out = Path(out)
+    check_target(out, overwrite, directory=True)
+    files = vllm_files(adapter_dir)
+    with staged_directory(out, overwrite) as tmp:
+        files.write(tmp)
+    return files.result(out)
+
+
+def vllm_files(adapter_dir: str | os.PathLike) -> VllmFiles:
+    """The adapter in ``adapter_dir`` as vLLM will read it, nothing written yet: every refusal comes first.
 
     Raises:
         ValueError: a feature vLLM refuses (DoRA, modules_to_save, biases, embedding or non-LoRA tensors, a
-            rank above 512), or an existing ``out`` without ``overwrite``.
+            rank above 512).
     """
-    source, out = Path(adapter_dir), Path(out)
-    if out.exists() and not overwrite:
-        raise ValueError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+    source = Path(adapter_dir)
     config, tensors = read_adapter(source)
     raw = json.loads((source / CONFIG_NAME).read_text())
     _refuse(config, tensors, source)
@@ -72,10 +109,7 @@ def export_vllm(adapter_dir: str | os.PathLike, out: str | os.PathLike, *, overw
             "alpha_pattern / rsLoRA) into its lora_B, since vLLM scales every layer by one lora_alpha / r: the "
             "updates are unchanged"
         )
-    limit = next(r for r in MAX_LORA_RANKS if r >= max_rank)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _write(out, raw, tensors, overwrite)
-    return VllmExport(out, max_rank, limit, raw.get("base_model_name_or_path"), fixes)
+    return VllmFiles(raw, tensors, max_rank, fixes)
 
 
 def _refuse(config, tensors: dict[str, torch.Tensor], source: Path) -> None:
@@ -110,14 +144,3 @@ def _uniform(config, tensors: dict[str, torch.Tensor], rank: int) -> dict[str, t
         b = t.float() * (config.scaling(r, alpha) / uniform)
         out[key] = torch.nn.functional.pad(b, (0, pad)).to(t.dtype).contiguous()
     return out
-
-
-def _write(out: Path, raw: dict, tensors: dict[str, torch.Tensor], overwrite: bool) -> None:
-    """Both files into a fresh directory beside ``out``, then swapped in: a failure leaves ``out`` as it was."""
-    with staged_directory(out, overwrite) as tmp:
-        atomic_write_many(
-            {
-                tmp / CONFIG_NAME: (json.dumps(raw, indent=2, sort_keys=True) + "\n").encode(),
-                tmp / WEIGHTS_NAME: safetensors_bytes({k: t.contiguous() for k, t in tensors.items()}),
-            }
-        )
