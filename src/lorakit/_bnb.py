@@ -18,9 +18,22 @@ autograd formula, so a layer packed by one evaluation would stop passing gradien
 once training resumes. The repacking also fails outright when in_features is not a multiple of the block
 size. lorakit therefore keeps the layers it trains on the plain layout (``keep_plain_layout``) and reads a
 packed weight explicitly (``dequantized_weight``) when it meets one, in a model quantized elsewhere.
+
+On a processor with AVX-512 BF16, importing bitsandbytes also tries to fetch a faster kernel for that packed
+layout from the Hugging Face Hub (``kernels-community/quantization-bitsandbytes``) and, when that fails (no
+``kernels`` package, no network, or an untrusted publisher), logs "Failed to load CPU gemm_4bit_forward from
+kernels-community ... trust_remote_code". The message is never useful to a lorakit user: the layers lorakit
+quantizes or trains stay on the plain layout, which never calls that kernel, and even the packed layout falls
+back to bitsandbytes' own compiled kernel. So ``require_bitsandbytes`` drops that one record while it imports
+bitsandbytes (``kernels_hub_message_dropped``: a filter on bitsandbytes' logger, removed again at once, so a
+program's logging is left as it was), and the command line drops it for as long as a command runs.
 """
 
 from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -28,18 +41,43 @@ from torch import nn
 QUANT_METHODS = ("nf4", "fp4", "int8")
 _QUANTIZED_TYPES = ("Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt")
 _PACK_BLOCK_N = 32  # rows per tile of the packed layout (bitsandbytes' block_n)
+_KERNELS_LOGGER = "bitsandbytes.backends.cpu.ops"
+_KERNELS_MESSAGE = "Failed to load CPU gemm_4bit_forward from kernels-community"
 
 
 def require_bitsandbytes(method: str = "nf4"):
     """The bitsandbytes module, or a ValueError saying how to install it."""
     try:
-        import bitsandbytes
+        with kernels_hub_message_dropped():
+            import bitsandbytes
     except ImportError as err:
         raise ValueError(
             f"quantize={method!r} needs bitsandbytes, which is not installed ({err}). Install it with "
             "pip install 'bitsandbytes>=0.50' (CPU and CUDA), or pip install 'lorakit[quant]'"
         ) from None
     return bitsandbytes
+
+
+@contextmanager
+def kernels_hub_message_dropped() -> Iterator[None]:
+    """Drop bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" record meanwhile.
+
+    Only that record of that logger; see the module docstring for why it never matters to a lorakit user.
+    """
+    logger = logging.getLogger(_KERNELS_LOGGER)
+    dropped = _KernelsHubMessage()
+    logger.addFilter(dropped)
+    try:
+        yield
+    finally:
+        logger.removeFilter(dropped)
+
+
+class _KernelsHubMessage(logging.Filter):
+    """Rejects the record bitsandbytes logs when its CPU kernel from the Hub cannot be loaded."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_KERNELS_MESSAGE)
 
 
 def check_method(method: str) -> None:

@@ -16,6 +16,7 @@ from . import export as export_cmd
 from . import generate as generate_cmd
 from . import inspect as inspect_cmd
 from . import merge as merge_cmd
+from . import quiet
 from . import serve as serve_cmd
 from . import train as train_cmd
 from . import ui as ui_cmd
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    code = _dispatch(args)
+    code = quiet.call(_dispatch, args)
     if under_torchrun():
         _exit_now(code)
     return code
