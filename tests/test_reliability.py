@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +24,10 @@ from lorakit.train import checkpoint as checkpoint_module
 from lorakit.train import objectives
 from lorakit.train import trainer as trainer_module
 from lorakit.train.checkpoint import list_checkpoints
+from lorakit.train.metrics import read_metrics
 from lorakit.train.trainer import TrainingStopped, train
+
+from .conftest import colour_rows, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -226,6 +230,66 @@ def test_existing_run_needs_overwrite_and_keeps_its_files(run_config, capsys):
     assert cli_main(["train", str(config_path), "--no-progress"]) == 2
     assert "already holds a run; pass --resume to continue it, --overwrite" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_resume_refuses_a_finished_run_and_keeps_its_files(run_config, capsys):
+    cfg = run_config("train.max_steps=2", "train.generate_eval=false")
+    train(cfg, progress=False)
+    out = Path(cfg.output_dir)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    config_path = _write_config(cfg, out.parent / "again.yaml")
+    assert cli_main(["train", str(config_path), "--no-progress", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a finished run" in err and "--overwrite" in err and "train.max_steps" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_resume_refuses_a_config_with_other_data_targets_or_method(run_config, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(trainer_module._Loop, "_periodic", _raise_at(trainer_module._Loop._periodic, 3))
+    cfg = run_config("train.generate_eval=false")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False)
+    monkeypatch.undo()
+    out = Path(cfg.output_dir)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    write_jsonl(tmp_path / "other.jsonl", colour_rows(16, seed=5))
+    for change, named in [
+        (f"data.train={tmp_path / 'other.jsonl'}", "data.train"),
+        ("lora.target_modules=[q_proj]", "lora.target_modules"),
+        ("lora.use_dora=true", "lora.use_dora"),
+        ("objective=orpo", "objective"),
+    ]:
+        with pytest.raises(ValueError, match=f"--resume: this config differs from the run .* in {named}: "):
+            train(run_config("train.generate_eval=false", change), resume=True, progress=False)
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # steps, learning rate and the like may change: named, then the run continues
+    train(run_config("train.generate_eval=false", "train.max_steps=14"), resume=True, progress=True)
+    assert "resuming with train.max_steps changed: 12 -> 14" in capsys.readouterr().err
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"] == list(range(1, 15))
+
+
+def test_resume_without_a_checkpoint_starts_over_without_doubling_the_metrics(run_config, monkeypatch):
+    cfg = run_config("train.generate_eval=false")
+    monkeypatch.setattr(trainer_module._Loop, "_periodic", _raise_at(trainer_module._Loop._periodic, 2))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False)
+    monkeypatch.undo()
+    out = Path(cfg.output_dir)
+    shutil.rmtree(out / "checkpoints")  # as a kill -9 before the first checkpoint leaves it
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [0, 1, 2]
+    train(cfg, resume=True, progress=False)
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 13))
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 12]
+
+
+def _raise_at(original, step: int):
+    def periodic(self, eval_rows):
+        original(self, eval_rows)
+        if self.step == step:
+            raise KeyboardInterrupt
+
+    return periodic
 
 
 # ----- non-finite numbers ------------------------------------------------------------------------------------

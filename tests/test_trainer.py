@@ -1,8 +1,10 @@
 """End-to-end training on a tiny model: loss falls, outputs, resume equivalence, Ctrl-C, NaN, config errors."""
 
 import json
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from lorakit.train import objectives
 from lorakit.train import trainer as trainer_module
 from lorakit.train.checkpoint import list_checkpoints
 from lorakit.train.config import all_keys, field_docs, load_config, reference
+from lorakit.train.metrics import read_metrics
 from lorakit.train.trainer import TrainingStopped, train
 
 from .conftest import colour_rows, torchrun_train, write_jsonl
@@ -369,3 +372,51 @@ def test_adamw_is_fused_where_pytorch_supports_it_with_the_same_updates():
     assert results[0][0] is True and not results[1][0]
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-6, atol=1e-6)
     assert not adamw([torch.nn.Parameter(torch.randn(3, dtype=torch.float64))], lr=0.1).defaults["fused"]
+
+
+def test_eval_fraction_reports_the_rows_each_side_has(run_config, capsys):
+    """The "train:" line counts the rows that train (after the held-out share), and an "eval:" line follows."""
+    result = train(run_config("data.eval=null", "data.eval_fraction=0.25", "train.max_steps=1"), progress=False)
+    err = capsys.readouterr().err
+    assert "train: 48 rows (48 chat)" in err, err
+    assert "eval: 16 rows (16 chat)" in err, err
+    assert result.data["train"].rows == 48 and result.data["eval"].rows == 16
+    assert result.eval.scored == 16
+
+
+def test_tokens_per_second_is_per_step_and_the_summary_a_median(run_config, monkeypatch, capsys):
+    """One stalled step does not move the reported throughput: each record has its own step's figure and the
+    summary is their median."""
+    real, calls = trainer_module._Loop._step, {"n": 0}
+
+    def stall_once(self, indices):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            time.sleep(1.0)
+        return real(self, indices)
+
+    monkeypatch.setattr(trainer_module._Loop, "_step", stall_once)
+    result = train(run_config("train.eval_before=false", "train.generate_eval=false"), progress=False)
+    records = [r for r in read_metrics(result.output_dir / "metrics.jsonl") if r["kind"] == "train"]
+    rates = [r["tokens"] / r["seconds"] for r in records]
+    assert [r["tokens_per_second"] for r in records] == pytest.approx(rates, rel=0.01, abs=0.1)
+    assert result.tokens_per_second == pytest.approx(statistics.median(rates), rel=0.01)
+    assert records[1]["tokens_per_second"] < 0.5 * result.tokens_per_second  # the stall shows in its own step only
+
+
+def test_no_progress_prints_a_line_every_log_every_steps(run_config, capsys):
+    train(run_config("train.log_every=5", "train.generate_eval=false"), progress=False)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["5/12", "10/12", "12/12"]
+    assert all(" loss " in line and " lr " in line and line.endswith(" tokens/s") for line in lines)
+    train(run_config("train.log_every=0", "train.generate_eval=false", out="quiet"), progress=False)
+    assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
+
+
+def test_epochs_set_the_steps_from_the_training_rows(run_config, capsys):
+    result = train(run_config("train.max_steps=null", "train.epochs=1.5", "data.eval=null", "data.eval_fraction=0.25",
+                              "train.generate_eval=false"), progress=False)  # fmt: skip
+    assert result.steps == 9  # ceil(1.5 x 48 training rows / 8)
+    assert "train.epochs=1.5: 9 steps of 8 over 48 training rows" in capsys.readouterr().err
+    assert max(r["step"] for r in read_metrics(result.output_dir / "metrics.jsonl")) == 9
+    assert json.loads((result.output_dir / "status.json").read_text())["max_steps"] == 9  # the dashboard's total

@@ -61,9 +61,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, OSError, FileExistsError) as err:
         print(f"lorakit {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"lorakit {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C, or a training run's SIGINT / SIGTERM (lorakit.train.signals)
+        code = getattr(err, "exit_code", 130)
+        print(f"lorakit {args.command}: interrupted{f' ({err})' if str(err) else ''}", file=sys.stderr)
+        return code
 
 
 def under_torchrun() -> bool:

@@ -21,7 +21,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
                         help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")  # fmt: skip
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     parser.add_argument("--overwrite", action="store_true", help="replace a finished run in output_dir")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar: a log line every train.log_every steps instead"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,6 +47,6 @@ def run(args: argparse.Namespace) -> int:
     skipped = f", {result.skipped_steps} skipped for NaN or infinite values" if result.skipped_steps else ""
     print(
         f"adapter written to {result.output_dir} ({result.steps} steps{skipped}, "
-        f"{result.tokens_per_second:.0f} tokens/s)"
+        f"median {result.tokens_per_second:.0f} tokens/s a step)"
     )
     return 0

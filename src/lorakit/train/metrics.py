@@ -49,12 +49,13 @@ class RunStatus:
         self.path = out / STATUS_FILE
         self.enabled = enabled
         self.started = time.time()
+        self.max_steps: int | None = None  # the run's length, once known (train.epochs: after the data is read)
 
     def set(self, state: str, step: int | None = None, error: str | None = None) -> None:
         if not self.enabled:
             return
         record = {"state": state, "pid": os.getpid(), "host": socket.gethostname(), "started": self.started,
-                  "updated": time.time(), "step": step, "error": error}  # fmt: skip
+                  "updated": time.time(), "step": step, "max_steps": self.max_steps, "error": error}  # fmt: skip
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
         tmp.replace(self.path)

@@ -13,6 +13,7 @@ import dataclasses
 import math
 import random
 import shutil
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -46,13 +47,14 @@ from ..quant import quantize
 from ..state import registry
 from ..targeting import HEAD_NAMES
 from . import distributed as dist
-from . import fsdp
+from . import fsdp, signals
 from .checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint, step_dir
-from .config import RunConfig
+from .config import RunConfig, steps_for_epochs
 from .evaluate import EvalResult, evaluate, pad_id
 from .metrics import MetricsLog, RunStatus, plot_metrics, read_metrics
 from .objectives import REFERENCE, TRAINED, PreferenceEval, disable_dropout, evaluate_pairs, objective_for
 from .objectives import precompute_reference as precompute_reference_logps
+from .outdir import check_output_dir
 from .tasks import TASKS
 from .trackers import open_trackers
 
@@ -81,8 +83,6 @@ def prepare_data(
     cfg: RunConfig, tokenizer, model_config=None
 ) -> tuple[list[Example], list[Example], dict[str, DataStats]]:
     d = cfg.data
-    if not d.train:
-        raise ValueError("data.train is not set: give a .jsonl, .csv, .parquet file or a saved dataset directory")
     if cfg.objective != "sft":
         return _prepare_pairs(cfg, tokenizer)
     task = TASKS[cfg.task]
@@ -90,14 +90,9 @@ def prepare_data(
     def tokenize(row, where):
         return task.tokenize(row, where, tokenizer, d.completion_only, model_config)
 
-    train, train_stats = tokenize_rows(read_rows(d.train), tokenizer, d.max_length, d.completion_only, tokenize)
-    stats = {"train": train_stats}
-    if d.eval:
-        held, stats["eval"] = tokenize_rows(read_rows(d.eval), tokenizer, d.max_length, d.completion_only, tokenize)
-    else:
-        train, held = split_eval(train, d.eval_fraction, cfg.seed)
-    if d.max_eval_rows is not None:
-        held = held[: d.max_eval_rows]
+    train, held, stats = _tokenized_split(
+        cfg, lambda rows: tokenize_rows(rows, tokenizer, d.max_length, d.completion_only, tokenize)
+    )
     if d.packing:
         if task.name != "causal-lm":
             raise ValueError(f"data.packing works for causal-lm only, not task={cfg.task!r}; set data.packing=false")
@@ -111,15 +106,25 @@ def _prepare_pairs(
     cfg: RunConfig, tokenizer
 ) -> tuple[list[PreferencePair], list[PreferencePair], dict[str, DataStats]]:
     """Preference rows as (chosen, rejected) pairs, for objective=dpo or orpo."""
+    return _tokenized_split(cfg, lambda rows: tokenize_pairs(rows, tokenizer, cfg.data.max_length))
+
+
+def _tokenized_split(cfg: RunConfig, tokenize) -> tuple[list, list, dict[str, DataStats]]:
+    """The training rows and the held-out rows (data.eval, or data.eval_fraction of data.train, at most
+    data.max_eval_rows), each tokenized by ``tokenize(rows) -> (examples, stats)``. The split comes before
+    tokenizing so that each side's statistics count its own rows and tokens."""
     d = cfg.data
-    train, stats = tokenize_pairs(read_rows(d.train), tokenizer, d.max_length)
-    stats = {"train": stats}
+    train = read_rows(d.train)
     if d.eval:
-        held, stats["eval"] = tokenize_pairs(read_rows(d.eval), tokenizer, d.max_length)
+        held = read_rows(d.eval)
     else:
         train, held = split_eval(train, d.eval_fraction, cfg.seed)
     if d.max_eval_rows is not None:
         held = held[: d.max_eval_rows]
+    train, stats = tokenize(train)
+    stats = {"train": stats}
+    if held:
+        held, stats["eval"] = tokenize(held)
     return train, held, stats
 
 
@@ -167,17 +172,6 @@ def build_optimizer(
     return optimizer, scheduler
 
 
-def _check_output_dir(out: Path, cfg: RunConfig, resume: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output_dir {out} is a file; choose a directory")
-    finished = (out / "adapter_config.json").exists() or (out / "metrics.jsonl").exists()
-    if finished and not resume and not cfg.overwrite:
-        raise ValueError(
-            f"output_dir {out} already holds a run; pass --resume to continue it, --overwrite (or "
-            "--set overwrite=true) to replace it, or choose another output_dir"
-        )
-
-
 def train(cfg: RunConfig, resume: bool = False, progress: bool = True, method=None) -> RunResult:
     """Run the training described by ``cfg``; see the module docstring for the loss normalisation.
 
@@ -189,34 +183,45 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, method=No
     log = _printer(ctx.is_main)
     if ctx.device.type == "cpu" and lean_cpu_memory(cfg):
         return_freed_memory_to_os()  # peak RSS follows the live tensors (see lorakit.fastpath)
-    out = setup_output(cfg, ctx=ctx, resume=resume)
+    out = setup_output(cfg, ctx=ctx, resume=resume, log=log)
     status = RunStatus(out, enabled=ctx.is_main)
     status.set("running")
-    try:
-        result = _train(cfg, out, ctx=ctx, resume=resume, progress=progress, method=method, log=log)
-    except KeyboardInterrupt:
-        status.set("interrupted")
-        raise
-    except BaseException as err:
-        status.set("failed", error=f"{type(err).__name__}: {err}")
-        raise
-    status.set("finished", step=result.steps)
+    with signals.installed() as stops:
+        try:
+            result = _train(cfg, out, ctx=ctx, resume=resume, progress=progress, method=method, log=log,
+                            stops=stops, status=status)  # fmt: skip
+        except KeyboardInterrupt as err:
+            stops.ignore()  # the status is written whatever comes next (torchrun signals the processes left)
+            status.set("interrupted", error=f"stopped by {err}" if isinstance(err, signals.Interrupted) else None)
+            raise
+        except BaseException as err:
+            stops.ignore()
+            status.set("failed", error=f"{type(err).__name__}: {err}")
+            raise
+        stops.ignore()
+        status.set("finished", step=result.steps)
     result.wall_seconds = time.perf_counter() - started
     return result
 
 
-def _train(cfg: RunConfig, out: Path, *, ctx: dist.Context, resume: bool, progress: bool, method, log) -> RunResult:
+def _train(
+    cfg: RunConfig, out: Path, *, ctx: dist.Context, resume: bool, progress: bool, method, log, stops, status
+) -> RunResult:
     """``train`` after the output directory: model, data, method, optimizer, resume, loop, finish."""
+    _check_data_files(cfg)  # before the model loads: a wrong path should not cost a model load to learn
     _seed(cfg.seed)
     model, tokenizer = setup_model(cfg, ctx=ctx)
     train_rows, eval_rows, stats = setup_data(cfg, tokenizer=tokenizer, model=model, ctx=ctx, log=log)
+    cfg = _with_epoch_steps(cfg, len(train_rows), log)
+    status.max_steps = cfg.train.max_steps
+    status.set("running")
     model, method = setup_method(cfg, model=model, method=method, ctx=ctx, log=log)
     optimizer, scheduler = build_optimizer(model, cfg)
     metrics = MetricsLog(out / "metrics.jsonl", enabled=ctx.is_main)
     loop = _Loop(
         cfg=cfg, ctx=ctx, model=model, wrapped=model, tokenizer=tokenizer, optimizer=optimizer,
         scheduler=scheduler, rows=train_rows, metrics=metrics, ckpt_root=out / "checkpoints", method=method,
-        sharded=sharded(cfg, ctx), objective=objective_for(cfg),
+        sharded=sharded(cfg, ctx), objective=objective_for(cfg), stops=stops, log=log,
     )  # fmt: skip
     start_step = setup_resume(loop, resume=resume, log=log)
     metrics.trackers = open_trackers(cfg, out, start_step, enabled=ctx.is_main)
@@ -245,9 +250,10 @@ def _run(loop: _Loop, *, out: Path, stats, eval_rows, start_step: int, progress:
     dist.barrier(ctx)
     try:
         final_loss = loop.run(start_step, eval_rows, progress)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         path = loop.checkpoint(loop.step)
-        log(f"\ninterrupted: checkpoint written to {path}; continue with --resume")
+        cause = f" by {err}" if isinstance(err, signals.Interrupted) else ""
+        log(f"\ninterrupted{cause} after step {loop.step}: checkpoint written to {path}; continue with --resume")
         raise
     result = RunResult(
         output_dir=out, steps=loop.step, final_loss=final_loss, eval=None, eval_before=eval_before,
@@ -257,10 +263,12 @@ def _run(loop: _Loop, *, out: Path, stats, eval_rows, start_step: int, progress:
     return result
 
 
-def setup_output(cfg: RunConfig, *, ctx: dist.Context, resume: bool) -> Path:
-    """The output directory, checked (no run overwritten by accident) and written with the resolved config."""
+def setup_output(cfg: RunConfig, *, ctx: dist.Context, resume: bool, log=print) -> Path:
+    """The output directory, checked (no run overwritten or continued by accident, see ``outdir``) and written
+    with the resolved config."""
     out = Path(cfg.output_dir)
-    _check_output_dir(out, cfg, resume)
+    for note in check_output_dir(out, cfg, resume):
+        log(note)
     if not ctx.is_main:
         return out
     if cfg.overwrite and not resume and out.exists():
@@ -307,6 +315,8 @@ def setup_data(
     train_rows, eval_rows, stats = prepare_data(cfg, tokenizer, model.config)
     for name, s in stats.items():
         log(s.describe(name))
+    if cfg.data.packing:
+        log(f"packed into {len(train_rows)} sequences of up to {cfg.data.max_length} tokens")
     per_process = cfg.train.batch_size / ctx.world_size
     if cfg.train.batch_size % (ctx.world_size * cfg.train.grad_accum):
         raise ValueError(
@@ -314,6 +324,28 @@ def setup_data(
             f"train.grad_accum ({cfg.train.grad_accum}); {per_process:g} rows per process does not split evenly"
         )
     return train_rows, eval_rows, stats
+
+
+def _check_data_files(cfg: RunConfig) -> None:
+    d = cfg.data
+    if not d.train:
+        raise ValueError("data.train is not set: give a .jsonl, .csv, .parquet file or a saved dataset directory")
+    for key, path in (("data.train", d.train), ("data.eval", d.eval)):
+        if path and not Path(path).exists():
+            raise ValueError(
+                f"{key}: data file {path} does not exist (a relative path in a config file is read against the "
+                "file's directory, one given with --set against the working directory)"
+            )
+
+
+def _with_epoch_steps(cfg: RunConfig, rows: int, log) -> RunConfig:
+    """With train.epochs, the config whose train.max_steps makes that many passes over ``rows``."""
+    t = cfg.train
+    if t.epochs is None:
+        return cfg
+    steps = steps_for_epochs(t.epochs, rows, t.batch_size)
+    log(f"train.epochs={t.epochs:g}: {steps} steps of {t.batch_size} over {rows} training rows")
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, max_steps=steps))
 
 
 def setup_method(cfg: RunConfig, *, model: nn.Module, method, ctx: dist.Context, log) -> tuple[nn.Module, object]:
@@ -380,6 +412,7 @@ def setup_resume(loop: _Loop, *, resume: bool, log) -> int:
     if not resume:
         return 0
     if not checkpoints:
+        loop.metrics.truncate_after(-1)  # the records of an attempt that ended before its first checkpoint
         log("no checkpoint found; starting from step 0")
         return 0
     if fsdp.is_sharded(checkpoints[-1]) != loop.sharded:
@@ -494,10 +527,12 @@ class _Loop:
     method: object
     step: int = 0
     skipped: int = 0
-    tokens_per_second: float = 0.0
+    step_rates: list[float] = field(default_factory=list)  # tokens per second of each step this process ran
     last_good: Path | None = None
     sharded: bool = False  # FSDP: every rank takes part in each forward, evaluations and saves included
     objective: object = None  # what a step minimises (lorakit.train.objectives); default: SFT
+    stops: signals.StopRequests = field(default_factory=signals.StopRequests)  # SIGINT / SIGTERM received
+    log: object = print  # prints on the main process only (``_printer``)
 
     def __post_init__(self) -> None:
         self.pad = pad_id(self.tokenizer)
@@ -519,35 +554,65 @@ class _Loop:
         (each forward gathers the shards); only rank 0 writes and prints the results."""
         return self.ctx.is_main or self.sharded
 
+    @property
+    def tokens_per_second(self) -> float:
+        """The median of the steps' throughputs: one stall (a swap, a busy neighbour) does not move it."""
+        return statistics.median(self.step_rates) if self.step_rates else 0.0
+
     def run(self, start_step: int, eval_rows: list[Example], progress: bool) -> float:
+        """Steps from ``start_step`` to train.max_steps; a stop request (SIGINT, SIGTERM) ends the run at a
+        step boundary by raising ``signals.Interrupted``. Returns the last step's loss."""
         t = self.cfg.train
         self.step = start_step
         bar = _progress_bar(t.max_steps, start_step, progress and self.ctx.is_main)
         batches = batch_indices(len(self.rows), t.batch_size, self.cfg.seed, start=start_step)
         loss = float("nan")
-        tokens_seen, clock = 0, time.perf_counter()
         self.wrapped.train()
-        for position, indices in batches:
-            if position >= t.max_steps:
-                break
-            step_started = time.perf_counter()
-            loss, tokens, grad_norm, stats = self._step(indices)
-            step_seconds = time.perf_counter() - step_started
-            self.step = position + 1
-            tokens_seen += tokens
-            self.tokens_per_second = tokens_seen / (time.perf_counter() - clock)
-            record = {"kind": "train", "step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
-                      "grad_norm": grad_norm, "tokens": tokens, "seconds": round(step_seconds, 4),
-                      "tokens_per_second": round(self.tokens_per_second, 1), **stats}  # fmt: skip
-            self.metrics.write(record)
+        try:
+            for position, indices in batches:
+                if position >= t.max_steps:
+                    break
+                with self.stops.deferred():
+                    loss = self._record_step(position, indices, bar, progress)
+                if self.stops.agreed or (self.stops.pending and not self.ctx.distributed):
+                    self.stops.stop()
+                # Under torchrun the processes evaluate and checkpoint in lockstep: a signal waits for the next
+                # step's all-reduce, which tells every process to stop after that step.
+                with self.stops.deferred() if self.ctx.distributed else contextlib.nullcontext():
+                    self._periodic(eval_rows)
+        finally:
             if bar is not None:
-                bar.update(1)
-                shown = {"acc": f"{stats['accuracy']:.2f}", "margin": f"{stats['margin']:.3f}"} if stats else {}
-                bar.set_postfix(loss=f"{loss:.4f}", **shown, tok_s=f"{self.tokens_per_second:.0f}")
-            self._periodic(eval_rows)
-        if bar is not None:
-            bar.close()
+                bar.close()
         return loss
+
+    def _record_step(self, position: int, indices: list[int], bar, progress: bool) -> float:
+        """One step, its metrics record, and its progress (the bar, or a line every train.log_every steps)."""
+        started = time.perf_counter()
+        loss, tokens, grad_norm, stats = self._step(indices)
+        seconds = time.perf_counter() - started
+        self.step = position + 1
+        rate = tokens / seconds if seconds > 0 else 0.0
+        self.step_rates.append(rate)
+        lr = self.scheduler.get_last_lr()[0]
+        record = {"kind": "train", "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "tokens": tokens, "seconds": round(seconds, 4), "tokens_per_second": round(rate, 1), **stats}  # fmt: skip
+        self.metrics.write(record)
+        shown = {"acc": f"{stats['accuracy']:.2f}", "margin": f"{stats['margin']:.3f}"} if stats else {}
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", **shown, tok_s=f"{self.tokens_per_second:.0f}")
+        elif self._log_due(progress):
+            extra = "".join(f"  {k} {v}" for k, v in shown.items())
+            self.log(
+                f"step {self.step}/{self.cfg.train.max_steps}  loss {loss:.4f}  lr {lr:.3g}{extra}  {rate:.0f} tokens/s"
+            )
+        return loss
+
+    def _log_due(self, progress: bool) -> bool:
+        """Whether this step prints a line: without a progress bar, every train.log_every steps and the last."""
+        every = self.cfg.train.log_every
+        last = self.step == self.cfg.train.max_steps
+        return not progress and bool(every) and (self.step % every == 0 or last)
 
     def _periodic(self, eval_rows: list[Example]) -> None:
         t = self.cfg.train
@@ -609,14 +674,21 @@ class _Loop:
         mine = examples[self.ctx.rank :: self.ctx.world_size]
         micro = [mine[k :: t.grad_accum] for k in range(t.grad_accum)]
         micro = [m for m in micro if m]
-        totals = torch.zeros(1 + len(objective.metrics), dtype=torch.float64, device=self.ctx.device)
+        totals = torch.zeros(1 + len(objective.metrics) + len(signals.HANDLED), device=self.ctx.device,
+                             dtype=torch.float64)  # fmt: skip
+        totals[-len(signals.HANDLED) :] = torch.tensor(
+            self.stops.as_counts()
+        )  # with the step's all-reduce: see ``run``
         for k, part in enumerate(micro):
             sync = k == len(micro) - 1
             with contextlib.nullcontext() if sync else dist.no_sync(self.wrapped):
                 share, sums = objective.loss(self.wrapped, self.model, part, self.pad, self.ctx.device, units)
                 (share * self.ctx.world_size).backward()  # DDP averages over processes
-            totals += torch.stack([share.detach().double(), *(sums[m].double() for m in objective.metrics)])
+            part = torch.stack([share.detach().double(), *(sums[m].double() for m in objective.metrics)])
+            totals[: len(part)] += part
         totals = dist.all_reduce_sum(totals, self.ctx).tolist()
+        self.stops.agree(totals[-len(signals.HANDLED) :])
+        totals = totals[: -len(signals.HANDLED)]
         loss = totals[0]
         stats = objective.summarize(dict(zip(objective.metrics, totals[1:], strict=True)), units)
         if not math.isfinite(loss):

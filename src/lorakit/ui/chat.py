@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..data import chat_prompt_ids
-from ..models import load_model
+from ..models import is_embedded, load_model
 from ..serve.engine import Engine, Event, QueueFull, SamplingParams
 from ..serve.engine import Request as EngineRequest
 from ..serve.registry import AdapterError, AdapterRegistry
@@ -89,9 +89,10 @@ class ChatService:
         trained_on = config.get("model") if isinstance(config, dict) else None
         if trained_on is None:
             return None
-        if trained_on == self.model_spec:
+        embedded = is_embedded(trained_on), is_embedded(self.model_spec)
+        if trained_on == self.model_spec or all(embedded):
             return None
-        if "default" in (trained_on, self.model_spec):
+        if any(embedded):
             return f"trained on model {trained_on!r}; the dashboard chats with {self.model_spec!r}"
         mine = Path(self.model_spec).resolve()
         theirs = (self.ws.root / trained_on).resolve()

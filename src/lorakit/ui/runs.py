@@ -193,6 +193,7 @@ class Workspace:
         evals = [r for r in records if r.get("kind") == "eval"]
         adapter = d / "adapter_model.safetensors"
         max_steps = (config or {}).get("train", {}).get("max_steps") if isinstance(config, dict) else None
+        max_steps = (read_status(d) or {}).get("max_steps") or max_steps  # train.epochs: known once the data is read
         return {
             "name": name,
             "kind": "train",
@@ -248,7 +249,11 @@ class Workspace:
             state = "interrupted"  # the process is gone without saying how it ended: killed
         if state is None:
             if code is not None:
-                state = "interrupted" if code in (130, -signal.SIGINT) else ("finished" if code == 0 else "failed")
+                state = (
+                    "interrupted"
+                    if code in (130, 143, -signal.SIGINT, -signal.SIGTERM)
+                    else ("finished" if code == 0 else "failed")
+                )
                 error = error or (self.last_error(d) if state == "failed" else None)
             elif (d / "adapter_model.safetensors").is_file():
                 state = "finished"
