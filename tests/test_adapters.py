@@ -119,6 +119,19 @@ def test_route_with_modules_to_save_copies():
     _assert_route_matches_rows_alone(model, bert, bert.inputs(batch=3), ["a", "b", None])
 
 
+@pytest.mark.parametrize(("adapter_dtype", "expected"), [(None, torch.float32), ("base", torch.bfloat16)])
+def test_a_combined_adapter_takes_the_adapter_dtype(adapter_dtype, expected):
+    """combine creates adapters too: float32 over a bf16 base by default, like inject and load_adapter."""
+    model = FAMILIES["llama"].build(dtype=torch.bfloat16)
+    for name in ("a", "b"):
+        lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"], init="random"), name)
+    lorakit.combine(model, {"a": 1.0, "b": -0.5}, "c", method="cat", adapter_dtype=adapter_dtype)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A["c"].weight.dtype == layer.lora_B["c"].weight.dtype == expected
+    want = layer.delta_weight("a") - 0.5 * layer.delta_weight("b")
+    assert_close(layer.delta_weight("c"), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())  # bf16 factors
+
+
 def test_route_refuses_merged_adapters():
     model = _two_adapters(FAMILIES["llama"])
     lorakit.merge(model)
@@ -170,6 +183,22 @@ def test_unload(family, merge):
     assert not any("lora_" in n or "base_layer" in n for n, _ in plain.named_parameters())
     assert_close(family.logits(plain), adapted if merge else base, rtol=1e-5, atol=1e-5)
     assert set(plain.state_dict()) == set(family.build().state_dict())
+
+
+def test_unload_of_a_bf16_model_gives_back_one_dtype():
+    """Float32 adapters and a float32 modules_to_save copy over a bf16 model: merged and unloaded, everything is
+    bf16 again (the copy rounded like the merged updates), and the plain model runs without autocast."""
+    family = FAMILIES["bert"]  # modules_to_save=["classifier"]
+    model = family.build(dtype=torch.bfloat16)
+    cfg = lorakit.LoraConfig(r=2, target_modules=family.targets, init="random", modules_to_save=family.modules_to_save)
+    lorakit.inject(model, cfg)
+    randomize_adapters(model, scale=0.05)
+    assert model.classifier.modules_to_save["default"].weight.dtype == torch.float32
+    adapted = family.logits(model)
+    plain = lorakit.unload(model)
+    assert {p.dtype for p in plain.parameters()} == {torch.bfloat16}
+    got = family.logits(plain)
+    assert_close(got.float(), adapted.float(), rtol=2e-2, atol=2e-2 * adapted.abs().max().item())
 
 
 def test_tied_weights_refuse_merge():

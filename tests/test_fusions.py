@@ -78,6 +78,33 @@ def test_fused_forwards_match_the_model_with_lora(targets, mlp_bias, cpu_gemm):
     assert any("lora_A" in n for n in grads)
 
 
+def test_fused_forwards_of_a_bf16_model_with_bf16_adapters_match_the_model(monkeypatch):
+    """precision=bf16 (adapter_dtype="base", no autocast): the fused MLP and RMS norm run in bf16 (they stepped
+    aside for anything but float32 before), with the model's outputs and gradients to bf16 rounding compounded
+    over the layers (2 % of the largest entry; tests/test_mixed_precision_layers.py has the layer by layer ones)."""
+    from lorakit.layers.kernels import GatedDownLora, RmsNorm
+
+    model = _llama(mlp_bias=True).to(torch.bfloat16)
+    lorakit.inject(model, lorakit.LoraConfig(r=3, alpha=5, target_modules=ALL, init="random"), adapter_dtype="base")
+    randomize_adapters(model, scale=0.05)
+    lorakit.fuse_forwards(model)
+    model.train()
+    calls = []
+    for function in (GatedDownLora, RmsNorm):
+        original = function.apply
+        monkeypatch.setattr(function, "apply", lambda *a, original=original: calls.append(1) or original(*a))
+    inputs = FAMILIES["llama"].inputs(batch=4, length=12)
+    fused_out, fused = _outputs_and_grads(model, inputs)
+    assert len(calls) == 2 + 5
+    unfuse_forwards(model)
+    plain_out, plain = _outputs_and_grads(model, inputs)
+    assert fused_out.dtype == torch.bfloat16 and fused.keys() == plain.keys()
+    for name, want in [("logits", plain_out), *plain.items()]:
+        got = fused_out if name == "logits" else fused[name]
+        assert got.dtype == torch.bfloat16
+        assert_close(got.float(), want.float(), rtol=1.6e-2, atol=2e-2 * want.abs().max().item(), msg=name)
+
+
 def test_frozen_a_matrices_skip_the_recomputation_and_keep_b_gradients_right():
     """With every A frozen the fused functions need neither x A^T's gradient nor down_proj's input."""
     model = _llama(mlp_bias=True)

@@ -100,14 +100,72 @@ def test_merge_unmerge_equivalence_and_no_drift(family):
             torch.testing.assert_close(p, weights[n], rtol=1e-5, atol=1e-6)
 
 
+def _adapter_and_base_dtypes(model):
+    trained = ("lora_", ".modules_to_save.")
+    adapters = {p.dtype for n, p in model.named_parameters() if any(t in n for t in trained)}
+    base = {p.dtype for n, p in model.named_parameters() if not any(t in n for t in trained)}
+    return adapters, base
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dtype_is_kept(family, dtype):
+def test_adapters_train_in_float32_over_a_bf16_base_and_the_base_keeps_its_dtype(family, dtype):
+    """The default adapter dtype (PEFT's autocast_adapter_dtype=True): float32 over a bf16 base, modules_to_save
+    copies too; without autocast each update is computed in float32 and comes back in the base's dtype."""
     model = family.build(dtype=dtype)
-    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=family.targets))
-    assert all(p.dtype == dtype for n, p in model.named_parameters() if "lora_" in n)
+    config = lorakit.LoraConfig(r=2, target_modules=family.targets, modules_to_save=family.modules_to_save)
+    lorakit.inject(model, config)
+    randomize_adapters(model)
+    assert _adapter_and_base_dtypes(model) == ({torch.float32}, {dtype})
     assert family.logits(model).dtype == dtype
     lorakit.merge(model)
-    assert all(p.dtype == dtype for p in model.parameters())
+    assert _adapter_and_base_dtypes(model) == ({torch.float32}, {dtype})
+
+
+def test_adapter_dtype_base_follows_the_base(family):
+    """adapter_dtype="base": everything in the base's dtype (precision=bf16), as before mixed precision."""
+    model = family.build(dtype=torch.bfloat16)
+    config = lorakit.LoraConfig(r=2, target_modules=family.targets, modules_to_save=family.modules_to_save)
+    lorakit.inject(model, config, adapter_dtype="base")
+    assert _adapter_and_base_dtypes(model) == ({torch.bfloat16}, {torch.bfloat16})
+    assert family.logits(model).dtype == torch.bfloat16
+    lorakit.merge(model)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("base", "adapter_dtype", "expected"),
+    [
+        (torch.float16, None, torch.float32),
+        (torch.float64, None, torch.float64),
+        (torch.float32, torch.float64, torch.float64),
+        (torch.bfloat16, torch.float16, torch.float16),
+        (torch.float16, "base", torch.float16),
+    ],
+)
+def test_adapter_dtype_choices(base, adapter_dtype, expected):
+    model = FAMILIES["llama"].build(dtype=base)
+    config = lorakit.LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"])
+    lorakit.inject(model, config, adapter_dtype=adapter_dtype)
+    assert _adapter_and_base_dtypes(model) == ({expected}, {base})
+
+
+@pytest.mark.parametrize("bad", ["fp32", "float32", torch.int8, torch.complex64, 32])
+def test_an_invalid_adapter_dtype_is_refused_before_anything_changes(bad):
+    model = FAMILIES["llama"].build()
+    with pytest.raises(ValueError, match=r"adapter_dtype=.* is invalid: use None .*'base'.*torch.float32"):
+        lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), adapter_dtype=bad)
+    assert not _wrapped(model) and "_lorakit_registry" not in model.__dict__
+
+
+def test_dora_and_pissa_tensors_follow_the_adapter_dtype():
+    """DoRA's magnitude and PiSSA's initial factors are adapter tensors too."""
+    model = FAMILIES["llama"].build(dtype=torch.bfloat16)
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True, init="pissa"))
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.lora_magnitude_vector["default"].dtype == torch.float32
+    a0, b0 = layer.variants["default"][0].initial_factors(layer, "default")
+    assert a0.dtype == b0.dtype == layer.lora_A["default"].weight.dtype == torch.float32
+    assert layer.base_layer.weight.dtype == torch.bfloat16
 
 
 def test_all_linear_skips_output_head():

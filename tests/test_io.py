@@ -75,6 +75,42 @@ def test_roundtrip_reproduces_outputs(family, tmp_path):
     assert any(p.requires_grad for n, p in again.named_parameters() if ".x." in n)
 
 
+def test_a_bf16_adapter_is_saved_in_float32_and_loads_in_the_adapter_dtype(tmp_path):
+    """Saved adapters are float32 whatever the training dtype: a bf16 adapter (adapter_dtype="base") and its
+    modules_to_save copy are widened exactly. Loading gives the adapter dtype, not the file's."""
+    family = FAMILIES["llama"]
+    model = family.build(dtype=torch.bfloat16)
+    lorakit.inject(model, _lorakit_config(family, modules_to_save=["lm_head"]), adapter_dtype="base")
+    randomize_adapters(model)
+    live = lorakit.io.adapter_tensors(model, "default")
+    assert {t.dtype for t in live.values()} == {torch.bfloat16}
+    lorakit.save_adapter(model, tmp_path / "bf16")
+    saved = load_file(tmp_path / "bf16" / WEIGHTS_NAME)
+    assert saved.keys() == live.keys() and "base_model.model.lm_head.weight" in saved
+    for key, tensor in saved.items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, live[key].float()), key
+    want = family.logits(model)
+    for adapter_dtype, expected in ((None, torch.float32), ("base", torch.bfloat16), (torch.float64, torch.float64)):
+        fresh = lorakit.load_adapter(family.build(dtype=torch.bfloat16), tmp_path / "bf16", adapter_dtype=adapter_dtype)
+        loaded = lorakit.io.adapter_tensors(fresh, "default")
+        assert {t.dtype for t in loaded.values()} == {expected}
+        assert all(torch.equal(loaded[k].float(), saved[k]) for k in saved)
+        assert fresh.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
+        if adapter_dtype == "base":
+            assert torch.equal(family.logits(fresh), want)
+        else:  # the update in the wider dtype, rounded once at the end
+            assert_close(family.logits(fresh).float(), want.float(), rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+def test_load_adapter_refuses_an_invalid_adapter_dtype_before_anything_changes(tmp_path):
+    family = FAMILIES["llama"]
+    _, directory = _trained_lorakit(family, tmp_path)
+    model = family.build()
+    with pytest.raises(ValueError, match="adapter_dtype='half' is invalid"):
+        lorakit.load_adapter(model, directory, adapter_dtype="half")
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())
+
+
 def test_lorakit_adapter_loads_in_peft(family, tmp_path):
     model, directory = _trained_lorakit(family, tmp_path)
     want = family.logits(model)

@@ -230,6 +230,28 @@ def test_fused_lora_function_matches_the_general_path(name, bias, cpu_gemm, monk
         assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("adapter_dtype", "autocast", "fast"),
+    [("base", False, True), (None, False, False), (None, True, True), ("base", True, True)],
+)
+def test_the_fast_path_runs_in_one_dtype_or_under_cpu_autocast(adapter_dtype, autocast, fast, monkeypatch):
+    """A bf16 base: with bf16 adapters the fast path runs; with float32 ones, outside autocast, the reference maths
+    (the update in float32, cast back); under CPU autocast (which ``torch.is_autocast_enabled()`` without a device
+    does not see), the fast path in bf16."""
+    from lorakit.layers.kernels import LoraLinearFunction
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10)).to(torch.bfloat16)
+    lorakit.inject(model, lorakit.LoraConfig(r=3, target_modules=["0"], init="random"), adapter_dtype=adapter_dtype)
+    calls = []
+    original = LoraLinearFunction.apply
+    monkeypatch.setattr(LoraLinearFunction, "apply", lambda *a: calls.append(1) or original(*a))
+    x = torch.randn(4, 12, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(x)
+    assert out.dtype == torch.bfloat16 and len(calls) == int(fast)
+
+
 def _grads_by_path(model, inputs, loss=lambda out: out.square().mean()):
     model.zero_grad()
     out = model(**inputs).logits

@@ -287,3 +287,77 @@ def test_nf4_dequantize_then_merge_of_the_embedded_model_equals_merging_into_the
         assert_close(model.get_submodule(path).base_layer.weight, weight, rtol=1e-6, atol=1e-6)
     with torch.no_grad():
         assert_close(model(ids).logits, adapted, rtol=1e-4, atol=1e-4)
+
+
+# ----- mixed precision (issue 28): a bf16 compute dtype under bf16-mixed, float32 adapters over it ------------
+def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.detach().float() - want.detach().float()).norm() / want.detach().float().norm())
+
+
+@pytest.mark.parametrize("method", ["nf4", "fp4", "int8"])
+def test_the_compute_dtype_follows_the_base_and_the_adapter_policy_sees_it(method):
+    """bf16-mixed stores the base in bf16: quantizing it gives bf16 compute layers (also int8, whose bitsandbytes
+    class has no compute dtype: quantize records it), and inject's default puts float32 adapters over them."""
+    model = _llama().to(torch.bfloat16)
+    quantize(model, method)
+    quantized = [m for m in model.modules() if is_quantized(m)]
+    assert len(quantized) == 14 and {_bnb.float_dtype(m) for m in quantized} == {torch.bfloat16}
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=TARGETS))
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), "kept", adapter_dtype="base")
+    assert {p.dtype for n, p in model.named_parameters() if ".kept." in n} == {torch.bfloat16}  # precision bf16
+    explicit = _llama()
+    quantize(explicit, method, compute_dtype=torch.bfloat16)  # a float32 model quantized for bf16 compute
+    assert {_bnb.float_dtype(m) for m in explicit.modules() if is_quantized(m)} == {torch.bfloat16}
+    unchanged = _llama()
+    quantize(unchanged, method)
+    assert {_bnb.float_dtype(m) for m in unchanged.modules() if is_quantized(m)} == {torch.float32}
+    with pytest.raises(ValueError, match="compute_dtype=torch.int8: use a float dtype"):
+        quantize(_llama(), method, compute_dtype=torch.int8)
+
+
+def _mixed_qlora(method: str):
+    """(QLoRA model, its reference) under bf16-mixed: a bf16 base quantized to ``method``, random float32 LoRA on
+    every projection; the reference holds the same adapters over the dequantized weights as bf16 nn.Linear."""
+    import copy
+
+    model = _llama().to(torch.bfloat16)
+    quantize(model, method)
+    lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=TARGETS, init="random"))
+    randomize_adapters(model, scale=0.05)
+    reference = copy.deepcopy(model)
+    assert dequantize(reference, torch.bfloat16) == 14
+    return model, reference
+
+
+@pytest.mark.parametrize("method", ["nf4", "fp4", "int8"])
+def test_qlora_under_bf16_autocast_trains_like_the_dequantized_base(method, bnb_cpu):
+    model, reference = _mixed_qlora(method)
+    ids = _ids(batch=2, length=10)
+    grads, losses = [], []
+    for m in (model, reference):
+        m.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(input_ids=ids, labels=ids)
+        assert out.logits.dtype == torch.bfloat16  # the products ran in bf16
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append([p.grad for p in m.parameters() if p.requires_grad])
+    assert abs(float(losses[0] - losses[1])) < 5e-3 * float(losses[1])
+    assert len(grads[0]) == 2 * 7 * 2 and all(g is not None and g.dtype == torch.float32 for g in grads[0])
+    for got, want in zip(*grads, strict=True):
+        assert _relative(got, want) < 6e-2  # bf16 products; the dequantized weights rounded to bf16 once more
+    assert not any(_bnb.is_cpu_packed(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_qlora_under_bf16_autocast_infers_like_the_dequantized_base(method, rows, bnb_cpu):
+    """An eval forward without gradients (generation, serving): where bitsandbytes would repack on an AVX-512
+    BF16 CPU; one row (a decode step) and several."""
+    model, reference = _mixed_qlora(method)
+    ids = _ids(batch=rows, length=6)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = model(ids).logits, reference(ids).logits
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert _relative(got, want) < (3e-2 if method == "int8" else 2e-2)  # int8 inference quantizes activations

@@ -30,6 +30,10 @@ from .conftest import free_port, randomize_adapters, save_tiny_lm
 ADAPTERS = ("a", "b", "c")
 PROMPTS = ("the colour of item 3 is", "the colour", "item 12 is", "the colour of item 45 is green and")
 KEY = "sekret-key"
+# The servers of the tests comparing greedy text with offline generate run fp32: in bf16 a routed mixed batch and a
+# lone adapter round differently (by ~1 bf16 step of a logit), so near ties may go either way; see
+# test_the_engine_under_a_precision_decodes_a_mixed_batch_like_each_adapted_model for bf16-mixed and bf16.
+SERVE_FP32 = ["--precision", "fp32"]
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +53,7 @@ def served(tmp_path_factory, tiny_tokenizer):
     (adapter_dir / "escape").symlink_to(outside / "x")
     port = free_port()
     args = ["--model", str(model_dir), "--adapter-dir", str(adapter_dir), "--port", str(port), "--max-tokens", "3000"]
+    args += SERVE_FP32
     for name in ADAPTERS:
         args += ["--adapter", f"{name}={adapter_dir / name}"]
     proc = _start(args, port)
@@ -61,7 +66,7 @@ def limited(served):
     """A second server: API key, batch of 1, queue of 1, 2-second timeout."""
     port = free_port()
     args = ["--model", str(served["model"]), "--port", str(port), "--api-key", KEY, "--max-batch-size", "1"]
-    args += ["--max-queue", "1", "--timeout", "2", "--max-tokens", "4000", "--max-body-bytes", "4096"]
+    args += ["--max-queue", "1", "--timeout", "2", "--max-tokens", "4000", "--max-body-bytes", "4096", *SERVE_FP32]
     proc = _start(args, port, key=KEY)
     yield {**served, "port": port}
     _stop(proc)
@@ -114,7 +119,8 @@ def raw(port: int, method: str, path: str, body: bytes | None = None, headers: d
 
 
 def offline(served, capsys, adapter: str | None, *, prompt: str | None = None, chat: str | None = None, n=12) -> str:
-    args = ["generate", "--model", str(served["model"]), "--max-new-tokens", str(n)]
+    # the servers here run fp32 (SERVE_FP32), and so does generate: exactly the same greedy tokens
+    args = ["generate", "--model", str(served["model"]), "--max-new-tokens", str(n), "--precision", "fp32"]
     args += ["--adapter", str(served["adapters"] / adapter)] if adapter else []
     args += ["--prompt", prompt] if prompt is not None else ["--chat", chat]
     capsys.readouterr()
@@ -452,7 +458,7 @@ def served_opt(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("serve-opt")
     save_tiny_lm(root / "opt", tiny_tokenizer, family="opt", init_std=0.2, max_position_embeddings=512)
     model, _ = lorakit.load_model(root / "opt")
-    args = ["--model", str(root / "opt"), "--port", str(free_port())]
+    args = ["--model", str(root / "opt"), "--port", str(free_port()), *SERVE_FP32]
     for i, name in enumerate(ADAPTERS):
         config = lorakit.LoraConfig(r=2 + i, alpha=8, target_modules=["q_proj", "v_proj", "fc1", "fc2"], init="random")
         lorakit.inject(model, config, name)
@@ -509,3 +515,129 @@ def test_a_failed_prefill_answers_its_requests_and_the_engine_keeps_serving(tiny
         assert event.completion_tokens == 3 or event.finish_reason == "stop"
     finally:
         engine.stop()
+
+
+# ----- mixed precision (issue 28) ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def precision_lm(tmp_path_factory, tiny_tokenizer):
+    """A tiny LLaMA (float32 on disk) and three float32 adapters a, b, c of different ranks and targets."""
+    root = tmp_path_factory.mktemp("serve-precision")
+    model_dir = save_tiny_lm(root / "lm", tiny_tokenizer, initializer_range=0.2)
+    model, _ = lorakit.load_model(model_dir)
+    for i, name in enumerate(ADAPTERS):
+        targets = "all-linear" if i % 2 == 0 else ["q_proj", "v_proj", "down_proj"]
+        lorakit.inject(model, lorakit.LoraConfig(r=2 + 2 * i, alpha=8, target_modules=targets, init="random"), name)
+        randomize_adapters(model, seed=i, scale=0.3)
+        lorakit.save_adapter(model, root / name, name)
+    return {"model": model_dir, "adapters": {n: root / n for n in ADAPTERS}}
+
+
+def _near_greedy_steps(model, precision, prompt_ids: list[int], tokens: list[int]) -> list[float]:
+    """For each of ``tokens`` generated after ``prompt_ids``: how far below the best logit of ``model`` (itself, its
+    active adapter, fed the same tokens) that token's logit is, relative to the largest logit. 0 everywhere: the
+    model's own greedy tokens."""
+    ids = torch.tensor([prompt_ids + tokens])
+    with torch.no_grad(), precision.context("cpu"):
+        logits = model(ids).logits[0, len(prompt_ids) - 1 : -1].float()
+    picked = logits.gather(1, torch.tensor(tokens)[:, None]).squeeze(1)
+    return ((logits.amax(1) - picked) / logits.abs().amax(1)).tolist()
+
+
+@pytest.mark.parametrize("name", ["bf16-mixed", "bf16"])
+def test_the_engine_under_a_precision_decodes_a_mixed_batch_like_each_adapted_model(precision_lm, name):
+    """bf16-mixed: a bf16 base, float32 adapters, every forward under bf16 autocast; bf16: all bf16. A batch
+    mixing the base and three adapters (routed, one forward per step) gives each request the greedy tokens of
+    the model with that adapter alone, in the same precision: each token is that model's argmax given the tokens
+    before it, up to bf16 rounding (the routed batch and the lone adapter round differently, by ~1 bf16 step of a
+    logit: where two logits are that close, either is the greedy token)."""
+    import queue
+
+    from lorakit.precision import decide
+    from lorakit.serve.engine import Engine, Request, SamplingParams
+    from lorakit.serve.registry import AdapterRegistry
+
+    precision = decide(name, "cpu")
+    model, tokenizer = lorakit.load_model(precision_lm["model"], dtype=precision.storage)
+    engine = Engine(model, tokenizer, max_batch_size=8, precision=precision)
+    registry = AdapterRegistry(model, engine, "lm", adapter_dtype=precision.trained)
+    for adapter, directory in precision_lm["adapters"].items():
+        registry.load_at_start(adapter, directory)
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" not in n} == {precision.storage}
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {precision.trained}
+    done: queue.Queue = queue.Queue()
+    requests = [
+        Request(tokenizer(prompt)["input_ids"], adapter, SamplingParams(max_tokens=8, ignore_eos=True), done.put)
+        for prompt in PROMPTS[:2]
+        for adapter in (None, *ADAPTERS)
+    ]
+    for request in requests:  # all waiting before the engine starts: one mixed batch
+        engine.submit(request)
+    engine.start()
+    try:
+        for _ in requests:
+            while (event := done.get(timeout=60)).finish_reason is None:
+                assert event.error is None, event.error
+    finally:
+        engine.stop()
+    assert engine.steps == 8  # one prefill and seven decode steps served every request together
+    gaps = []
+    for adapter in (None, *ADAPTERS):
+        direct, _ = lorakit.load_model(precision_lm["model"], dtype=precision.storage)
+        if adapter is not None:
+            lorakit.load_adapter(direct, precision_lm["adapters"][adapter], adapter, adapter_dtype=precision.trained)
+        for request in (r for r in requests if r.adapter == adapter):
+            assert len(request.generated) == 8
+            gaps += _near_greedy_steps(direct, precision, request.prompt_ids, request.generated)
+    assert max(gaps) < 2**-5, gaps  # a near tie at most: a few bf16 steps (2^-8 to 2^-7) of the largest logit
+    assert sum(g == 0 for g in gaps) >= 0.9 * len(gaps)  # and nearly always the very argmax
+    firsts = {tuple(r.generated) for r in requests if r.prompt_ids == requests[0].prompt_ids}
+    assert len(firsts) == 4  # the adapters really differ
+
+
+@pytest.mark.parametrize(
+    ("flags", "precision", "base", "adapters"),
+    [
+        ([], "auto", None, torch.float32),  # as lorakit.precision.decide resolves it on this CPU
+        (["--precision", "fp32"], "fp32", torch.float32, torch.float32),
+        (["--precision", "bf16-mixed"], "bf16-mixed", torch.bfloat16, torch.float32),
+        (["--precision", "bf16"], "bf16", torch.bfloat16, torch.bfloat16),
+        (["--dtype", "bfloat16"], "bf16", torch.bfloat16, torch.bfloat16),  # the deprecated alias
+    ],
+)
+def test_serve_precision_loads_the_base_and_adapters_in_its_dtypes(
+    precision_lm, monkeypatch, capsys, flags, precision, base, adapters
+):
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    from lorakit.precision import decide
+
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    args = ["serve", "--model", str(precision_lm["model"]), "--adapter", f"a={precision_lm['adapters']['a']}"]
+    args += ["--adapter-dir", str(precision_lm["adapters"]["b"].parent)]
+    assert main([*args, *flags]) == 0
+    if precision == "auto":
+        resolved = decide("auto", "cpu")
+        precision, base = resolved.name, resolved.storage
+    err = capsys.readouterr().err
+    assert f"precision: {precision}" in err
+    assert ("--dtype is deprecated; --dtype bfloat16 is --precision bf16" in err) == ("--dtype" in flags)
+    state = apps[0].state.lorakit
+    model = state.engine.model
+    assert state.engine.precision.name == precision
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" not in n} == {base}
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {adapters}
+    with TestClient(apps[0]) as http:  # the app's lifespan starts and stops the engine
+        assert http.post("/v1/adapters", json={"name": "b"}).status_code == 200  # loaded at run time: alike
+        body = {"model": "b", "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}
+        reply = http.post("/v1/completions", json=body)
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] >= 1
+    assert {p.dtype for n, p in model.named_parameters() if ".b." in n} == {adapters}
+
+
+def test_serve_precision_errors_are_one_line(capsys, tmp_path):
+    assert main(["serve", "--model", str(tmp_path), "--precision", "fp16-mixed"]) == 2
+    assert "fp16-mixed needs a CUDA device" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path), "--precision", "bf16", "--dtype", "float32"]) == 2
+    assert "--dtype is replaced by --precision; give only --precision" in capsys.readouterr().err

@@ -78,3 +78,35 @@ def test_admission_names_the_limit_and_the_field():
     assert err.value.code == "context_length_exceeded"
     with pytest.raises(ApiError, match="stop takes up to 16 non-empty strings"):
         check_admission(state, ChatBody(model="m", messages=[{"role": "user", "content": "q"}], stop=[""]), [[1]], 5)
+
+
+# ----- --precision (issue 28) ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("flags", "name"),
+    [
+        ([], "auto"),
+        (["--precision", "bf16-mixed"], "bf16-mixed"),
+        (["--dtype", "float32"], "fp32"),
+        (["--dtype", "bfloat16"], "bf16"),
+        (["--dtype", "float16"], "fp16-mixed"),
+        (["--precision", "auto", "--dtype", "float32"], "fp32"),  # auto is the default: the alias decides
+    ],
+)
+def test_serve_precision_flags_and_the_deprecated_dtype(capsys, flags, name):
+    from lorakit.cli.main import build_parser
+    from lorakit.cli.serve import precision_name
+
+    assert precision_name(build_parser().parse_args(["serve", *flags])) == name
+    note = f"lorakit serve: --dtype is deprecated; {' '.join(flags[-2:])} is --precision {name}\n"
+    assert capsys.readouterr().err == (note if "--dtype" in flags else "")  # one line, for the alias only
+
+
+def test_serve_precision_refuses_both_flags_and_unknown_names(capsys):
+    from lorakit.cli.main import build_parser
+    from lorakit.cli.serve import precision_name
+
+    with pytest.raises(ValueError, match="--dtype is replaced by --precision; give only --precision"):
+        precision_name(build_parser().parse_args(["serve", "--precision", "bf16", "--dtype", "bfloat16"]))
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--precision", "fp8"])
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err

@@ -301,6 +301,27 @@ def test_dora_merge_unmerge_and_the_cached_norm(tmp_path, monkeypatch):
     assert_close(family.logits(model, inputs), unmerged, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(("adapter_dtype", "expected"), [(None, torch.float32), ("base", torch.bfloat16)])
+def test_dora_over_a_bf16_base_starts_unchanged_and_merges(adapter_dtype, expected):
+    """The magnitude and the cached norm share the adapter's dtype (the norm computed in float32 either way), so a
+    fresh DoRA adapter leaves a bf16 model's output bit for bit; merged, it stays within bf16 rounding."""
+    family = FAMILIES["llama"]
+    model = family.build(dtype=torch.bfloat16)
+    want = family.logits(model)
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=TARGETS, use_dora=True), adapter_dtype=adapter_dtype)
+    layer = model.model.layers[0].self_attn.q_proj
+    magnitude = layer.lora_magnitude_vector["default"]
+    assert magnitude.dtype == layer.variants["default"][0].norm(layer, "default").dtype == expected
+    assert torch.equal(magnitude, torch.linalg.norm(layer.base_layer.weight.float(), dim=1).to(expected))
+    assert torch.equal(family.logits(model), want)
+    randomize_adapters(model, scale=0.05)
+    unmerged = family.logits(model)
+    assert unmerged.dtype == torch.bfloat16
+    lorakit.merge(model)
+    merged = family.logits(model)
+    assert_close(merged.float(), unmerged.float(), rtol=2e-2, atol=2e-2 * unmerged.abs().max().item())
+
+
 def test_dora_refusals(tmp_path):
     model = FAMILIES["llama"].build()
     with pytest.raises(ValueError, match="use_dora applies to linear layers only"):

@@ -43,6 +43,7 @@ _QUANTIZED_TYPES = ("Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt")
 _PACK_BLOCK_N = 32  # rows per tile of the packed layout (bitsandbytes' block_n)
 _KERNELS_LOGGER = "bitsandbytes.backends.cpu.ops"
 _KERNELS_MESSAGE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+_INT8_FLOAT_DTYPE = "lorakit_float_dtype"  # set on an int8 layer by ``quantize``: see ``set_int8_float_dtype``
 
 
 def require_bitsandbytes(method: str = "nf4"):
@@ -166,9 +167,21 @@ def _packed_codes(packed: torch.Tensor, state) -> torch.Tensor:
 
 
 def float_dtype(layer: nn.Module) -> torch.dtype:
-    """The float dtype a layer computes in: its weight's, or for a quantized layer its compute dtype."""
+    """The float dtype a layer computes in: its weight's, or for a quantized layer its compute dtype (a 4-bit
+    layer's ``compute_dtype``; for an int8 layer the one ``quantize`` recorded), else float32. The adapter dtype
+    policy reads it: float32 adapters over a bf16 compute dtype by default."""
     weight = layer.weight
     if weight.dtype.is_floating_point:
         return weight.dtype
-    compute = getattr(layer, "compute_dtype", None)
-    return compute if isinstance(compute, torch.dtype) else torch.float32
+    for attr in ("compute_dtype", _INT8_FLOAT_DTYPE):
+        compute = getattr(layer, attr, None)
+        if isinstance(compute, torch.dtype):
+            return compute
+    return torch.float32
+
+
+def set_int8_float_dtype(layer: nn.Module, dtype: torch.dtype) -> None:
+    """Record the float dtype an int8 layer's inputs, outputs and bias are in: bitsandbytes' ``Linear8bitLt`` has
+    no compute dtype (it multiplies in its input's dtype), yet ``float_dtype`` must answer for it (the adapter
+    dtype and the dequantized weight's dtype follow it): bf16 for a base quantized under bf16-mixed."""
+    setattr(layer, _INT8_FLOAT_DTYPE, dtype)

@@ -182,8 +182,8 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Remove all lorakit wrappers and forward patches and return the plain model.
 
     Args:
-        merge: if true, the active adapters are merged first (and their modules_to_save copies kept);
-            if false, the original model comes back unchanged.
+        merge: if true, the active adapters are merged first (and their modules_to_save copies kept, in the
+            original module's dtype); if false, the original model comes back unchanged.
     """
     reg = registry(model)
     if merge:
@@ -198,7 +198,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
             set_submodule(model, path, module.base_layer)
             continue
         chosen = [n for n in reg.active if n in module.adapter_names] if merge else []
-        set_submodule(model, path, module.modules_to_save[chosen[0]] if chosen else module.original_module)
+        set_submodule(model, path, module.unloaded_copy(chosen[0]) if chosen else module.original_module)
     _forget(model)
     return model
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .inject import add_adapter_layers, check_new_name, update_trainable
-from .layers import LoraConv2d, LoraEmbedding, LoraLayer
+from .layers import AdapterDtype, LoraConv2d, LoraEmbedding, LoraLayer, check_adapter_dtype
 from .state import check_adapter_name, registry
 
 FACTOR_METHODS = ("linear", "ties", "dare_linear")  # entry-wise on A and B: equal targets and ranks needed
@@ -73,6 +73,7 @@ def combine(
     density: float | None = None,
     majority_sign: str = "total",
     seed: int | None = None,
+    adapter_dtype: AdapterDtype = None,
 ) -> CombineReport:
     """Add adapter ``name`` made from the adapters in ``weights`` (``{adapter: weight}``; negative weights
     subtract). The new adapter is frozen and not activated: ``set_active(model, name)`` to use it.
@@ -83,12 +84,15 @@ def combine(
         density: the share of entries kept (0 < density <= 1); required by ties and dare methods.
         majority_sign: how TIES elects the sign: ``total`` (sign of the summed values) or ``frequency``.
         seed: random seed for DARE; without it the global torch generator is used (as PEFT does).
+        adapter_dtype: the new adapter's dtype, as for ``inject`` (default: float32 over a bf16 / fp16 base);
+            the factors are computed in float32 whatever the inputs' dtypes.
 
     Raises:
         ValueError: unknown adapter or method, bad weights/rank/density, the name is in use, adapters with
             modules_to_save, or (for linear, ties, dare_linear) adapters whose targets or ranks differ.
     """
     check_new_name(model, name)
+    check_adapter_dtype(adapter_dtype)
     weights = _check_weights(model, weights)
     _check_options(method, rank, density, majority_sign)
     reg = registry(model)
@@ -132,7 +136,7 @@ def combine(
         rank_pattern=escaped,
         alpha_pattern={k: float(v) for k, v in escaped.items()},
     )
-    add_adapter_layers(model, config, name, list(layers), [])
+    add_adapter_layers(model, config, name, list(layers), [], adapter_dtype=adapter_dtype)
     reg.adapters[name].trainable = False
     with torch.no_grad():
         for path, (a_new, b_new) in factors.items():

@@ -6,18 +6,29 @@ from torch import nn
 
 from ._bnb import keep_plain_layout
 from .config import LoraConfig
-from .layers import LoraLayer, ModulesToSave, is_linear_like, link_shared_inputs
+from .layers import AdapterDtype, LoraLayer, ModulesToSave, check_adapter_dtype, is_linear_like, link_shared_inputs
 from .state import AdapterInfo, adapter_modules, registry, set_submodule
 from .targeting import find_modules_to_save, find_targets, sample, warn_large_ranks, wrapper_class
 
 
-def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Module:
+def inject(
+    model: nn.Module, config: LoraConfig, name: str = "default", *, adapter_dtype: AdapterDtype = None
+) -> nn.Module:
     """Add LoRA adapter ``name`` to ``model`` in place and make it the active, trainable adapter.
 
     Args:
         model: any ``torch.nn.Module``; its class does not change, so ``generate()`` and friends still work.
         config: the adapter's ``LoraConfig``.
         name: adapter name, unique on this model.
+        adapter_dtype: the dtype of the adapter's tensors (A and B, DoRA magnitudes, PiSSA's initial factors,
+            ``modules_to_save`` copies). ``None`` (default): float32 where the base layer is bfloat16 or
+            float16 (its weight's dtype, or a quantized layer's compute dtype), else the base's dtype: what
+            trains stays float32 (PEFT's ``autocast_adapter_dtype=True``). Run the forward under
+            ``torch.autocast`` for the products in the base's dtype; without autocast each update is computed
+            in float32 and cast back to the layer's output dtype (a ``modules_to_save`` copy casts its input
+            to its dtype and its output back). ``"base"``: the base layer's dtype (all-bf16 training). A
+            ``torch.dtype``: that dtype. Biases that ``config.bias`` trains are the base's own parameters and
+            keep their dtype.
 
     Returns:
         The same model object. Everything but the active adapter's parameters (and the biases or
@@ -25,24 +36,35 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
 
     Raises:
         TypeError: ``config`` is not a LoraConfig.
-        ValueError: the name is in use or invalid; a target entry matches nothing (the message suggests
-            close module names); a matched module has an unsupported type; a matched module's weight is
-            tied to the input embedding (an output head under ``tie_word_embeddings``: such an adapter could
-            not be merged nor exported to GGUF; "all-linear" leaves the head out).
+        ValueError: the name is in use or invalid; ``adapter_dtype`` is none of the above; a target entry
+            matches nothing (the message suggests close module names); a matched module has an unsupported
+            type; a matched module's weight is tied to the input embedding (an output head under
+            ``tie_word_embeddings``: such an adapter could not be merged nor exported to GGUF; "all-linear"
+            leaves the head out).
     """
     check_new_name(model, name)
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a lorakit.LoraConfig, got {type(config).__name__}")
+    check_adapter_dtype(adapter_dtype)
     saved = find_modules_to_save(model, config.modules_to_save or [], strict=True)
     targets = find_targets(model, config, skip=saved, strict=True)
     warn_large_ranks(model, config, targets)
-    add_adapter_layers(model, config, name, targets, saved)
+    add_adapter_layers(model, config, name, targets, saved, adapter_dtype=adapter_dtype)
     activate(model, [name])
     return model
 
 
-def add_adapter_layers(model: nn.Module, config: LoraConfig, name: str, targets: list[str], saved: list[str]) -> None:
-    """Wrap (or reuse wrappers of) ``targets`` and ``saved`` and add the adapter's tensors; records it."""
+def add_adapter_layers(
+    model: nn.Module,
+    config: LoraConfig,
+    name: str,
+    targets: list[str],
+    saved: list[str],
+    *,
+    adapter_dtype: AdapterDtype = None,
+) -> None:
+    """Wrap (or reuse wrappers of) ``targets`` and ``saved`` and add the adapter's tensors, in the dtype
+    ``adapter_dtype`` gives for each layer (see ``inject``); records it."""
     reg = registry(model, create=True)
     _check_variants(model, config, targets)
     for module in model.modules():  # gradients must pass every 4-bit layer, wrapped or not (lorakit._bnb)
@@ -50,9 +72,12 @@ def add_adapter_layers(model: nn.Module, config: LoraConfig, name: str, targets:
     for path in targets:
         layer = _wrap(model, path, _lora_wrapper)
         r, alpha = config.rank_and_alpha(path)
-        layer.add_adapter(name, r, alpha, config.scaling(r, alpha), config.dropout, config.init, config.use_dora)
+        scaling = config.scaling(r, alpha)
+        layer.add_adapter(
+            name, r, alpha, scaling, config.dropout, config.init, config.use_dora, adapter_dtype=adapter_dtype
+        )
     for path in saved:
-        _wrap(model, path, ModulesToSave).add_adapter(name)
+        _wrap(model, path, ModulesToSave).add_adapter(name, adapter_dtype=adapter_dtype)
     reg.adapters[name] = AdapterInfo(config=config, targets=targets, saved_modules=saved)
     link_shared_inputs(model)
 

@@ -20,7 +20,8 @@ from torch import nn
 from .adapters import delete_adapter, set_active
 from .config import ALL_LINEAR, LoraConfig
 from .inject import add_adapter_layers, bias_parameters, check_new_name
-from .layers import LoraConv1D, LoraEmbedding
+from .layers import AdapterDtype, LoraConv1D, LoraEmbedding, check_adapter_dtype
+from .precision import LOW_PRECISION
 from .state import check_adapter_name, registry
 from .targeting import find_modules_to_save, find_targets
 
@@ -196,7 +197,9 @@ def save_adapter(
     """Write adapter ``name`` as PEFT does: ``adapter_config.json`` and ``adapter_model.safetensors``.
 
     Each file is written to a temporary name, synced, then renamed, so a crash never leaves a half-written
-    adapter; other files in ``directory`` are left alone.
+    adapter; other files in ``directory`` are left alone. Tensors are saved in float32 at least: a bfloat16 or
+    float16 adapter (``adapter_dtype="base"`` over a bf16 model) is widened to float32 (exactly), as PEFT's
+    files usually are, so any loader reads it in any dtype.
 
     A PiSSA adapter (``init="pissa"``) is written as an ordinary rank-2r LoRA adapter that applies to the
     original base model, like PEFT's ``path_initial_model_for_weight_conversion``; ``pissa_as_lora=False``
@@ -216,7 +219,7 @@ def save_adapter(
     live = pissa_as_lora_tensors(model, name) if pissa_as_lora else adapter_tensors(model, name)
     if values is not None:
         live = _gathered(model, live, values)
-    tensors = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in live.items()}
+    tensors = {k: _file_tensor(t) for k, t in live.items()}
     config = json.dumps(peft_config_dict(model, name, pissa_as_lora), indent=2, sort_keys=True) + "\n"
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -232,6 +235,12 @@ def save_adapter(
             f"could not save adapter to {directory}: {err.strerror or err}; files already there are unchanged",
         ) from err
     return directory
+
+
+def _file_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A detached CPU copy of ``tensor`` for the file, float32 where it was bfloat16 or float16 (exact)."""
+    dtype = torch.float32 if tensor.dtype in LOW_PRECISION else tensor.dtype
+    return tensor.detach().to("cpu", dtype=dtype, copy=True).contiguous()
 
 
 def _gathered(model: nn.Module, live: dict[str, torch.Tensor], values: dict[str, torch.Tensor]):
@@ -367,7 +376,12 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_adapter(
-    model: nn.Module, directory: str | os.PathLike, name: str = "default", trainable: bool = False
+    model: nn.Module,
+    directory: str | os.PathLike,
+    name: str = "default",
+    trainable: bool = False,
+    *,
+    adapter_dtype: AdapterDtype = None,
 ) -> nn.Module:
     """Load a PEFT or lorakit adapter onto ``model`` as adapter ``name`` and make it the active one.
 
@@ -376,13 +390,17 @@ def load_adapter(
 
     Args:
         trainable: leave the adapter's parameters trainable (to continue training); frozen by default.
+        adapter_dtype: the dtype the adapter's tensors get, whatever the file's: as for ``inject``, float32
+            over a bfloat16 / float16 base by default (run the forward under ``torch.autocast`` for bf16
+            products), ``"base"`` for the base layer's dtype, or a ``torch.dtype``.
 
     Raises:
         ValueError: missing/corrupt files, a pickle instead of safetensors, unsupported PEFT features,
-            name already in use, keys/shapes that do not fit this model, or a LoRA target whose weight is tied
-            to the input embedding (as ``inject`` refuses it).
+            name already in use, an invalid ``adapter_dtype``, keys/shapes that do not fit this model, or a
+            LoRA target whose weight is tied to the input embedding (as ``inject`` refuses it).
     """
     check_new_name(model, name)
+    check_adapter_dtype(adapter_dtype)
     config, tensors = read_adapter(directory)
     try:
         saved = find_modules_to_save(model, config.modules_to_save or [], strict=False)
@@ -390,7 +408,7 @@ def load_adapter(
     except ValueError as err:
         raise ValueError(f"adapter {directory} does not fit this model: {err}") from None
     _check_ranks(config, tensors, targets, directory)  # before any allocation: r comes from an untrusted file
-    add_adapter_layers(model, config, name, targets, saved)
+    add_adapter_layers(model, config, name, targets, saved, adapter_dtype=adapter_dtype)
     expected = adapter_tensors(model, name)
     problems = _compare(expected, tensors, _embedding_base_weights(model, targets))
     if problems:

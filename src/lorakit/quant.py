@@ -3,8 +3,14 @@ bitsandbytes, LoRA kept in full precision beside them.
 
 ``quantize(model, "nf4")`` replaces every ``nn.Linear`` of the base model except the output head with a
 bitsandbytes ``Linear4bit`` (or ``Linear8bitLt`` for int8), quantizing the weights in place, and reports the
-memory of those weights before and after. Add adapters afterwards with ``inject`` as usual; they train in the
-compute dtype (float32 unless the model is bfloat16/float16).
+memory of those weights before and after. Add adapters afterwards with ``inject`` as usual.
+
+The compute dtype: what a quantized layer dequantizes its weight to and multiplies in (``compute_dtype``, by
+default the model's float dtype). Under a mixed precision (``lorakit.precision``) it is the precision's storage
+dtype, bfloat16 for bf16-mixed: the 4-bit products then run in bf16 as autocast runs the rest of the model, and
+the adapters over them are float32 by ``inject``'s default over a low-precision base (``adapter_dtype="base"``
+keeps them in the compute dtype, as precision bf16 does). ``_bnb.float_dtype`` reports the compute dtype, also
+for int8 layers, whose bitsandbytes class has none of its own (it computes in its input's dtype).
 
 A quantized weight cannot take a merge without being rounded again, so ``merge`` refuses it. The choice
 lorakit makes instead (``lorakit merge --quantize``, or ``dequantize`` then ``merge`` here): dequantize the base,
@@ -27,6 +33,7 @@ from ._bnb import (
     keep_plain_layout,
     quant_method,
     require_bitsandbytes,
+    set_int8_float_dtype,
 )
 from .state import has_adapters, set_submodule
 from .targeting import output_heads
@@ -67,12 +74,17 @@ def quantize(model: nn.Module, method: str = "nf4", compute_dtype: torch.dtype |
 
     Args:
         method: ``nf4`` (QLoRA's NormalFloat4, double-quantized scales), ``fp4`` or ``int8`` (LLM.int8 rows).
-        compute_dtype: dtype the 4-bit layers compute in; default: the model's float dtype.
+        compute_dtype: the float dtype the quantized layers take inputs in, multiply in (4-bit) and keep their
+            bias in; default: each layer's own weight dtype (the model's). With a precision, pass its storage
+            dtype: ``quantize(model, method, compute_dtype=precision.storage)`` (bf16 for bf16-mixed).
 
     Raises:
-        ValueError: unknown method, bitsandbytes missing, the model already has adapters, or nothing to quantize.
+        ValueError: unknown method or compute dtype, bitsandbytes missing, the model already has adapters, or
+            nothing to quantize.
     """
     check_method(method)
+    if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point):
+        raise ValueError(f"compute_dtype={compute_dtype!r}: use a float dtype such as torch.bfloat16, or None")
     bnb = require_bitsandbytes(method)
     if has_adapters(model):
         raise ValueError("quantize the base model before adding adapters: call quantize() first, then inject()")
@@ -93,6 +105,7 @@ def quantize(model: nn.Module, method: str = "nf4", compute_dtype: torch.dtype |
             layer.weight = bnb.nn.Int8Params(
                 weight.detach().to(torch.float16), requires_grad=False, has_fp16_weights=False
             )
+            set_int8_float_dtype(layer, dtype)
         else:
             layer = bnb.nn.Linear4bit(
                 linear.in_features,

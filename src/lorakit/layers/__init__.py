@@ -8,7 +8,8 @@ Each wrapper keeps its adapters by name in ``ModuleDict``s (``lora_A``, ``lora_B
 state-dict keys read ``<path>.lora_A.<adapter>.weight``). Several adapters may be active at once (their
 updates add), merged into the base weight, disabled, or routed per batch row.
 
-- ``base``: ``LoraLayer``, bookkeeping, merge and the reference forward shared by every layer type
+- ``base``: ``LoraLayer``, bookkeeping, merge and the reference forward shared by every layer type; the
+  adapter dtype policy (``adapter_dtype_for``: float32 over a bf16 / fp16 base by default)
 - ``linear``: ``LoraLinear`` / ``LoraConv1D``, the reference forward plus one fast path
 - ``embedding``, ``conv``: ``LoraEmbedding``, ``LoraConv2d``
 - ``saved``: ``ModulesToSave``, whole trainable module copies per adapter
@@ -20,7 +21,7 @@ updates add), merged into the base weight, disabled, or routed per batch row.
 - ``dispatch``: which wrapper takes which layer type
 """
 
-from .base import BaseWrapper, LoraLayer
+from .base import AdapterDtype, BaseWrapper, LoraLayer, adapter_dtype_for, check_adapter_dtype
 from .conv import LoraConv2d
 from .dispatch import is_linear_like, wrapper_classes
 from .embedding import LoraEmbedding
@@ -32,6 +33,7 @@ from .shared import SharedInput, link_shared_inputs
 from .variants import DoraVariant, LoraVariant, PissaVariant
 
 __all__ = [
+    "AdapterDtype",
     "BaseWrapper",
     "DoraVariant",
     "LoraConv1D",
@@ -44,6 +46,8 @@ __all__ = [
     "PissaVariant",
     "Routing",
     "SharedInput",
+    "adapter_dtype_for",
+    "check_adapter_dtype",
     "fuse_forwards",
     "is_linear_like",
     "link_shared_inputs",

@@ -57,7 +57,7 @@ class LoraConv2d(LoraLayer):
 
     def _update(self, x: torch.Tensor, name: str) -> torch.Tensor:
         a = self.lora_A[name]
-        x = x.to(a.weight.dtype) if x.dtype != a.weight.dtype else x
+        x = self.adapter_input(x, a.weight.dtype)
         return self.lora_B[name](a(self.lora_dropout[name](x))) * self.scaling[name]
 
     def _routed_update(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -68,7 +68,7 @@ class LoraConv2d(LoraLayer):
         base = self.base_layer
         a_cat = torch.cat([self.lora_A[n].weight for n in present])
         b_cat = torch.cat([self.lora_B[n].weight * self.scaling[n] for n in present], dim=1)
-        xs = self._row_dropout(x.to(a_cat.dtype), routing.names, index)
+        xs = self._row_dropout(self.adapter_input(x, a_cat.dtype), routing.names, index)
         hidden = F.conv2d(xs, a_cat, None, base.stride, base.padding)
         hidden = hidden * routing.mask(layout, 1, index, hidden.dtype)[:, :, None, None]
         return F.conv2d(hidden, b_cat)

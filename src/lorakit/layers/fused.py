@@ -13,6 +13,12 @@ They act only while gradients are on: inference runs the model's own forwards, b
   tokens, 12.6 MB a layer, 380 MB in all) for one extra elementwise product in backward.
 - RMS norm, ``w * x / sqrt(mean(x^2) + eps)``: one function keeping x and the per-row ``1/sqrt(...)``,
   with a three-pass backward; autograd's graph of the same expression takes about twice as long on CPU.
+  For a float32, bfloat16 or float16 x and weight, computed as transformers' ``LlamaRMSNorm`` does (float32
+  statistics, the normalised x back in x's dtype, times the weight).
+
+Both also run under ``torch.autocast`` (bf16-mixed training): the down projection's fused function then
+computes in autocast's dtype like the LoRA fast path (``lorakit.layers.linear``); the RMS norm has no
+operation autocast changes (its statistics are float32 already), so it computes as without autocast.
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ import torch
 from torch import nn
 
 from ..patches import patch_forward, patched, remove_patches
+from ..precision import autocast_off
 from .base import LoraLayer
-from .kernels import GatedDownLora, RmsNorm, SiluGate
+from .kernels import GatedDownLora, RmsNorm, SiluGate, apply_in
 from .linear import LoraLinear
 
 GATED_MLP = "fused gated MLP"
@@ -70,7 +77,8 @@ def _gated_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return down(SiluGate.apply(gate, up))
     base = down.base_layer
     a, b = down.lora_A[name].weight, down.lora_B[name].weight
-    return GatedDownLora.apply(gate, up, base.weight, base.bias, a, b, down.scaling[name])
+    dtype = down.fast_path_dtype(gate, name)
+    return apply_in(GatedDownLora, dtype, gate, up, base.weight, base.bias, a, b, down.scaling[name])
 
 
 def _is_llama_style_mlp(module: nn.Module) -> bool:
@@ -87,11 +95,18 @@ def _same_forward(module: nn.Module, reference: type) -> bool:
     return code is not None and code.co_code == ref.co_code and code.co_names == ref.co_names
 
 
+RMS_NORM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _rms_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """LlamaRMSNorm's forward by one autograd function (the model's own for inference, hooks, other dtypes)."""
     weight = self.weight
-    if not torch.is_grad_enabled() or not (x.dtype == weight.dtype == torch.float32) or _has_hooks(self):
+    if not torch.is_grad_enabled() or _has_hooks(self):
         return type(self).forward(self, x)
-    return RmsNorm.apply(x, weight, float(self.variance_epsilon))
+    if x.dtype not in RMS_NORM_DTYPES or weight.dtype not in RMS_NORM_DTYPES:
+        return type(self).forward(self, x)
+    with autocast_off(x.device.type):  # autocast changes none of the reference's operations (float32 inputs)
+        return RmsNorm.apply(x, weight, float(self.variance_epsilon))
 
 
 def _is_llama_style_rms_norm(module: nn.Module) -> bool:

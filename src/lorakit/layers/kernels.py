@@ -7,7 +7,13 @@
   (``lorakit.layers.fused``), which keep fewer activations for backward.
 
 Each is checked against the reference path (outputs and gradients) in tests/test_layers.py and
-tests/test_fusions.py.
+tests/test_fusions.py, and under ``torch.autocast`` in tests/test_mixed_precision_layers.py.
+
+Each function computes in one dtype. Under autocast the callers cast every input to autocast's dtype
+(``apply_in``: a differentiable cast, so a float32 adapter gets its gradient in float32) and run the function
+with autocast off: the same products the reference forward gets from autocast, which casts ``F.linear``'s
+inputs the same way. ``RmsNorm`` follows transformers' ``LlamaRMSNorm`` instead (float32 statistics, the
+output in the input's dtype times the weight).
 """
 
 from __future__ import annotations
@@ -16,6 +22,27 @@ import torch
 import torch.nn.functional as F
 
 from .. import fastpath
+from ..precision import autocast_dtype, autocast_off, cast, fast_path_dtype
+
+
+def compute_dtype(x: torch.Tensor, *tensors: torch.Tensor | None) -> torch.dtype | None:
+    """The one dtype a fused function runs ``x`` and ``tensors`` in (``precision.fast_path_dtype``: autocast's
+    dtype under autocast, else their common dtype), or None for the reference maths: mixed dtypes outside
+    autocast, or a float64 tensor under autocast (which autocast leaves in float64)."""
+    if autocast_dtype(x.device.type) is not None and any(
+        t is not None and t.dtype == torch.float64 for t in (x, *tensors)
+    ):
+        return None
+    return fast_path_dtype(x, *tensors)
+
+
+def apply_in(function: type[torch.autograd.Function], dtype: torch.dtype, *args):
+    """``function.apply(*args)`` with every floating tensor argument cast to ``dtype`` (differentiably) and
+    autocast off on the first argument's device: the products run in ``dtype`` exactly once."""
+    device_type = args[0].device.type
+    args = [cast(a, dtype) if isinstance(a, torch.Tensor) else a for a in args]
+    with autocast_off(device_type):
+        return function.apply(*args)
 
 
 def lora_linear_forward(x2, w, bias, a, b, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,23 +219,33 @@ class GatedDownLora(torch.autograd.Function):
 
 
 class RmsNorm(torch.autograd.Function):
-    """``w * x * rsqrt(mean(x^2, -1) + eps)`` keeping x and the per-row rsqrt for backward."""
+    """transformers' ``LlamaRMSNorm``, keeping x and the per-row rsqrt for backward: the statistics in float32,
+    ``w * (x rsqrt(mean(x^2, -1) + eps)).to(x.dtype)`` (in float32 throughout for a float32 model; in a bf16
+    model the normalised x is rounded to bf16 before the weight multiplies it, as transformers does)."""
 
     @staticmethod
     def forward(ctx, x, weight, eps: float):
-        rstd = x.square().mean(-1, keepdim=True).add_(eps).rsqrt_()
+        x32 = x.float()
+        rstd = x32.square().mean(-1, keepdim=True).add_(eps).rsqrt_()
         ctx.save_for_backward(x, weight, rstd)
-        return (x * rstd).mul_(weight)
+        normed = (x32 * rstd).to(x.dtype)
+        if normed.dtype == torch.promote_types(normed.dtype, weight.dtype):
+            return normed.mul_(weight)  # in place where the result keeps normed's dtype
+        return weight * normed
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
+        x32 = x.float()
         grad_x = grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = (grad * x).mul_(rstd).reshape(-1, x.shape[-1]).sum(0)
+            normed = (x32 * rstd).to(x.dtype)  # recomputed, as the forward rounded it
+            normed = normed.mul_(grad) if normed.dtype == grad.dtype else grad * normed
+            grad_w = normed.reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
         if ctx.needs_input_grad[0]:
+            # the normalised x's gradient, through its cast to x.dtype, in float32:
             # dx = rstd * (g w - x rstd^2 mean(g w x))
-            gw = grad * weight
-            dot = (gw * x).mean(-1, keepdim=True).mul_(rstd.square())
-            grad_x = gw.addcmul_(x, dot, value=-1).mul_(rstd)
+            gw = (grad * weight).to(x.dtype).float()
+            dot = (gw * x32).mean(-1, keepdim=True).mul_(rstd.square())
+            grad_x = gw.addcmul_(x32, dot, value=-1).mul_(rstd).to(x.dtype)
         return grad_x, grad_w, None

@@ -1,9 +1,13 @@
 """LoRA for linear layers: ``nn.Linear`` (and quantized linears) and transformers' GPT-2 ``Conv1D``.
 
 ``LoraLinear.forward`` is the reference maths of ``LoraLayer.forward`` plus one fast path: when exactly one
-plain adapter is active and unmerged (no routing, no dropout while training, one dtype), the layer runs
+plain adapter is active and unmerged (no routing, no dropout while training), the layer runs
 ``LoraLinearFunction`` (``lorakit.layers.kernels``), or takes its output from its shared-input group
 (``lorakit.layers.shared``). ``fast_path_adapter`` says when; tests check both paths agree.
+
+The fast path computes in one dtype: the common dtype of x, W, the bias, A and B, or under ``torch.autocast``
+autocast's dtype, to which it casts them all (a bf16 base with float32 adapters in bf16-mixed training); with
+mixed dtypes outside autocast the reference maths run (the update in the adapter's dtype, cast back).
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ from torch import nn
 
 from .._bnb import dequantized_weight, float_dtype, is_quantized
 from ..fastpath import skinny_matmul
+from ..precision import autocast_dtype, autocast_off
 from .base import LoraLayer, dropout_p, init_factors
-from .kernels import LoraLinearFunction
+from .kernels import LoraLinearFunction, apply_in, compute_dtype
 from .routing import Routing
 
 try:  # GPT-2 style layers: y = x @ W + b with W stored as (d_in, d_out)
@@ -47,8 +52,8 @@ class LoraLinear(LoraLayer):
         return self.fast_path(x, name)
 
     def fast_path_adapter(self, x: torch.Tensor, args, kwargs) -> str | None:
-        """The one adapter the fast path can run, or None for the reference path (several adapters,
-        routing, merged or disabled adapters, a variant, dropout while training, mixed dtypes, autocast)."""
+        """The one adapter the fast path can run, or None for the reference path (several adapters, routing,
+        merged or disabled adapters, a variant, dropout while training, mixed dtypes outside autocast)."""
         if args or kwargs or self.disabled or self.routing is not None or len(self.active_adapters) != 1:
             return None
         name = self.active_adapters[0]
@@ -58,10 +63,14 @@ class LoraLinear(LoraLayer):
             return None
         if self.training and dropout_p(self.lora_dropout[name]) > 0:
             return None
-        weight = self.base_layer.weight
-        if not (x.dtype == weight.dtype == self.lora_A[name].weight.dtype) or torch.is_autocast_enabled():
+        if self.fast_path_dtype(x, name) is None:
             return None
         return name
+
+    def fast_path_dtype(self, x: torch.Tensor, name: str) -> torch.dtype | None:
+        """The dtype adapter ``name``'s fast path runs in for input ``x`` (``kernels.compute_dtype``)."""
+        base = self.base_layer
+        return compute_dtype(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight)
 
     def fast_path(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """``W x + b + s B A x`` for adapter ``name`` by one autograd function (or the shared-input group)."""
@@ -71,7 +80,10 @@ class LoraLinear(LoraLayer):
                 return out
         base = self.base_layer
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        return LoraLinearFunction.apply(x, base.weight, base.bias, a, b, self.scaling[name], self.fan_in_fan_out)
+        dtype = self.fast_path_dtype(x, name)
+        return apply_in(
+            LoraLinearFunction, dtype, x, base.weight, base.bias, a, b, self.scaling[name], self.fan_in_fan_out
+        )
 
     @property
     def in_out(self) -> tuple[int, int]:
@@ -110,7 +122,7 @@ class LoraLinear(LoraLayer):
 
     def _update(self, x: torch.Tensor, name: str) -> torch.Tensor:
         a = self.lora_A[name]
-        x = x.to(a.weight.dtype) if x.dtype != a.weight.dtype else x
+        x = self.adapter_input(x, a.weight.dtype)
         return self.lora_B[name](a(self.lora_dropout[name](x))) * self.scaling[name]
 
     # ----- routing: one adapter per row ------------------------------------------------------------------
@@ -127,7 +139,7 @@ class LoraLinear(LoraLayer):
         if routing.stacks is not None and not self.training:
             return self._routed_concat(x, routing, index)
         a_stack, b_stack = self._stacked(routing.names, self.lora_A[self._first(routing.names)].weight)
-        xs = x.to(a_stack.dtype).reshape(x.shape[0], -1, x.shape[-1])
+        xs = self.adapter_input(x, a_stack.dtype).reshape(x.shape[0], -1, x.shape[-1])
         xs = self._row_dropout(xs, routing.names, index)
         hidden = torch.bmm(xs, a_stack.index_select(0, index).transpose(1, 2))  # (rows, tokens, r_max)
         out = torch.bmm(hidden, b_stack.index_select(0, index).transpose(1, 2))  # (rows, tokens, d_out)
@@ -152,20 +164,23 @@ class LoraLinear(LoraLayer):
     def _routed_concat(self, x: torch.Tensor, routing: Routing, index: torch.Tensor) -> torch.Tensor:
         """Inference routing without per-row copies: x @ [A_1; ...; A_n]^T, each row masked to its own adapter's
         rank columns, then @ [s_1 B_1^T; ...; s_n B_n^T]. The concatenations are built once per set of names and
-        kept in ``routing.stacks``; the row mask is built once per forward and rank layout."""
+        compute dtype (the adapters', or autocast's) and kept in ``routing.stacks``; the row mask is built once
+        per forward and rank layout."""
+        dtype = autocast_dtype(x.device.type) or self.lora_A[self._first(routing.names)].weight.dtype
         entry = routing.stacks.get(id(self))
-        if entry is None or entry[0] != routing.key:
+        if entry is None or entry[0] != routing.key or entry[1].dtype != dtype:
             present, layout = self._present(routing)
             a_cat = torch.cat([self.lora_A[n].weight for n in present]).detach()  # (R, d_in)
-            b_cat = torch.cat([(self.lora_B[n].weight * self.scaling[n]).T for n in present]).contiguous().detach()
-            entry = (routing.key, a_cat.contiguous(), b_cat.T.contiguous(), layout)
+            b_cat = torch.cat([(self.lora_B[n].weight * self.scaling[n]).T for n in present]).detach()
+            entry = (routing.key, a_cat.to(dtype).contiguous(), b_cat.T.to(dtype).contiguous(), layout)
             routing.stacks[id(self)] = entry
         _, a_cat, b_cat_t, layout = entry
         tokens = x.numel() // (x.shape[0] * x.shape[-1])
-        mask = routing.mask(layout, tokens, index, a_cat.dtype)
-        hidden = skinny_matmul(x.reshape(-1, x.shape[-1]).to(a_cat.dtype), a_cat)  # (rows * tokens, R)
-        hidden = hidden * mask
-        return skinny_matmul(hidden, b_cat_t).reshape(*x.shape[:-1], b_cat_t.shape[0])
+        mask = routing.mask(layout, tokens, index, dtype)
+        with autocast_off(x.device.type):  # the stacks are in autocast's dtype already
+            hidden = skinny_matmul(x.reshape(-1, x.shape[-1]).to(dtype), a_cat)  # (rows * tokens, R)
+            hidden = hidden * mask
+            return skinny_matmul(hidden, b_cat_t).reshape(*x.shape[:-1], b_cat_t.shape[0])
 
     def _first(self, names: list[str]) -> str:
         return next(n for n in names if n in self.r)

@@ -1,7 +1,9 @@
 """Shared-input groups: LoRA linear layers of one parent that read the same input (q/k/v, gate/up).
 
 The group runs every member's fast path with one ``x [A_1; ...; A_n]^T`` product
-(``SharedInputLoraFunction``). Each member names its group in its repr ("shared input with k_proj, v_proj").
+(``SharedInputLoraFunction``), in the members' one dtype or, under ``torch.autocast``, in autocast's (every
+tensor cast to it, as for one member's fast path). Each member names its group in its repr ("shared input
+with k_proj, v_proj").
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .kernels import SharedInputLoraFunction
+from .kernels import SharedInputLoraFunction, apply_in, compute_dtype
 from .linear import LoraLinear
 
 
@@ -21,7 +23,8 @@ class SharedInput:
     the model calls them with that same tensor. Should the model call a member with some other input, or
     skip a member (cross-attention, where k and v read the encoder's states), the group switches itself
     off for good and every member runs on its own. It also steps aside, for that call, whenever some member
-    cannot take the fused path (several or merged adapters, dropout in training, mixed dtypes, routing).
+    cannot take the fused path (several or merged adapters, dropout in training, mixed dtypes outside
+    autocast, routing).
     """
 
     def __init__(self, members: list[LoraLinear], names: list[str] | None = None) -> None:
@@ -55,7 +58,8 @@ class SharedInput:
             base = m.base_layer
             tensors += [base.weight, base.bias, m.lora_A[name].weight, m.lora_B[name].weight]
             layout.append((m.r[name], m.scaling[name]))
-        outs = SharedInputLoraFunction.apply(x, tuple(layout), *tensors)
+        dtype = compute_dtype(x, *tensors)  # not None: each member's fast path agreed on it with x
+        outs = apply_in(SharedInputLoraFunction, dtype, x, tuple(layout), *tensors)
         self._pending = {id(m): out for m, out in zip(self.members, outs, strict=True) if m is not member}
         self._input, self._version = x, _version_of(x)
         return outs[self.members.index(member)]

@@ -6,7 +6,9 @@ in the layer's own dictionaries under PEFT's names (``lora_magnitude_vector``; P
 ``lora_initial``, not saved), so ``state_dict``, ``.to()`` and optimizers see them like any parameter.
 
 - DoRA (Liu et al. 2024): ``W' = m · (W + s B A) / ||W + s B A||`` row-wise, with the magnitude ``m``
-  trained; it starts at the row norms, so the layer starts unchanged.
+  trained; it starts at the row norms, so the layer starts unchanged. The norm is computed in float32 (at
+  least) and kept in the adapter's dtype, like ``m``; the output comes back in the base output's dtype (also
+  under ``torch.autocast``, where the products run in autocast's dtype and the rescaling in the adapter's).
 - PiSSA (Meng et al. 2024): A and B start as the top-r singular triplets of W, and W keeps the residual;
   saved as plain LoRA for the original base (``lorakit.io``).
 """
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .._bnb import float_dtype
+from ..precision import autocast_dtype, autocast_off, cast
 
 
 class LoraVariant:
@@ -79,9 +81,11 @@ def _watch_optimizers() -> None:
 
 
 def row_norms(weight_out_in: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, dtype) -> torch.Tensor:
-    """DoRA's ``||W + s B A||`` per output feature (W as d_out x d_in), in ``dtype``, detached."""
-    with torch.no_grad():
-        combined = weight_out_in.to(dtype) + scaling * (b @ a).to(dtype)
+    """DoRA's ``||W + s B A||`` per output feature (W as d_out x d_in), detached: computed in float32 (float64
+    for float64 tensors), also under autocast, and returned in ``dtype``."""
+    work = torch.promote_types(torch.promote_types(a.dtype, dtype), torch.float32)
+    with torch.no_grad(), autocast_off(a.device.type):
+        combined = weight_out_in.to(work) + scaling * (b.to(work) @ a.to(work))
         return torch.linalg.norm(combined, dim=1).to(dtype)
 
 
@@ -104,29 +108,33 @@ class DoraVariant(LoraVariant):
         weight = layer.base_layer.weight
         if weight.is_meta:  # a skeleton (sharded training): lorakit.train.fsdp fills it once the weights are in
             d_out = layer.in_out[1]
-            empty = torch.empty(d_out, device="meta", dtype=float_dtype(layer.base_layer))
+            empty = torch.empty(d_out, device="meta", dtype=layer.lora_A[adapter].weight.dtype)
             layer.lora_magnitude_vector[adapter] = nn.Parameter(empty)
             return
         layer.lora_magnitude_vector[adapter] = nn.Parameter(self.norm(layer, adapter).clone())
 
     def norm(self, layer, adapter: str) -> torch.Tensor:
-        """``||W + s B A||`` per output feature, detached; cached until W, A or B change (version counters) or
-        an optimizer steps."""
+        """``||W + s B A||`` per output feature in the adapter's dtype, detached; cached until W, A or B change
+        (version counters) or an optimizer steps."""
         weight, a, b = layer.base_layer.weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
         key = (weight.data_ptr(), weight._version, a.data_ptr(), a._version, b.data_ptr(), b._version)
         key += (layer.scaling[adapter], weight.dtype, a.dtype, _optimizer_steps)
         if self.cached and self._norm is not None and self._norm[0] == key:
             return self._norm[1]
-        norm = row_norms(layer.weight_out_in(), a, b, layer.scaling[adapter], float_dtype(layer.base_layer))
+        norm = row_norms(layer.weight_out_in(), a, b, layer.scaling[adapter], a.dtype)
         self._norm = (key, norm) if self.cached else None
         return norm
 
     def forward(self, layer, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """The base output plus ``(k - 1) W x' + k s B A x'`` with ``k = m / ||W + s B A||`` and ``x'`` the
         input after dropout (PEFT's DoRA), written as ``k (W x' + s B A x')`` beside what stays: autograd then
-        keeps one (tokens x d_out) tensor per layer for the gradients of ``m`` instead of two."""
+        keeps one (tokens x d_out) tensor per layer for the gradients of ``m`` instead of two. Returned in
+        ``result``'s dtype (``k`` is in the adapter's, float32 over a bf16 base)."""
+        return self._rescaled(layer, adapter, x, result).to(result.dtype)
+
+    def _rescaled(self, layer, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         a, b = layer.lora_A[adapter], layer.lora_B[adapter]
-        x = x.to(a.weight.dtype) if x.dtype != a.weight.dtype else x
+        x = layer.adapter_input(x, a.weight.dtype)
         dropout = layer.lora_dropout[adapter]
         bias = layer.base_layer.bias
         scale = (layer.lora_magnitude_vector[adapter] / self.norm(layer, adapter)).view(1, -1)
@@ -136,7 +144,10 @@ class DoraVariant(LoraVariant):
                 return scale * (result + lora * layer.scaling[adapter])
             return bias + scale * (result - bias + lora * layer.scaling[adapter])
         x = dropout(x)
-        base_result = F.linear(x, layer.weight_out_in())
+        weight = layer.weight_out_in()
+        if autocast_dtype(x.device.type) is None:  # the product in x's (the adapter's) dtype; autocast casts both
+            weight = cast(weight, x.dtype)
+        base_result = F.linear(x, weight)
         lora = b(a(x))
         return (result - base_result) + scale * (base_result + lora * layer.scaling[adapter])
 

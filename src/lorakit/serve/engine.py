@@ -13,11 +13,19 @@ removed and all-padding columns trimmed, so a long request that ends frees its m
 
 The engine knows nothing of HTTP: a request carries a ``sink`` callable that receives ``Event``s on the
 engine thread (the API forwards them to its event loop).
+
+Precision (``lorakit.precision``): the caller loads the base model in the precision's storage dtype and the
+adapters in its trained dtype (``lorakit serve`` does); the engine runs every forward, prefill and decode,
+routed or not, under the precision's autocast context (bf16-mixed: bf16 products over a bf16 base with float32
+adapters, whose routed stacks are kept in bf16). The logits are upcast to float32 before sampling. On a CPU
+with AVX-512 BF16 bf16-mixed decodes faster than float32, one stream (one-row products) and many
+(BENCHMARKS.md), so ``lorakit serve`` takes ``auto`` as ``lorakit.precision.decide`` resolves it.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import inspect
 import threading
 import time
@@ -31,6 +39,7 @@ from torch import nn
 from ..adapters import route
 from ..models import kv_cache_inputs
 from ..patches import FEW_ROWS, enable_skinny_linear, remove_patches
+from ..precision import Precision
 from ..state import has_adapters
 
 
@@ -108,6 +117,8 @@ class Engine:
         few_row_fast_path: give the model's ``nn.Linear`` layers the few-rows CPU layout while the engine runs
             (``lorakit.patches.enable_skinny_linear``; shown in ``print(model)``, taken away by ``stop``);
             None: on for a model on the CPU.
+        precision: the resolved precision whose autocast context every forward runs in (the model and its
+            adapters already in its dtypes); None: no autocast, the model's own dtypes.
     """
 
     def __init__(
@@ -118,6 +129,7 @@ class Engine:
         max_batch_size: int = 16,
         max_queue: int = 64,
         few_row_fast_path: bool | None = None,
+        precision: Precision | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError(f"max_batch_size must be >= 1 and max_queue >= 0, got {max_batch_size}, {max_queue}")
@@ -127,6 +139,7 @@ class Engine:
         self.max_queue = max_queue
         param = next(model.parameters())
         self.device = param.device
+        self.precision = precision
         self.pad_id = _pad_id(model, tokenizer)
         self.eos_ids = _eos_ids(model, tokenizer)
         self._keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -252,13 +265,18 @@ class Engine:
         kwargs = {"logits_to_keep": 1} if self._keep_last else {}
         inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
         inputs.update(kv_cache_inputs(self.model, cache))
-        if has_adapters(self.model):  # always route: rows without an adapter must not see the active one
-            with route(self.model, adapters, stacks=self._stacks):
+        with self._autocast():
+            if has_adapters(self.model):  # always route: rows without an adapter must not see the active one
+                with route(self.model, adapters, stacks=self._stacks):
+                    out = self.model(**inputs, **kwargs)
+            else:
                 out = self.model(**inputs, **kwargs)
-        else:
-            out = self.model(**inputs, **kwargs)
         self.steps += 1
         return out.logits[:, -1, :].float()
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """The precision's autocast context (entered on the engine thread: autocast is per thread)."""
+        return self.precision.context(self.device) if self.precision is not None else contextlib.nullcontext()
 
     def _prefill(self, joiners: list[Request]) -> None:
         from transformers import DynamicCache

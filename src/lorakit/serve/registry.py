@@ -5,6 +5,10 @@ path: ``..`` components are refused and the resolved path (symlinks followed) mu
 directory, so a client cannot make the server read files elsewhere. All changes to the model happen on
 the engine thread between two steps; an adapter being unloaded stops taking new requests at once and is
 removed when the requests already using it have finished.
+
+Every adapter is loaded in one dtype, ``adapter_dtype`` (see ``lorakit.load_adapter``; None: float32 over a
+bf16 / float16 base, else the base's): ``lorakit serve`` passes its precision's trained dtype, float32 under
+bf16-mixed, bf16 under bf16.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from torch import nn
 
 from ..adapters import delete_adapter
 from ..io import load_adapter
+from ..layers import AdapterDtype
 from ..state import has_adapters
 from ..state import registry as model_registry
 from .engine import Engine
@@ -35,10 +40,19 @@ class AdapterError(Exception):
 
 
 class AdapterRegistry:
-    def __init__(self, model: nn.Module, engine: Engine, base_name: str, adapter_dir: str | Path | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        engine: Engine,
+        base_name: str,
+        adapter_dir: str | Path | None = None,
+        *,
+        adapter_dtype: AdapterDtype = None,
+    ):
         self.model = model
         self.engine = engine
         self.base_name = base_name
+        self.adapter_dtype = adapter_dtype
         self.adapter_dir = Path(adapter_dir).resolve() if adapter_dir else None
         if self.adapter_dir is not None and not self.adapter_dir.is_dir():
             raise ValueError(f"--adapter-dir {adapter_dir} is not a directory; create it or fix the path")
@@ -72,7 +86,7 @@ class AdapterRegistry:
     def load_at_start(self, name: str, directory: str | Path) -> None:
         """Load before the engine runs (from the command line: any path the operator gives)."""
         self._check_name(name)
-        load_adapter(self.model, directory, name)
+        load_adapter(self.model, directory, name, adapter_dtype=self.adapter_dtype)
         self._names[name] = str(directory)
 
     async def load(self, name: str, path: str | None = None) -> str:
@@ -81,7 +95,7 @@ class AdapterRegistry:
         directory = self.safe_path(path if path is not None else name)
 
         def work():
-            load_adapter(self.model, directory, name)
+            load_adapter(self.model, directory, name, adapter_dtype=self.adapter_dtype)
             self.engine.invalidate_adapters()
 
         try:

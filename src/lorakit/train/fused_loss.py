@@ -10,7 +10,15 @@ one chunk's logits, and unlabelled positions (prompts, padding) never meet the h
 
 Same maths as ``F.cross_entropy(logits, labels, reduction="sum")`` on the model's own logits (tested to
 float tolerance, loss and gradients). Models whose head is not a plain linear layer (logit soft-capping,
-logit scaling, wrappers such as prompt tuning) keep the ordinary path: see ``supports_fused_loss``.
+logit scaling, wrappers such as prompt tuning) keep the ordinary path: see ``supports_fused_loss``. A
+``modules_to_save`` copy of the head is fused like the head itself.
+
+Mixed precision (``lorakit.precision``): the head's products run in the dtype the model's own head would use,
+autocast's under ``torch.autocast`` (a float32 ``modules_to_save`` head copy included, as autocast casts it),
+the common dtype of the hidden states and head otherwise (bf16 for a pure bf16 model). Each chunk's logits
+are then upcast and the log-softmax, cross-entropy and their gradient computed in float32, as transformers'
+loss upcasts the logits before ``cross_entropy``; gradients of a head that trains are summed over the chunks
+in float32 and handed back in the head's own dtype.
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ import torch
 from torch import nn
 
 from .. import fastpath
+from ..layers import ModulesToSave
+from ..precision import autocast_off, fast_path_dtype
 
 IGNORE = -100
 CHUNK = 512  # labelled positions per chunk: 512 x 49,152 float32 logits = 100 MB at a time
@@ -46,46 +56,89 @@ def forward_inputs(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str
 
 def supports_fused_loss(model: nn.Module) -> bool:
     """True for transformers causal LMs whose logits are exactly ``head(hidden_states)`` with a linear head."""
+    return fused_head(model) is not None
+
+
+def fused_head(model: nn.Module) -> nn.Linear | None:
+    """The ``nn.Linear`` whose output is ``model``'s logits right now, or None where the logits are something
+    else (see ``supports_fused_loss``). A ``modules_to_save`` head resolves to the copy its forward would run
+    (the active adapter's, or the frozen original when disabled or none is active); routed rows, where each
+    row may take another copy, keep the ordinary path."""
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel) or getattr(model.config, "is_encoder_decoder", False):
-        return False
+        return None
     config = model.config
     if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _SCALED_LOGITS):
-        return False
+        return None
     head = model.get_output_embeddings()
-    return type(head) is nn.Linear
+    if isinstance(head, ModulesToSave):
+        head = _saved_copy(head)
+    return head if type(head) is nn.Linear else None
+
+
+def _saved_copy(wrapper: ModulesToSave) -> nn.Module | None:
+    """The module ``ModulesToSave.forward`` would call, or None where that depends on the row or is an error."""
+    if wrapper.disabled:
+        return wrapper.original_module
+    if wrapper.routing is not None:
+        return None
+    names = [n for n in wrapper.active_adapters if n in wrapper.modules_to_save]
+    if len(names) > 1:
+        return None  # its forward raises; the ordinary path reports it
+    return wrapper.modules_to_save[names[0]] if names else wrapper.original_module
 
 
 @contextlib.contextmanager
 def head_as_identity(model: nn.Module) -> Iterator[nn.Linear]:
-    """Inside the block the model's forward returns its final hidden states where the logits would be."""
+    """Inside the block the model's forward returns its final hidden states where the logits would be; yields
+    the linear layer that computes the logits (``fused_head``: for a ``modules_to_save`` head, its copy)."""
     head = model.get_output_embeddings()
+    linear = fused_head(model)
+    if linear is None:
+        raise ValueError(f"{type(model).__name__}'s logits are not one linear layer's output; use its logits")
     model.set_output_embeddings(nn.Identity())
     try:
-        yield head
+        yield linear
     finally:
         model.set_output_embeddings(head)
 
 
+def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the head's products run in: autocast's while it is on (what the model's own head would
+    compute in), else the common dtype of ``hidden`` and ``weight`` (the wider one where they differ)."""
+    return fast_path_dtype(hidden, weight) or torch.promote_types(hidden.dtype, weight.dtype)
+
+
 def _chunk_logits(hidden, weight, bias, rows, chunk):
-    """(positions, float32 logits) of ``rows`` of ``hidden`` through the head, ``chunk`` positions at a time.
+    """(positions, their hidden rows in the weight's dtype, float32 logits) of ``rows`` of ``hidden`` through
+    the head, ``chunk`` positions at a time. ``weight`` and ``bias`` are already in the compute dtype: the
+    product runs in it and only then is upcast, as the model's own head under autocast rounds its logits.
     The logits may live in one reused buffer: consume each chunk before asking for the next."""
     buffer = None  # one chunk's float32 logits, reused: fresh 100 MB blocks cost page faults on every chunk
     for start in range(0, rows.numel(), chunk):
         index = rows[start : start + chunk]
-        h = hidden.index_select(0, index)
+        h = hidden.index_select(0, index).to(weight.dtype)
         if weight.dtype == torch.float32 and fastpath.uses_onednn(h, weight):
             logits = fastpath.linear(h, weight)  # oneDNN: faster even with a fresh block per chunk
-        elif weight.dtype == torch.float32:
+        else:
             if buffer is None:
                 buffer = hidden.new_empty((min(chunk, rows.numel()), weight.shape[0]), dtype=torch.float32)
-            logits = torch.mm(h.float(), weight.T, out=buffer[: index.numel()])
-        else:
-            logits = (h @ weight.T).float()
+            logits = buffer[: index.numel()]
+            if weight.dtype == torch.float32:
+                torch.mm(h, weight.T, out=logits)
+            else:
+                logits.copy_(h @ weight.T)
         if bias is not None:
-            logits += bias.float()
+            logits += bias
         yield index, h, logits
+
+
+def _in_compute_dtype(hidden, weight, bias):
+    """(compute dtype, the head's weight and bias in it): one cast per call, as autocast casts a float32
+    head once per forward."""
+    dtype = compute_dtype(hidden, weight)
+    return dtype, weight.detach().to(dtype), (bias.detach().to(dtype) if bias is not None else None)
 
 
 def _log_softmax_parts(logits, target):
@@ -100,7 +153,6 @@ def _log_softmax_parts(logits, target):
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk):
-        rows = (labels != IGNORE).nonzero().squeeze(1)
         want_h = ctx.needs_input_grad[0]
         want_w = ctx.needs_input_grad[1]
         want_b = bias is not None and ctx.needs_input_grad[2]
@@ -108,18 +160,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if want_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for index, h, logits in _chunk_logits(hidden, weight, bias, rows, chunk):
-            target = labels.index_select(0, index)
-            logps, probs = _log_softmax_parts(logits, target)
-            total -= logps.sum()
-            if want_h or want_w or want_b:
+        dtype, w, b = _in_compute_dtype(hidden, weight, bias)  # read autocast's dtype before turning it off
+        with autocast_off(hidden.device.type):  # every product's dtype is chosen here, not by autocast
+            rows = (labels != IGNORE).nonzero().squeeze(1)
+            for index, h, logits in _chunk_logits(hidden, w, b, rows, chunk):
+                target = labels.index_select(0, index)
+                logps, probs = _log_softmax_parts(logits, target)
+                total -= logps.sum()
+                if not (want_h or want_w or want_b):
+                    continue
                 probs[torch.arange(index.numel(), device=probs.device), target] -= 1  # d loss / d logits
-                if want_h:
-                    grad_h.index_copy_(0, index, (probs.to(weight.dtype) @ weight).to(hidden.dtype))
-                if want_w:
-                    grad_w += probs.T @ h.float()
                 if want_b:
                     grad_b += probs.sum(0)
+                probs = probs.to(dtype)  # the products of backward run in the compute dtype too
+                if want_h:
+                    grad_h.index_copy_(0, index, (probs @ w).to(hidden.dtype))
+                if want_w:
+                    grad_w += probs.T @ h  # summed over chunks in float32
         ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_h, grad_w, grad_b)))
         ctx.wanted = (want_h, want_w, want_b)
         ctx.weight_dtype = weight.dtype
@@ -145,17 +202,19 @@ class _LinearLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk):
-        rows = (labels != IGNORE).nonzero().squeeze(1)
         want_h = ctx.needs_input_grad[0]
         grad_h = torch.zeros_like(hidden) if want_h else None  # d log p / d hidden, per position
         out = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
-        for index, _, logits in _chunk_logits(hidden, weight, bias, rows, chunk):
-            target = labels.index_select(0, index)
-            logps, probs = _log_softmax_parts(logits, target)
-            out.index_copy_(0, index, logps)
-            if want_h:
-                probs[torch.arange(index.numel(), device=probs.device), target] -= 1
-                grad_h.index_copy_(0, index, (probs.to(weight.dtype) @ weight).neg_().to(hidden.dtype))
+        dtype, w, b = _in_compute_dtype(hidden, weight, bias)  # read autocast's dtype before turning it off
+        with autocast_off(hidden.device.type):  # as in _LinearCrossEntropy
+            rows = (labels != IGNORE).nonzero().squeeze(1)
+            for index, _, logits in _chunk_logits(hidden, w, b, rows, chunk):
+                target = labels.index_select(0, index)
+                logps, probs = _log_softmax_parts(logits, target)
+                out.index_copy_(0, index, logps)
+                if want_h:
+                    probs[torch.arange(index.numel(), device=probs.device), target] -= 1
+                    grad_h.index_copy_(0, index, (probs.to(dtype) @ w).neg_().to(hidden.dtype))
         ctx.save_for_backward(grad_h if want_h else torch.empty(0))
         ctx.want_h = want_h
         return out
@@ -177,7 +236,7 @@ def causal_token_logps(
     transformers model inside it.
     """
     labels = batch["labels"][:, 1:]
-    head = inner.get_output_embeddings() if supports_fused_loss(inner) else None
+    head = fused_head(inner)
     if head is not None and not any(p.requires_grad for p in head.parameters()):
         with head_as_identity(inner):
             hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -193,7 +252,8 @@ def linear_cross_entropy_sum(
 ) -> torch.Tensor:
     """Sum over positions with ``labels != -100`` of the cross-entropy of ``hidden @ weight.T + bias``.
 
-    ``hidden``: (N, d); ``labels``: (N,). Returns a float32 scalar.
+    ``hidden``: (N, d); ``labels``: (N,). Returns a float32 scalar. The products run in ``compute_dtype``
+    (autocast's under ``torch.autocast``), the log-softmax and cross-entropy in float32.
     """
     if hidden.dim() != 2 or labels.shape != hidden.shape[:1]:
         raise ValueError(f"hidden must be (N, d) and labels (N,), got {tuple(hidden.shape)} and {tuple(labels.shape)}")
@@ -229,7 +289,9 @@ def causal_lm_loss(
     it (``supports_fused_loss``: a transformers causal LM with a plain linear head) the output head and the
     cross-entropy run fused in chunks of ``chunk`` labelled positions, so the (batch, length, vocabulary)
     logits tensor never exists: less memory and a faster step than ``.loss`` (BENCHMARKS.md). Other models
-    take the ordinary path through their logits, with the same result.
+    take the ordinary path through their logits, with the same result. Under ``torch.autocast`` the head's
+    product runs in autocast's dtype and the cross-entropy in float32, as the model's own logits and
+    transformers' loss would (module docstring).
 
     Args:
         model: a causal LM, or a ``DistributedDataParallel`` wrapper of one.
