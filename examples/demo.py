@@ -1,7 +1,8 @@
 """`make demo`: fine-tune the embedded SmolLM2-135M-Instruct with LoRA on the bundled dates task.
 
 Generates the task data (dates in words -> ISO 8601; 2,000 train and 200 held-out rows), trains with
-examples/dates.yaml, prints held-out exact-match accuracy before and after, shows a few answers of the
+examples/dates.yaml (precision auto: bf16-mixed where the CPU multiplies bf16 natively, else fp32; the run
+prints which and why), prints held-out exact-match accuracy before and after, shows a few answers of the
 base and the tuned model side by side, and leaves the adapter in out/dates.
 """
 
@@ -37,12 +38,13 @@ def main() -> None:
     cfg = load_config(HERE / "dates.yaml", ["overwrite=true", *args.overrides])
     result = train(cfg)
     before, after = result.eval_before.exact_match, result.eval.exact_match
-    show_side_by_side(cfg, eval_path)
+    show_side_by_side(cfg, eval_path, result.precision)
     wall = time.perf_counter() - started
     print(f"\nheld-out exact match: {100 * before:.1f}% before -> {100 * after:.1f}% after ({result.eval.scored} rows)")
     print(
         f"training: {result.steps} steps at {result.tokens_per_second:.0f} tokens/s; demo wall time {wall / 60:.1f} min"
     )
+    print(result.precision.describe())
     print(f"adapter: {result.output_dir}  (try: lorakit generate --adapter {result.output_dir} --chat 'May 3rd, 1999' "
           f"--system '{make_dates.SYSTEM}')")  # fmt: skip
     ok = after >= REQUIRED_AFTER and after - before >= REQUIRED_GAIN
@@ -51,12 +53,13 @@ def main() -> None:
         raise SystemExit(1)
 
 
-def show_side_by_side(cfg, eval_path: Path, rows: int = 6) -> None:
-    model, tokenizer = lorakit.load_model(cfg.model)
+def show_side_by_side(cfg, eval_path: Path, precision, rows: int = 6) -> None:
+    """A few held-out answers of the base and the tuned model, generated in the run's ``precision``."""
+    model, tokenizer = lorakit.load_model(cfg.model, dtype=precision.storage)
     lorakit.load_adapter(model, cfg.output_dir)
     examples, _ = tokenize_rows(read_rows(eval_path)[:rows], tokenizer, cfg.data.max_length, True)
     prompts = [e.prompt_ids for e in examples]
-    with torch.no_grad():
+    with torch.no_grad(), precision.context(model.device):
         tuned = generate_batch(model, tokenizer, prompts, cfg.train.max_new_tokens)
         with lorakit.disabled(model):
             base = generate_batch(model, tokenizer, prompts, cfg.train.max_new_tokens)

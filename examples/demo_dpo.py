@@ -40,7 +40,9 @@ def main() -> None:
     cfg = load_config(HERE / "dpo.yaml", ["overwrite=true", *args.overrides])
     result = train(cfg)
     before, after = result.eval_before, result.eval
-    (base_follows, tuned_follows, tuned_right), shown = generated_answers(cfg, eval_path, args.prompts)
+    (base_follows, tuned_follows, tuned_right), shown = generated_answers(
+        cfg, eval_path, args.prompts, result.precision
+    )
     wall = time.perf_counter() - started
     print(f"\n{'held-out prompt':<56} {'base model':<30} tuned")
     for question, base, tuned in shown:
@@ -53,6 +55,7 @@ def main() -> None:
     print(
         f"training: {result.steps} steps at {result.tokens_per_second:.0f} tokens/s; demo wall time {wall / 60:.1f} min"
     )
+    print(result.precision.describe())
     print(f"adapter: {result.output_dir}  (try: lorakit generate --adapter {result.output_dir} --chat "
           f"'{make_preferences.QUESTION.format('May 3rd, 1999')}')")  # fmt: skip
     ok = after.accuracy >= REQUIRED_ACCURACY and tuned_follows >= REQUIRED_FOLLOWS
@@ -62,15 +65,17 @@ def main() -> None:
         raise SystemExit(1)
 
 
-def generated_answers(cfg, eval_path: Path, n: int, shown: int = 6) -> tuple[tuple[float, float, float], list]:
+def generated_answers(
+    cfg, eval_path: Path, n: int, precision, shown: int = 6
+) -> tuple[tuple[float, float, float], list]:
     """(share of greedy answers the checker accepts, base and tuned; share of tuned answers that are exactly the
-    chosen answer), and a few answers side by side."""
-    model, tokenizer = lorakit.load_model(cfg.model)
+    chosen answer), and a few answers side by side; generated in the run's ``precision``."""
+    model, tokenizer = lorakit.load_model(cfg.model, dtype=precision.storage)
     lorakit.load_adapter(model, cfg.output_dir)
     rows = [row for _, row in read_rows(eval_path)[:n]]
     prompts = [chat_prompt_ids(tokenizer, row["prompt"]) for row in rows]
     tuned, base = [], []
-    with torch.no_grad():
+    with torch.no_grad(), precision.context(model.device):
         for start in range(0, len(prompts), 50):
             chunk = prompts[start : start + 50]
             tuned += generate_batch(model, tokenizer, chunk, cfg.train.max_new_tokens)

@@ -290,6 +290,7 @@ def run_config(tiny_lm_dir, tmp_path):
             "train.lr=5e-2",
             "train.warmup_steps=2",
             "train.max_new_tokens=4",
+            "precision=fp32",  # exact comparisons (1e-5) between runs; mixed precision is tested on its own
         ]
         from lorakit.train.config import load_config
 

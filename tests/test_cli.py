@@ -77,3 +77,96 @@ def test_eval_show_prints_as_many_samples_as_asked_with_their_questions(tiny_lm_
     assert capsys.readouterr().out.count("want 'red'") == 10  # as many as there are
     assert main([*args, "--show", "-1"]) == 2
     assert "--show must be >= 0" in capsys.readouterr().err
+
+
+# ----- --precision (issue 28) --------------------------------------------------------------------------------
+@pytest.fixture
+def tiny_adapter_and_rows(tiny_lm_dir, tmp_path):
+    """An adapter with visible effect on tiny_lm_dir (all seven projections), and a file of chat rows."""
+    from .conftest import colour_rows, write_jsonl
+
+    model, _ = lorakit.load_model(tiny_lm_dir)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=targets, init="random"))
+    randomize_adapters(model, scale=0.1)
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    return tmp_path / "adapter", write_jsonl(tmp_path / "rows.jsonl", colour_rows(12, seed=1))
+
+
+def test_eval_and_generate_in_bf16_agree_with_fp32(tiny_lm_dir, tiny_adapter_and_rows, capsys):
+    """`--precision bf16-mixed` (and pure bf16) loads the base in bfloat16 and computes under autocast: the
+    command names its precision, and its loss and greedy answers are fp32's to bf16 rounding."""
+    import difflib
+    import json
+
+    adapter, rows = tiny_adapter_and_rows
+    model = ["--model", str(tiny_lm_dir), "--adapter", str(adapter)]
+    losses, texts = {}, {}
+    for precision in ("fp32", "bf16-mixed", "bf16"):
+        assert main(["eval", *model, "--data", str(rows), "--json", "--precision", precision]) == 0
+        out, err = capsys.readouterr()
+        assert err.count("precision: ") == 1 and f"precision: {precision}\n" in err
+        losses[precision] = json.loads(out)["loss"]
+        chat = ["--chat", "colour of item 2?", "--max-new-tokens", "12"]
+        assert main(["generate", *model, *chat, "--precision", precision]) == 0
+        out, err = capsys.readouterr()
+        assert f"precision: {precision}\n" in err
+        texts[precision] = out.strip()
+    for precision in ("bf16-mixed", "bf16"):
+        assert losses[precision] == pytest.approx(losses["fp32"], rel=1e-2), precision
+        assert difflib.SequenceMatcher(None, texts[precision], texts["fp32"]).ratio() >= 0.75, texts
+    assert main(["eval", *model, "--data", str(rows), "--json", "--no-generate"]) == 0  # default: auto
+    assert "precision: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["generate", "eval", "merge", "export"])
+def test_fp16_mixed_on_a_cpu_is_one_error_line_before_anything_loads(tmp_path, capsys, command):
+    """A missing model and adapter show that the precision is refused first, with the way out."""
+    args = {
+        "generate": ["--prompt", "hi"],
+        "eval": ["--data", str(tmp_path / "rows.jsonl")],
+        "merge": ["--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "o")],
+        "export": ["--adapter", str(tmp_path / "a"), "--format", "vllm", "--out", str(tmp_path / "o")],
+    }[command]
+    assert main([command, "--model", str(tmp_path / "none"), *args, "--precision", "fp16-mixed"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [err.strip()] and "Traceback" not in err
+    assert err.startswith(f"lorakit {command}: error: precision=fp16-mixed needs a CUDA device")
+    assert "use precision=bf16-mixed (or auto) on a CPU" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_merge_is_exact_whatever_the_precision_of_its_check(base_and_adapter, capsys):
+    """merge --precision bf16-mixed: the written weights are the float32 merge's, bit for bit; only the check's
+    forwards (adapted model and reloaded file, each stored in bfloat16) compute under autocast."""
+    from safetensors.torch import load_file
+
+    _, tmp = base_and_adapter
+    args = ["merge", "--model", str(tmp / "base"), "--adapter", str(tmp / "adapter")]
+    assert main([*args, "--out", str(tmp / "fp32")]) == 0
+    fp32_err = capsys.readouterr().err
+    assert "precision: fp32\n" in fp32_err and "(both computed in" not in fp32_err
+    assert main([*args, "--out", str(tmp / "mixed"), "--precision", "bf16-mixed"]) == 0
+    err = capsys.readouterr().err
+    assert "precision: bf16-mixed\n" in err and "(both computed in bf16-mixed)" in err
+    diff = float(err.split("max |logit diff| vs adapted model = ")[1].split()[0])
+    assert 0 < diff < 5e-2  # bf16 rounding of both forwards, not a wrong merge
+    written, reference = load_file(tmp / "mixed" / "model.safetensors"), load_file(tmp / "fp32" / "model.safetensors")
+    assert written.keys() == reference.keys()
+    assert all(torch.equal(written[k], reference[k]) for k in reference)
+
+
+def test_compare_trains_and_times_every_method_in_the_configs_precision(run_config, tmp_path, capsys):
+    """compare takes the run config's precision (no option of its own): the trainer trains in it, and the
+    latency of the trained model is measured against a base stored and computing the same way."""
+    import json
+
+    cfg = run_config()
+    sets = [f"model={cfg.model}", f"data.train={cfg.data.train}", f"data.eval={cfg.data.eval}", "data.max_length=32",
+            "lora.r=4", "train.max_steps=2", "train.max_new_tokens=2", "compare.latency_repeats=1",
+            f"output_dir={tmp_path / 'cmp'}", "precision=bf16-mixed"]  # fmt: skip
+    assert main(["compare", "--no-progress", "--methods", "lora", *[a for s in sets for a in ("--set", s)]]) == 0
+    (record,) = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    assert record["status"] == "ok" and record["precision"] == "bf16-mixed"
+    assert record["latency_vs_base"] > 0 and record["latency_merged_vs_base"] > 0
+    assert "Precision: bf16-mixed" in (tmp_path / "cmp" / "results.md").read_text()

@@ -180,7 +180,8 @@ def test_names_from_other_trainers_are_given_lorakits(key, lorakit, source):
     [
         ("train.per_device_train_batch_size", "train.batch_size is the global batch"),
         ("micro_batch_size", "train.batch_size is the global batch"),
-        ("bf16", "write `dtype: bfloat16`"),
+        ("bf16", "write `precision: bf16-mixed`"),
+        ("fp16", "write `precision: fp16-mixed`"),
         ("load_in_4bit", "`quantize: nf4`"),
     ],
 )
@@ -269,3 +270,33 @@ def test_log_every():
     assert load_config(None).train.log_every == 10 and load_config(None, ["train.log_every=0"]).train.log_every == 0
     with pytest.raises(ValueError, match=re.escape("train.log_every=-1: use 0 (no log lines) or more")):
         load_config(None, ["train.log_every=-1"])
+
+
+def test_precision_defaults_to_auto_and_takes_each_name():
+    from lorakit.precision import PRECISIONS
+    from lorakit.train.config import CHOICES, field_kind
+
+    assert load_config(None).precision == "auto"
+    assert [load_config(None, [f"precision={name}"]).precision for name in PRECISIONS] == list(PRECISIONS)
+    assert CHOICES["precision"] == PRECISIONS and "dtype" not in CHOICES  # the dashboard's menu
+    assert field_kind("precision") == ("choice", False)
+    message = "precision='fp8': use one of auto, fp32, bf16-mixed, bf16, fp16-mixed"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(None, ["precision=fp8"])
+
+
+@pytest.mark.parametrize("value", ["bfloat16", "float32", "float16"])
+def test_the_former_dtype_key_is_refused_naming_its_replacement(tmp_path, value):
+    path = write_config(tmp_path / "old.yaml", {"dtype": value})
+    with pytest.raises(ValueError) as err:
+        load_config(path)
+    assert str(err.value).splitlines()[0] == (
+        "unknown config key 'dtype': dtype is replaced by precision: bf16 (everything bf16) or bf16-mixed (float32 "
+        "adapters under autocast); float32 -> fp32; float16 -> fp16-mixed (CUDA) (lorakit's former key)"
+    )
+
+
+@pytest.mark.parametrize("key", ["torch_dtype", "mixed_precision"])
+def test_other_trainers_precision_keys_point_to_precision(key):
+    with pytest.raises(ValueError, match=re.escape(f"unknown config key {key!r}: lorakit calls it 'precision'")):
+        load_config(None, [f"{key}=bf16"])

@@ -632,3 +632,45 @@ def test_a_directory_that_cannot_be_moved_into_place_puts_the_previous_one_back(
     ):
         (tmp / "new.txt").write_text("new")
     assert _snapshot(out) == {"keep.txt": b"previous"} and not _leftovers(tmp_path)
+
+
+# ----- --precision: what lorakit's side of the checks computes in (issue 28) ------------------------------------
+def test_parity_is_fp32_by_default_and_names_another_precision(tiny_lm_dir, tmp_path, capsys):
+    """The default keeps the comparison exact (PEFT's float32 reading within 1e-4); --precision bf16-mixed runs
+    lorakit's side on a bfloat16 base under autocast, named in the report, agreeing to bf16 rounding."""
+    import json
+
+    _tiny_adapter(tiny_lm_dir, tmp_path / "a")
+    args = ["export", "--adapter", str(tmp_path / "a"), "--model", str(tiny_lm_dir), "--format", "vllm"]
+    reports = {}
+    for precision in ("fp32", "bf16-mixed"):
+        extra = [] if precision == "fp32" else ["--precision", precision]
+        report = tmp_path / f"{precision}.json"
+        assert main([*args, "--out", str(tmp_path / precision), "--report", str(report), *extra]) == 0
+        assert f"precision: {precision}\n" in capsys.readouterr().err
+        reports[precision] = json.loads(report.read_text())["peft"]
+    assert reports["fp32"]["reference"] == "lorakit" and reports["fp32"]["max_logit_diff"] < 1e-4
+    mixed = reports["bf16-mixed"]
+    assert mixed["reference"] == "lorakit (bf16-mixed)" and mixed["agreement"] >= 0.9
+    assert 0 < mixed["max_logit_diff"] < 0.1
+    assert main([*args, "--out", str(tmp_path / "unchecked"), "--no-parity", "--precision", "fp16-mixed"]) == 0
+    assert "precision:" not in capsys.readouterr().err  # nothing computed, nothing refused
+
+
+def test_only_lorakits_side_of_a_check_runs_under_autocast(tiny_lm_dir, tmp_path):
+    from lorakit.export import parity_examples
+    from lorakit.export.parity import model_parity
+    from lorakit.precision import decide
+
+    _tiny_adapter(tiny_lm_dir, tmp_path / "a")
+    precision = decide("bf16-mixed", "cpu")
+    ours, tokenizer = lorakit.load_model(tiny_lm_dir, dtype=precision.storage)
+    lorakit.load_adapter(ours, tmp_path / "a", adapter_dtype=precision.trained)
+    other, _ = lorakit.load_model(tiny_lm_dir)
+    seen: dict[str, list[bool]] = {"ours": [], "other": []}
+    for name, model in (("ours", ours), ("other", other)):
+        model.register_forward_pre_hook(lambda *_, name=name: seen[name].append(torch.is_autocast_enabled("cpu")))
+    examples = parity_examples(tokenizer, None, 2)
+    report = model_parity(ours, examples, other, "float32 model", stop_ids=set(), max_new_tokens=3, precision=precision)
+    assert seen["ours"] and all(seen["ours"]) and seen["other"] and not any(seen["other"])
+    assert report.reference == "lorakit (bf16-mixed)" and report.tokens == 6

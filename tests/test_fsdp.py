@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import lorakit
 from lorakit.cli.main import main
+from lorakit.precision import _fixed
 from lorakit.train.trainer import train
 
 from .conftest import free_port, torchrun_train
@@ -59,6 +60,8 @@ def test_fsdp_config_errors_are_one_line(run_config, tmp_path, capsys):
         run_config("train.strategy=fsdp", "quantize=nf4")
     with pytest.raises(ValueError, match=r"train.strategy='zero3': use one of \['ddp', 'fsdp'\]"):
         run_config("train.strategy=zero3")
+    with pytest.raises(ValueError, match="train.strategy=fsdp with precision=fp16-mixed: the loss scaler's"):
+        run_config("train.strategy=fsdp", "precision=fp16-mixed")
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"train": {"strategy": "fsdp"}, "lora": {"init": "pissa"}}))
     assert main(["train", str(tmp_path / "bad.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -141,9 +144,33 @@ def test_two_nodes_of_one_process_give_the_adapter_of_one_process(run_config, tm
     assert _max_diff(_adapter(single.output_dir), _adapter(cfg["output_dir"])) <= 1e-5
 
 
+def test_fsdp_in_bf16_mixed_shards_a_bf16_base_with_float32_adapters(run_config, tmp_path):
+    """FSDP2 takes a block of bfloat16 frozen weights and float32 adapters as it is; the run follows one process
+    in bf16-mixed (to bf16 rounding: the first step's loss, from the same weights) and keeps float32 adapters."""
+    settings = (*FSDP, "precision=bf16-mixed", "train.generate_eval=false")
+    single = train(run_config(*settings, out="single"), progress=False)
+    cfg = run_config(*settings, out="fsdp-mixed").to_dict()
+    done = torchrun_train(cfg, tmp_path)
+    assert "precision: bf16-mixed" in done.stderr and "fsdp: 2 processes" in done.stderr
+    adapter = _adapter(cfg["output_dir"])
+    assert {t.dtype for t in adapter.values()} == {torch.float32}
+    losses = [[r for r in _records(d) if r["kind"] == "train"] for d in (single.output_dir, cfg["output_dir"])]
+    assert losses[1][0]["loss"] == pytest.approx(losses[0][0]["loss"], rel=1e-2)
+    evals = [r["loss"] for r in _records(cfg["output_dir"]) if r["kind"] == "eval"]
+    assert evals[-1] < evals[0]
+
+
+def _records(directory) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (Path(directory) / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
-def test_fsdp_on_gpu_computes_in_bfloat16_and_keeps_float32_adapters(monkeypatch):
-    """The GPU path: nccl and the mixed-precision policy (bf16 compute, fp32 reduction and parameters)."""
+@pytest.mark.parametrize(("precision", "computed"), [("bf16-mixed", torch.bfloat16), ("fp32", torch.float32)])
+def test_fsdp_on_gpu_follows_the_precision_and_keeps_float32_adapters(monkeypatch, precision, computed):
+    """The GPU path: nccl and the mixed-precision policy of the run's precision (bf16-mixed: bf16 compute, fp32
+    reduction and parameters; fp32: no policy, float32 throughout)."""
     import torch.distributed as td
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -159,10 +186,10 @@ def test_fsdp_on_gpu_computes_in_bfloat16_and_keeps_float32_adapters(monkeypatch
         lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
         seen = []
         model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
-        shard(model, torch.device("cuda"))
+        shard(model, torch.device("cuda"), _fixed(precision))
         ids = torch.randint(0, 64, (2, 8), device="cuda")
         model(input_ids=ids, labels=ids).loss.backward()
-        assert seen == [torch.bfloat16]
+        assert seen == [computed]
         lora = [p for n, p in model.named_parameters() if "lora_A" in n]
         assert lora and all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in lora)
     finally:

@@ -39,6 +39,7 @@ def cfg_for(steerable_lm_dir, tmp_path):
                 "train.batch_size=8",
                 "train.max_new_tokens=3",
                 f"output_dir={tmp_path / 'out'}",
+                "precision=fp32",  # thresholds set on float32 runs; test_precision trains each method in bf16-mixed
                 *overrides,
             ],
         )

@@ -107,6 +107,10 @@ def test_every_tracker_holds_the_metrics_jsonl_values(run_config):
     config, history = _wandb(out)
     _close(history, want, rel=1e-12)
     assert config["train"]["lr"] == 0.05 and config["lora"]["r"] == 4 and config["objective"] == "sft"
+    # the precision auto resolved to (config.yaml says auto), beside the config; the run record logs no scalar
+    chosen = json.loads((out / "status.json").read_text())["precision"]
+    assert run.data.params["precision"] == "fp32" and run.data.params["resolved.precision"] == chosen
+    assert config["resolved"]["precision"] == chosen and not any(tag.startswith("run/") for tag in want)
 
 
 def test_a_resumed_run_continues_the_same_runs(run_config, monkeypatch):

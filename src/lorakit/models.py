@@ -26,7 +26,7 @@ DEFAULT_MODEL = "default"
 # the cache path), and a model spec that names the embedded copy (other Hub ids are not resolved).
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TASK_NAMES = ("causal-lm", "seq2seq", "classification")  # what load_model loads; lorakit.train.tasks implements each
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # names configs accept
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # dtype names of options
 _MANIFEST = "lorakit-manifest.json"
 
 

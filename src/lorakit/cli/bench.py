@@ -5,7 +5,9 @@ memory and the ratios to PEFT and to full fine-tuning, plus a check that lorakit
 over 20 steps from identical weights. PEFT modes need `pip install peft`. Modes: lorakit, peft, full,
 lorakit-gc, peft-gc (gradient checkpointing), lorakit-lean, peft-lowrss (allocator policy), lorakit-hf-loss
 (lorakit with the model's own `.loss`, the loop a user writes without lorakit.causal_lm_loss), and the
-forwards base, lorakit-unmerged, lorakit-merged, peft-unmerged.
+forwards base, lorakit-unmerged, lorakit-merged, peft-unmerged. --precision fp32,bf16-mixed,bf16 runs every
+mode in each precision (PEFT under the same autocast), in rows named MODE PRECISION with their ratios to fp32;
+the default, auto, is the precision lorakit train picks on this machine.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Compare full fine-tuning, bottleneck adapter layers, prompt tuning and LoRA on one model and dataset.
 
-Every method gets the same model, data, seed, step budget and batch, and its own learning rate
-(compare.lr_*). Each runs in a fresh process; the results go to OUTPUT_DIR/results.md, .json and .png.
+Every method gets the same model, data, seed, step budget, batch and precision (the config's `precision` key,
+as in lorakit train: `--set precision=fp32`), and its own learning rate (compare.lr_*). Each runs in a fresh
+process; the results go to OUTPUT_DIR/results.md, .json and .png.
 
     lorakit compare examples/compare.yaml --methods lora,prompt
 """

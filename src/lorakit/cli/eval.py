@@ -1,9 +1,17 @@
-"""Evaluate a model, with or without an adapter, on a dataset: loss, perplexity, exact match."""
+"""Evaluate a model, with or without an adapter, on a dataset: loss, perplexity, exact match.
+
+The model computes in --precision (default auto: bf16-mixed on a CPU with native bf16 products, else fp32);
+bf16-mixed's figures are fp32's to bf16 rounding (the embedded model's loss on 48 dates rows: 0.7102 against
+0.7125).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+
+from .precision_option import add_precision_option
 
 HELP = "evaluate a model or adapter on a dataset"
 
@@ -21,22 +29,26 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         "--show", type=int, default=3, help="generate and print this many sample answers (default 3; 0: none)"
     )
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    add_precision_option(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     import lorakit
     from lorakit.data import read_rows, tokenize_rows
+    from lorakit.precision import decide
     from lorakit.train.evaluate import evaluate
     from lorakit.train.tasks import TASKS
 
     if args.show < 0:
         raise ValueError(f"--show must be >= 0, got {args.show}")
-    model, tokenizer = lorakit.load_model(args.model, task=args.task)
+    precision = decide(args.precision, "cpu")  # refused before anything loads
+    model, tokenizer = lorakit.load_model(args.model, task=args.task, dtype=precision.storage)
     task = TASKS[args.task]
     if tokenizer is None:
         raise ValueError(f"--model {args.model} has no tokenizer files")
     if args.adapter:
-        lorakit.load_adapter(model, args.adapter)
+        lorakit.load_adapter(model, args.adapter, adapter_dtype=precision.trained)
+    print(precision.describe(), file=sys.stderr)
     rows = read_rows(args.data)[: args.max_rows]
     examples, _ = tokenize_rows(
         rows,
@@ -45,15 +57,16 @@ def run(args: argparse.Namespace) -> int:
         True,
         lambda row, where: task.tokenize(row, where, tokenizer, True, model.config),
     )
-    result = evaluate(
-        model,
-        tokenizer,
-        examples,
-        generate=not args.no_generate,
-        max_new_tokens=args.max_new_tokens,
-        samples=args.show,
-        task=task,
-    )
+    with precision.context("cpu"):
+        result = evaluate(
+            model,
+            tokenizer,
+            examples,
+            generate=not args.no_generate,
+            max_new_tokens=args.max_new_tokens,
+            samples=args.show,
+            task=task,
+        )
     if args.json:
         print(json.dumps(result.as_record()))
         return 0

@@ -7,7 +7,9 @@ token from the base's GGUF); `--format ollama` writes a directory with the GGUF 
 rest refused with the way out). Each is then run by other implementations (llama.cpp through
 llama-cpp-python, transformers' GGUF loader, PEFT for vLLM's reading) beside lorakit's own adapted model:
 greedy-token agreement, the largest logit difference and, for prompt files with answers, each side's exact
-match. The command that runs the export is printed.
+match. The command that runs the export is printed. lorakit's side of the checks computes in --precision:
+fp32 by default, the exact reference (the figures then measure the file and its runtime alone; bf16-mixed
+would add bf16 products' own noise on lorakit's side and blur the comparison).
 
 A command that fails leaves nothing at --out (with --overwrite, what was there stays as it was): a check that
 cannot run (llama-cpp-python, PEFT or transformers' GGUF support missing) stops it before anything is
@@ -22,6 +24,8 @@ import json
 import os
 import sys
 from pathlib import Path
+
+from .precision_option import add_precision_option
 
 # Kept here rather than imported so that `lorakit --help` does not import the export stack (gguf, numpy).
 FORMATS = ("gguf-lora", "gguf", "ollama", "vllm")
@@ -51,16 +55,19 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", help="write the parity report as JSON to this file")
     parser.add_argument("--no-parity", action="store_true", help="write the export only, without the checks")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_precision_option(parser, default="fp32", what="lorakit's side of the checks")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..export import export_adapter
+    from ..precision import decide
 
     if args.max_prompts < 1 or args.max_new_tokens < 1:
         raise ValueError("use --max-prompts >= 1 and --max-new-tokens >= 1")
     if args.min_agreement is not None and not 0 <= args.min_agreement <= 1:
         raise ValueError(f"--min-agreement {args.min_agreement} must be between 0 and 1")
     _check_report_path(args.report)
+    computing = None if args.no_parity else decide(args.precision, "cpu")  # refused before anything is written
     result = export_adapter(
         args.adapter,
         args.out,
@@ -75,15 +82,17 @@ def run(args: argparse.Namespace) -> int:
         with_base=args.with_base,
         merged=args.merged,
         overwrite=args.overwrite,
+        precision="fp32" if computing is None else computing.name,
     )
     print(result.artifact.describe(), file=sys.stderr)
     print(f"run it: {result.run}", file=sys.stderr)
     if result.parity is None:
         return 0
+    print(computing.describe(), file=sys.stderr)  # of lorakit's side of the checks
     for name, report in result.checks.items():
         print(f"{name}: {report.describe()}", file=sys.stderr)
     drift = result.checks.get("transformers")
-    if drift is not None and args.dtype not in (None, "f32"):
+    if drift is not None and args.dtype not in (None, "f32") and computing.name == "fp32":
         print(
             f"rounding the merged weights to {args.dtype} moves lorakit's logits by up to {drift.max_logit_diff:.3g} "
             f"and keeps its greedy token at {100 * drift.agreement:.1f}% of {drift.tokens} positions (transformers' "

@@ -1,8 +1,14 @@
-"""Generate text from a model, with or without an adapter; tokens stream to the terminal."""
+"""Generate text from a model, with or without an adapter; tokens stream to the terminal.
+
+The model computes in --precision (default auto: bf16-mixed on a CPU with native bf16 products, else fp32).
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+
+from .precision_option import add_precision_option
 
 HELP = "generate text (prompt or chat), base model or adapter"
 
@@ -18,6 +24,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    add_precision_option(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,18 +32,21 @@ def run(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
     import lorakit
+    from lorakit.precision import decide
 
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
         raise ValueError("use --temperature >= 0, 0 < --top-p <= 1 and --max-new-tokens >= 1")
-    model, tokenizer = lorakit.load_model(args.model)
+    precision = decide(args.precision, "cpu")  # refused before anything loads
+    model, tokenizer = lorakit.load_model(args.model, dtype=precision.storage)
     if tokenizer is None:
         raise ValueError(f"--model {args.model} has no tokenizer files")
     if args.adapter:
-        lorakit.load_adapter(model, args.adapter)
+        lorakit.load_adapter(model, args.adapter, adapter_dtype=precision.trained)
+    print(precision.describe(), file=sys.stderr)
     ids = prompt_ids(tokenizer, args.prompt, args.chat, args.system)
     torch.manual_seed(args.seed)
     sample = args.temperature > 0
-    with torch.no_grad():
+    with torch.no_grad(), precision.context("cpu"):
         model.generate(
             input_ids=torch.tensor([ids]),
             attention_mask=torch.ones(1, len(ids), dtype=torch.long),

@@ -1,7 +1,10 @@
 """Merge an adapter into its base model and write a standard Hugging Face model directory.
 
-The result loads with plain transformers (no lorakit, no PEFT). After writing, the directory is loaded
-back and its logits are compared with the adapted model's on a probe input; the difference is printed.
+The result loads with plain transformers (no lorakit, no PEFT). The merge itself is exact: float32 maths on
+the float32 base, rounded once to --dtype. After writing, the directory is loaded back and its logits are
+compared with the adapted model's on a probe input; the difference is printed. Both forwards of that check
+run in --precision: fp32 by default, so that the figure measures the merge and --dtype's rounding alone
+(under bf16-mixed it also holds the bf16 products' own rounding, which differs between the two sides).
 With --quantize (an adapter trained by QLoRA on a quantized base) the base is quantized as in training,
 dequantized, merged and saved in float; the logit drift that re-quantizing the merged model would cause
 is measured and printed.
@@ -19,6 +22,8 @@ import torch
 
 from .._bnb import QUANT_METHODS
 from ..models import DTYPES
+from ..precision import Precision, decide
+from .precision_option import add_precision_option
 
 HELP = "merge an adapter into the base weights and export a plain model directory"
 
@@ -36,6 +41,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         help="the adapter was trained on this quantized base (QLoRA): merge into its dequantized weights, save in "
         "float, and report what re-quantizing the merged model would change",
     )
+    add_precision_option(parser, default="fp32", what="the forwards of the check after the merge")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,15 +51,16 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise ValueError(f"--out {out} already exists; choose another directory or pass --overwrite")
-    model, tokenizer = load_model(args.model, task=args.task, dtype=torch.float32)
+    precision = decide(args.precision, "cpu")  # refused before anything loads
+    model, tokenizer = load_model(args.model, task=args.task, dtype=torch.float32)  # the merge's maths: float32
     if args.quantize:
         from lorakit.quant import dequantize, quantize
 
         print(quantize(model, args.quantize).describe(), file=sys.stderr)
     lorakit.load_adapter(model, args.adapter)
+    print(precision.describe(), file=sys.stderr)
     probe = _probe_inputs(model)
-    with torch.no_grad():
-        adapted = _logits(model, probe)
+    adapted = _reference_logits(args, precision, model, probe)
     if args.quantize:
         dequantize(model)  # float weights equal to what the quantized layers computed with
     plain = lorakit.unload(model, merge=True).to(DTYPES[args.dtype])
@@ -68,9 +75,10 @@ def run(args: argparse.Namespace) -> int:
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    diff = _check_reload(out, args.task, probe, adapted)
+    diff = _check_reload(out, args.task, probe, adapted, precision)
     print(f"merged {args.adapter} into {args.model} -> {out} ({args.dtype})")
-    print(f"reloaded with plain transformers: max |logit diff| vs adapted model = {diff:.2e}", file=sys.stderr)
+    both = "" if precision.name == "fp32" else f" (both computed in {precision.name})"
+    print(f"reloaded with plain transformers: max |logit diff| vs adapted model = {diff:.2e}{both}", file=sys.stderr)
     if args.quantize:
         from lorakit.quant import requantization_drift
 
@@ -93,13 +101,31 @@ def _probe_inputs(model) -> dict[str, torch.Tensor]:
     return {"input_ids": ids}
 
 
-def _logits(model, inputs) -> torch.Tensor:
-    return model(**inputs).logits.float()
+def _logits(model, inputs, precision: Precision) -> torch.Tensor:
+    with torch.no_grad(), precision.context("cpu"):
+        return model(**inputs).logits.float()
 
 
-def _check_reload(directory: Path, task: str, probe, adapted: torch.Tensor) -> float:
+def _reference_logits(args: argparse.Namespace, precision: Precision, merging, probe) -> torch.Tensor:
+    """The adapted model's logits on ``probe`` in ``precision``: in fp32 those of ``merging`` (the float32 model
+    the merge starts from); otherwise of the base loaded again in the precision's storage dtype (quantized as in
+    training with --quantize) with its adapter, as lorakit generate or serve would compute them."""
+    if precision.storage == torch.float32:
+        return _logits(merging, probe, precision)
+    import lorakit
     from lorakit.models import load_model
 
-    reloaded, _ = load_model(directory, task=task, dtype=torch.float32)
-    with torch.no_grad():
-        return (_logits(reloaded, probe) - adapted).abs().max().item()
+    model, _ = load_model(args.model, task=args.task, dtype=precision.storage)
+    if args.quantize:
+        from lorakit.quant import quantize
+
+        quantize(model, args.quantize)
+    lorakit.load_adapter(model, args.adapter, adapter_dtype=precision.trained)
+    return _logits(model, probe, precision)
+
+
+def _check_reload(directory: Path, task: str, probe, adapted: torch.Tensor, precision: Precision) -> float:
+    from lorakit.models import load_model
+
+    reloaded, _ = load_model(directory, task=task, dtype=precision.storage)
+    return (_logits(reloaded, probe, precision) - adapted).abs().max().item()

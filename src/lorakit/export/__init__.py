@@ -6,7 +6,8 @@ chat template and end-of-turn token; ``ollama`` (``ollama``): a directory with t
 Modelfile; ``vllm`` (``vllm``): an adapter directory within vLLM's LoRA constraints. Every export is followed
 by parity reports (``parity``): the artifact run by implementations other than lorakit's (llama.cpp, and
 transformers' GGUF loader for merged files; PEFT for the vLLM directory, read as vLLM reads it) against
-lorakit's own adapted model on the same prompts.
+lorakit's own adapted model on the same prompts. lorakit's side computes in float32 by default (``precision``
+fp32), the exact reference the artifact's rounding is measured against.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..adapters import unload
 from ..data import Example, chat_prompt_ids, read_rows, tokenize_row
 from ..io import load_adapter
 from ..models import DEFAULT_MODEL, default_gguf, is_embedded, load_model, resolve_model_dir
+from ..precision import Precision, decide
 from .files import check_target, place, staged_directory, staged_file
 from .gguf_lora import GgufLoraExport, gguf_lora_file
 from .gguf_model import TYPES, GgufModelExport, export_gguf_model
@@ -73,26 +75,29 @@ class ExportResult:
 
 @dataclass
 class _Plan:
-    """The parity checks asked for: which prompts, how many tokens, whether to check the base alone too."""
+    """The parity checks asked for: which prompts, how many tokens, whether to check the base alone too, and
+    the precision lorakit's side computes in."""
 
     prompts: str | os.PathLike | None
     max_prompts: int
     max_new_tokens: int
     with_base: bool
+    precision: Precision
 
     def bind(self, tokenizer, model) -> _Check:
         examples = parity_examples(tokenizer, self.prompts, self.max_prompts)
-        return _Check(examples, _stop_ids(model, tokenizer), self.max_new_tokens, self.with_base)
+        return _Check(examples, _stop_ids(model, tokenizer), self.max_new_tokens, self.with_base, self.precision)
 
 
 @dataclass
 class _Check:
-    """What every parity report of one export uses: the prompts and lorakit's stop tokens."""
+    """What every parity report of one export uses: the prompts, lorakit's stop tokens and its precision."""
 
     examples: list[Example]
     stop_ids: set[int]
     max_new_tokens: int
     with_base: bool = False
+    precision: Precision | None = None
 
 
 def export_adapter(
@@ -110,6 +115,7 @@ def export_adapter(
     with_base: bool = False,
     merged: bool = False,
     overwrite: bool = False,
+    precision: str = "fp32",
 ) -> ExportResult:
     """Export the adapter in ``adapter_dir`` for ``model`` (an HF directory, a ``.gguf`` file or ``default``)
     as ``fmt`` at ``out``, then check the artifact in other runtimes (``parity``).
@@ -120,7 +126,10 @@ def export_adapter(
     tokenizer and chat template from); default: ``model`` itself when it is a GGUF file, or the embedded one.
     ``prompts``: a data file whose rows' prompts (and answers, when present) the checks use, at most
     ``max_prompts``; default: a few built-in chat prompts. ``with_base``: also check the GGUF base alone.
-    ``merged``: for ``ollama``, one merged GGUF instead of the base plus the adapter.
+    ``merged``: for ``ollama``, one merged GGUF instead of the base plus the adapter. ``precision``: what
+    lorakit's side of the checks computes in (see ``lorakit.precision``); fp32 by default, so that the figures
+    measure the artifact and its runtime, not bf16 products on lorakit's side. Merged files are merged in
+    float32 whatever it is.
 
     All or nothing: whether every check can run (its runtime importable, a GGUF base, the prompts) is decided
     before anything is written; the artifact is then written beside ``out``, checked there, and moved into
@@ -128,17 +137,17 @@ def export_adapter(
     there stays as it was). A check's figures are not judged here (``--min-agreement`` is the caller's).
 
     Raises:
-        ValueError: an unknown format or dtype, a check that cannot run (its runtime is missing), a model
-            without a GGUF base where one is needed, an adapter that does not fit the base, an existing
-            ``out`` without ``overwrite``, everything the format's writer refuses (see ``gguf_lora_file``,
-            ``export_gguf_model``, ``vllm_files``), and a check that fails.
+        ValueError: an unknown format, dtype or precision (or one the CPU lacks), a check that cannot run (its
+            runtime is missing), a model without a GGUF base where one is needed, an adapter that does not fit
+            the base, an existing ``out`` without ``overwrite``, everything the format's writer refuses (see
+            ``gguf_lora_file``, ``export_gguf_model``, ``vllm_files``), and a check that fails.
     """
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r} is not supported; use one of {', '.join(FORMATS)}")
     if merged and fmt != "ollama":
         raise ValueError("--merged applies to --format ollama (gguf is always merged, gguf-lora never)")
     out = Path(out)
-    check = _Plan(prompts, max_prompts, max_new_tokens, with_base) if parity else None
+    check = _Plan(prompts, max_prompts, max_new_tokens, with_base, decide(precision, "cpu")) if parity else None
     if fmt == "vllm":
         if dtype is not None:
             raise ValueError("--dtype does not apply to --format vllm: the adapter keeps the dtype it was saved in")
@@ -202,15 +211,14 @@ def _export_gguf_lora(adapter_dir, out: Path, model, dtype, base: Path | None, c
 def _gguf_lora_checks(adapter_dir, model, check: _Plan) -> Callable[[Path, Path], dict[str, ParityReport]]:
     """What the checks of a LoRA GGUF compare with (lorakit's adapted model, the prompts), loaded before the
     file is written; the function returned runs them on ``(base GGUF, adapter GGUF)``."""
-    adapted, tokenizer = load_model(model)
-    load_adapter(adapted, adapter_dir)
+    adapted, tokenizer = _adapted(adapter_dir, model, check.precision)
     context = check.bind(tokenizer, adapted)
-    plain = load_model(model)[0] if context.with_base else None
+    plain = load_model(model, dtype=check.precision.storage)[0] if context.with_base else None
 
     def run(base: Path, adapter_file: Path) -> dict[str, ParityReport]:
-        checks = {"adapter": llama_cpp_parity(adapted, context.examples, base, adapter_file, **_decoding(context))}
+        checks = {"adapter": llama_cpp_parity(adapted, context.examples, base, adapter_file, **_ours(context))}
         if plain is not None:
-            checks["base"] = llama_cpp_parity(plain, context.examples, base, None, **_decoding(context))
+            checks["base"] = llama_cpp_parity(plain, context.examples, base, None, **_ours(context))
         return checks
 
     return run
@@ -218,7 +226,7 @@ def _gguf_lora_checks(adapter_dir, model, check: _Plan) -> Callable[[Path, Path]
 
 def _export_gguf(adapter_dir, out: Path, model, dtype, base: Path, check, overwrite) -> ExportResult:
     plain, tokenizer = _merged(adapter_dir, model)
-    checks = None if check is None else _gguf_checks(plain, tokenizer, dtype, check)
+    checks = None if check is None else _gguf_checks(plain, tokenizer, dtype, check, adapter_dir, model)
     with staged_file(out, overwrite) as staged:
         artifact = export_gguf_model(plain, base, staged, dtype=dtype)
         reports = {} if checks is None else _checked(lambda: checks(staged), staged, out)
@@ -232,22 +240,42 @@ def _merged(adapter_dir, model) -> tuple[torch.nn.Module, object]:
     return unload(adapted, merge=True), tokenizer
 
 
-def _gguf_checks(plain, tokenizer, dtype: str, check: _Plan) -> Callable[[Path], dict[str, ParityReport]]:
-    """The checks of a merged GGUF ``file``: in llama.cpp and in transformers' GGUF loader, each against
-    lorakit, and against each other. The transformers reading computes in float32, so its distance to lorakit
-    is the drift the file's rounding to ``dtype`` causes. The prompts are read before the file is written."""
+def _adapted(adapter_dir, model, precision: Precision) -> tuple[torch.nn.Module, object]:
+    """lorakit's adapted model as it computes in ``precision``: the base in the precision's storage dtype, the
+    adapter in its trained dtype (float32 under the mixed precisions, bf16 under pure bf16)."""
+    adapted, tokenizer = load_model(model, dtype=precision.storage)
+    load_adapter(adapted, adapter_dir, adapter_dtype=precision.trained)
+    return adapted, tokenizer
+
+
+def _lorakit_side(plain: torch.nn.Module, adapter_dir, model, check: _Plan) -> torch.nn.Module:
+    """What a merged file's checks compare with: in fp32 the float32 merge itself (the same maths as the
+    adapted model, to float32 rounding); in another precision the adapted model as it computes there."""
+    if check.precision.storage == torch.float32:
+        return plain
+    return _adapted(adapter_dir, model, check.precision)[0]
+
+
+def _gguf_checks(
+    plain, tokenizer, dtype: str, check: _Plan, adapter_dir, model
+) -> Callable[[Path], dict[str, ParityReport]]:
+    """The checks of a merged GGUF ``file`` (``plain``, the float32 merge, written as ``dtype``): in llama.cpp
+    and in transformers' GGUF loader, each against lorakit, and against each other. The transformers reading
+    computes in float32, so with lorakit in fp32 its distance to lorakit is the drift the file's rounding to
+    ``dtype`` causes. The prompts are read before the file is written."""
     import transformers
     from transformers import AutoModelForCausalLM
 
-    context = check.bind(tokenizer, plain)
+    ours = _lorakit_side(plain, adapter_dir, model, check)
+    context = check.bind(tokenizer, ours)
 
     def run(file: Path) -> dict[str, ParityReport]:
-        checks = {"llama.cpp": llama_cpp_parity(plain, context.examples, file, None, **_decoding(context))}
+        checks = {"llama.cpp": llama_cpp_parity(ours, context.examples, file, None, **_ours(context))}
         reread = _quiet(
             lambda: AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)
         )
         label = f"transformers {transformers.__version__} GGUF loader ({dtype} weights, float32 products)"
-        checks["transformers"] = model_parity(plain, context.examples, reread, label, **_decoding(context))
+        checks["transformers"] = model_parity(ours, context.examples, reread, label, **_ours(context))
         checks["llama.cpp vs transformers"] = llama_cpp_parity(
             reread, context.examples, file, None, reference="transformers' GGUF loader", **_decoding(context)
         )
@@ -263,7 +291,7 @@ def _export_ollama(adapter_dir, out: Path, model, dtype, base: Path, merged: boo
     if merged:
         plain, tokenizer = _merged(adapter_dir, model)
         model_file, adapter_file = "model.gguf", None
-        checks = None if check is None else _gguf_checks(plain, tokenizer, dtype, check)
+        checks = None if check is None else _gguf_checks(plain, tokenizer, dtype, check, adapter_dir, model)
     else:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(model))
         model_file, adapter_file = base.name, "adapter.gguf"
@@ -300,21 +328,25 @@ def _vllm_checks(adapter_dir, model, check: _Plan) -> Callable[[Path], dict[str,
     """lorakit's adapted model, the base for PEFT and the prompts, loaded before the directory is written; the
     function returned reads a written ``directory`` with PEFT (as vLLM reads it) and compares."""
     peft = require_peft()
-    adapted, tokenizer = load_model(model)
-    load_adapter(adapted, adapter_dir)
-    base, _ = load_model(model)
+    adapted, tokenizer = _adapted(adapter_dir, model, check.precision)
+    base, _ = load_model(model)  # PEFT's side: float32, as it is read
     context = check.bind(tokenizer, adapted)
 
     def run(directory: Path) -> dict[str, ParityReport]:
         reread = peft.PeftModel.from_pretrained(base, str(directory))
         label = f"PEFT {peft.__version__} (vLLM's reading of the file: one scaling for every layer)"
-        return {"peft": model_parity(adapted, context.examples, reread, label, **_decoding(context))}
+        return {"peft": model_parity(adapted, context.examples, reread, label, **_ours(context))}
 
     return run
 
 
 def _decoding(context: _Check) -> dict:
     return {"stop_ids": context.stop_ids, "max_new_tokens": context.max_new_tokens}
+
+
+def _ours(context: _Check) -> dict:
+    """``_decoding`` for a report whose reference side is lorakit's model, which computes in the precision."""
+    return {**_decoding(context), "precision": context.precision}
 
 
 def _quiet(load):

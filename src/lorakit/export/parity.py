@@ -13,11 +13,14 @@ over the base GGUF) decode greedily from the same token ids. The report gives:
 
 llama.cpp computes quantized products (a Q4_1 base multiplies 8-bit-quantized activations), lorakit float32
 ones on the same dequantized weights, so the base model alone already differs by about 2 logits on the
-embedded model: compare an export's figures with ``--with-base``'s.
+embedded model: compare an export's figures with ``--with-base``'s. lorakit's side computes in float32 unless
+a ``precision`` is given (``lorakit export --precision``): its forwards then run in that precision's autocast,
+and the report names it ("vs lorakit (bf16-mixed)").
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -29,6 +32,7 @@ from torch import nn
 
 from ..data import Example
 from ..models import kv_cache_inputs, kv_cache_output
+from ..precision import Precision
 
 
 @dataclass
@@ -115,10 +119,12 @@ def llama_cpp_parity(
     max_new_tokens: int = 16,
     threads: int | None = None,
     reference: str = "lorakit",
+    precision: Precision | None = None,
 ) -> ParityReport:
     """Decode ``examples``' prompts greedily in ``model`` (lorakit's adapted model, or ``reference``) and in
     llama.cpp (``base_gguf`` with ``adapter_gguf``, or alone when None) and compare; see the module docstring.
-    ``model`` stops at ``stop_ids``, llama.cpp at the end-of-generation tokens the GGUF itself declares."""
+    ``model`` stops at ``stop_ids``, llama.cpp at the end-of-generation tokens the GGUF itself declares, and
+    computes in ``precision`` (None: as it is stored)."""
     llama_cpp = require_llama_cpp()
     longest = max(len(e.prompt_ids) for e in examples) + max_new_tokens + 1
     llm = llama_cpp.Llama(
@@ -135,7 +141,7 @@ def llama_cpp_parity(
             model, examples, f"llama.cpp (llama-cpp-python {llama_cpp.__version__})",
             theirs=lambda prompt, steps: _llama_greedy(llm, prompt, steps, llama_stops),
             forced=lambda prompt, ours, logits: _teacher_forced(llm, prompt, ours, logits),
-            stop_ids=stop_ids, max_new_tokens=max_new_tokens, reference=reference,
+            stop_ids=stop_ids, max_new_tokens=max_new_tokens, reference=reference, precision=precision,
         )  # fmt: skip
     finally:
         llm.close()
@@ -151,11 +157,15 @@ def compare(
     stop_ids: set[int],
     max_new_tokens: int,
     reference: str = "lorakit",
+    precision: Precision | None = None,
 ) -> ParityReport:
     """The report for one runtime: ``theirs(prompt, steps)`` its free-running greedy tokens, ``forced(prompt,
-    ours, our_logits)`` its largest logit gap and argmax hits fed ``model``'s own continuation."""
+    ours, our_logits)`` its largest logit gap and argmax hits fed ``model``'s own continuation, which ``model``
+    computes in ``precision`` (None: as it is stored; a precision other than fp32 is named in the report)."""
     from tqdm.auto import tqdm
 
+    if precision is not None and precision.name != "fp32":
+        reference = f"{reference} ({precision.name})"
     same = matched = compared = exact_ours = exact_theirs = scored = 0
     worst = 0.0
     model.eval()
@@ -164,7 +174,8 @@ def compare(
         prompt = example.prompt_ids
         answer = example.input_ids[example.answer_start : example.answer_end] if example.reference else None
         steps = len(answer) if answer else max_new_tokens
-        ours, our_logits = _greedy(model, prompt, steps, stop_ids)
+        with precision.context("cpu") if precision else contextlib.nullcontext():
+            ours, our_logits = _greedy(model, prompt, steps, stop_ids)
         their_tokens = theirs(prompt, steps)
         same += ours == their_tokens
         gap, hits = forced(prompt, ours, our_logits)
@@ -244,9 +255,11 @@ def model_parity(
     *,
     stop_ids: set[int],
     max_new_tokens: int = 16,
+    precision: Precision | None = None,
 ) -> ParityReport:
-    """Decode ``examples`` greedily in lorakit (``model``) and in ``other``, another implementation's reading
-    of the export (PEFT for a vLLM directory, transformers' GGUF loader for a GGUF file), and compare."""
+    """Decode ``examples`` greedily in lorakit (``model``, computing in ``precision``; None: as it is stored)
+    and in ``other``, another implementation's reading of the export (PEFT for a vLLM directory, transformers'
+    GGUF loader for a GGUF file), which computes as it is stored, and compare."""
     other.eval()
 
     @torch.no_grad()
@@ -258,5 +271,5 @@ def model_parity(
     return compare(
         model, examples, runtime,
         theirs=lambda prompt, steps: _greedy(other, prompt, steps, stop_ids)[0],
-        forced=forced, stop_ids=stop_ids, max_new_tokens=max_new_tokens,
+        forced=forced, stop_ids=stop_ids, max_new_tokens=max_new_tokens, precision=precision,
     )  # fmt: skip

@@ -9,17 +9,21 @@ from torch import nn
 from ..config import LoraConfig
 from ..inject import inject
 from ..io import CONFIG_NAME, adapter_tensors, read_adapter, save_adapter
+from ..layers import AdapterDtype
 from ..state import registry
 
 
 class LoraMethod:
     name = "lora"
 
-    def __init__(self, config: LoraConfig | None = None) -> None:
+    def __init__(self, config: LoraConfig | None = None, adapter_dtype: AdapterDtype = None) -> None:
+        """``adapter_dtype``: ``inject``'s (None: float32 adapters over a bf16 / fp16 base; "base": the base's
+        dtype, for pure bf16 training)."""
         self.config = config or LoraConfig(r=16, alpha=32, target_modules="all-linear")
+        self.adapter_dtype = adapter_dtype
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        return inject(model, self.config)
+        return inject(model, self.config, adapter_dtype=self.adapter_dtype)
 
     def save(self, trained: nn.Module, directory: Path, values: dict | None = None) -> Path:
         """``values``: the trained tensors by parameter name, gathered from a sharded model (FSDP)."""

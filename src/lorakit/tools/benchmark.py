@@ -16,12 +16,25 @@ Training modes (fused AdamW in every mode, one optimizer step per batch):
 Inference modes (no gradients, logits for the whole batch):
   base, lorakit-unmerged, lorakit-merged, peft-unmerged
 
+Precisions (``--precision``, comma-separated: every mode runs in each, all alternated in one run):
+  fp32         everything float32
+  bf16-mixed   the frozen base stored in bfloat16, adapters (lorakit's default; PEFT's
+               ``autocast_adapter_dtype=True``) and optimizer state float32, forward under ``torch.autocast``;
+               ``full`` keeps its float32 weights and computes under autocast (classic AMP)
+  bf16         everything bfloat16 (lorakit's ``adapter_dtype="base"``, PEFT's ``autocast_adapter_dtype=False``)
+  fp16-mixed   as bf16-mixed in float16 with a GradScaler (CUDA only)
+  auto         (the default) what ``lorakit train`` would pick here: bf16-mixed where the hardware multiplies
+               bf16 natively, fp32 elsewhere
+With several precisions the rows are named ``MODE PRECISION`` and compared with the same mode in fp32.
+``--dtype float32`` / ``bfloat16`` (the former option) mean ``--precision fp32`` / ``bf16``.
+
     lorakit bench [--rounds 2] [--steps 5] [--batch 8] [--seq 128] [--model DIR] [--markdown FILE]
-    lorakit bench --check-loss   # lorakit and PEFT losses over 20 steps agree
+    lorakit bench --modes lorakit,peft --precision fp32,bf16-mixed,bf16
+    lorakit bench --check-loss   # lorakit and PEFT losses over 20 steps agree (float32)
     (bench/train_speed.py runs this same program)
 
-Defaults: the embedded SmolLM2-135M-Instruct in float32, r=16, alpha=32, LoRA on q, k, v, o, gate, up and
-down projections, no dropout, learning rate 1e-4, batch 8 x 128 random tokens from a fixed seed. PEFT is a
+Defaults: the embedded SmolLM2-135M-Instruct in precision auto, r=16, alpha=32, LoRA on q, k, v, o, gate, up
+and down projections, no dropout, learning rate 1e-4, batch 8 x 128 random tokens from a fixed seed. PEFT is a
 test-time peer, not a lorakit dependency: without it the PEFT modes and the loss check are left out.
 """
 
@@ -40,14 +53,19 @@ import time
 import torch
 
 from ..fastpath import cpu_description
+from ..precision import PRECISIONS, Precision, decide
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TRAIN_MODES = ["lorakit", "peft", "full", "lorakit-gc", "peft-gc"]
 EXTRA_MODES = ["lorakit-lean", "peft-lowrss", "lorakit-hf-loss"]
 INFER_MODES = ["base", "lorakit-unmerged", "lorakit-merged", "peft-unmerged"]
+DTYPE_PRECISIONS = {"float32": "fp32", "bfloat16": "bf16"}  # the former --dtype, as the precision it meant
+FP32 = decide("fp32", "cpu")
 
 
-def build(mode: str, device: str, dtype: torch.dtype, seed: int = 0, model_name: str = "default", targets=None):
+def build(
+    mode: str, device: str, precision: Precision = FP32, seed: int = 0, model_name: str = "default", targets=None
+):
     import lorakit
     from lorakit import fastpath
 
@@ -55,13 +73,15 @@ def build(mode: str, device: str, dtype: torch.dtype, seed: int = 0, model_name:
         # what lorakit's trainer does on CPU with train.lean_cpu_memory, by default with gradient checkpointing
         fastpath.return_freed_memory_to_os()
 
-    model, _ = lorakit.load_model(model_name, dtype=dtype)
-    model.to(device)
     kind = mode.removesuffix("-gc").removesuffix("-hf-loss").replace("peft-lowrss", "peft")
     kind = kind.replace("lorakit-lean", "lorakit")
+    # full fine-tuning trains every weight: they are kept in the trained dtype (float32 under a mixed precision)
+    model, _ = lorakit.load_model(model_name, dtype=precision.trained if kind == "full" else precision.storage)
+    model.to(device)
     torch.manual_seed(seed)
     if kind.startswith("lorakit"):
-        lorakit.inject(model, lorakit.LoraConfig(r=16, alpha=32, target_modules=targets or TARGETS, dropout=0.0))
+        lora = lorakit.LoraConfig(r=16, alpha=32, target_modules=targets or TARGETS, dropout=0.0)
+        lorakit.inject(model, lora, adapter_dtype=precision.trained)  # float32 under the mixed precisions
         lorakit.fuse_forwards(model)  # as lorakit train does (train.fused_forwards)
         _randomize_b(model, seed)
         if kind == "lorakit-merged":
@@ -70,7 +90,9 @@ def build(mode: str, device: str, dtype: torch.dtype, seed: int = 0, model_name:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(
-            model, LoraConfig(r=16, lora_alpha=32, target_modules=targets or TARGETS, lora_dropout=0.0)
+            model,
+            LoraConfig(r=16, lora_alpha=32, target_modules=targets or TARGETS, lora_dropout=0.0),
+            autocast_adapter_dtype=precision.trained == torch.float32,  # PEFT's float32 adapters over bf16
         )
         _randomize_b(model, seed)
     elif kind == "full":
@@ -97,12 +119,14 @@ def batch_for(args, vocab: int, device: str) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
-def loss_fn(mode: str, model, batch):
-    if mode.startswith("lorakit") and mode != "lorakit-hf-loss":
-        import lorakit
+def loss_fn(mode: str, model, batch, precision: Precision = FP32):
+    """The training loss of ``mode``, its forward under ``precision``'s autocast (the backward runs outside)."""
+    with precision.context(batch["input_ids"].device):
+        if mode.startswith("lorakit") and mode != "lorakit-hf-loss":
+            import lorakit
 
-        return lorakit.causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
-    return model(**batch).loss
+            return lorakit.causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
+        return model(**batch).loss
 
 
 def sync(device: str) -> None:
@@ -111,44 +135,64 @@ def sync(device: str) -> None:
 
 
 def run_mode(args) -> dict:
-    """One mode in this process: warm-up, then timed steps (or forwards). Prints a JSON line."""
+    """One mode in one precision in this process: warm-up, then timed steps (or forwards). Prints a JSON line."""
     device = args.device
-    dtype = getattr(torch, args.dtype)
-    model = build(args.mode, device, dtype, model_name=args.model, targets=_targets(args))
+    precision = decide(args.precision or "auto", device)
+    model = build(args.mode, device, precision, model_name=args.model, targets=_targets(args))
     batch = batch_for(args, model.config.vocab_size, device)
-    times = []
-    loss_value = None
     if args.mode in INFER_MODES:
-        model.eval()
-        with torch.inference_mode():
-            for i in range(args.steps + 1):
-                sync(device)
-                start = time.perf_counter()
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                sync(device)
-                if i:
-                    times.append(time.perf_counter() - start)
+        times, loss_value = _forwards(model, batch, args.steps, precision), None
     else:
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        from lorakit.train.trainer import adamw
-
-        opt = adamw(params, lr=1e-4)  # every mode: the fused AdamW of lorakit's trainer and transformers' Trainer
-        for i in range(args.steps + 1):
-            sync(device)
-            start = time.perf_counter()
-            loss = loss_fn(args.mode, model, batch)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sync(device)
-            loss_value = loss.item()
-            if i:
-                times.append(time.perf_counter() - start)
+        times, loss_value = _train_steps(args.mode, model, batch, args.steps, precision)
     peak = peak_rss_bytes()
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated()
-    return {"mode": args.mode, "times": times, "peak_bytes": peak, "loss": loss_value}
+    return {"mode": args.mode, "precision": precision.name, "times": times, "peak_bytes": peak, "loss": loss_value}
+
+
+def _forwards(model, batch, steps: int, precision: Precision) -> list[float]:
+    """Seconds of each of ``steps`` forwards after a warm-up, under ``precision``'s autocast."""
+    device = str(batch["input_ids"].device)
+    model.eval()
+    times = []
+    with torch.inference_mode(), precision.context(device):
+        for i in range(steps + 1):
+            sync(device)
+            start = time.perf_counter()
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            sync(device)
+            if i:
+                times.append(time.perf_counter() - start)
+    return times
+
+
+def _train_steps(mode: str, model, batch, steps: int, precision: Precision) -> tuple[list[float], float]:
+    """Seconds of each of ``steps`` optimizer steps after a warm-up, and the last loss. Every mode uses the
+    fused AdamW of lorakit's trainer and transformers' Trainer; fp16-mixed scales the loss (GradScaler)."""
+    from lorakit.train.trainer import adamw
+
+    device = str(batch["input_ids"].device)
+    model.train()
+    opt = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    scaler = torch.amp.GradScaler(torch.device(device).type) if precision.scaled else None
+    times, loss_value = [], float("nan")
+    for i in range(steps + 1):
+        sync(device)
+        start = time.perf_counter()
+        loss = loss_fn(mode, model, batch, precision)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        loss_value = loss.item()
+        if i:
+            times.append(time.perf_counter() - start)
+    return times, loss_value
 
 
 def peak_rss_bytes() -> int:
@@ -175,7 +219,7 @@ def check_loss(args) -> dict:
     batch_args = argparse.Namespace(batch=2, seq=64)
     results = {}
     for mode in ("lorakit", "peft"):
-        model = build(mode, device, torch.float32, model_name=args.model, targets=_targets(args))
+        model = build(mode, device, FP32, model_name=args.model, targets=_targets(args))
         model.train()
         batch = batch_for(batch_args, model.config.vocab_size, device)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -206,7 +250,49 @@ def validate(args) -> None:
         raise ValueError(f"--batch must be at least 1 and --seq at least 2, got {args.batch} and {args.seq}")
 
 
-def orchestrate(args) -> dict:
+def resolve_precisions(args) -> list[str]:
+    """The precisions to measure, each resolved on --device (``auto`` by the hardware) and announced on stderr,
+    without repeats. The former --dtype names one.
+
+    Raises:
+        ValueError: an unknown precision, one the device lacks, or --dtype float16 (with the fix).
+    """
+    names = _precision_names(args)
+    unknown = [n for n in names if n not in PRECISIONS]
+    if unknown or not names:
+        raise ValueError(
+            f"unknown --precision {unknown or names}; choose from {','.join(PRECISIONS)} (comma-separated)"
+        )
+    resolved: dict[str, Precision] = {}
+    for name in names:
+        precision = decide(name, args.device)
+        resolved.setdefault(precision.name, precision)
+    for precision in resolved.values():
+        print(precision.describe(), file=sys.stderr)
+    return list(resolved)
+
+
+def _precision_names(args) -> list[str]:
+    if args.dtype is None:
+        return [n for n in (args.precision or "auto").split(",") if n]
+    if args.precision is not None:
+        raise ValueError("--dtype is the former spelling of --precision: give --precision only")
+    if args.dtype not in DTYPE_PRECISIONS:
+        raise ValueError(
+            f"--dtype {args.dtype} (pure float16 without loss scaling) is not measured any more: use --precision "
+            "fp16-mixed on a CUDA device"
+        )
+    print(f"--dtype {args.dtype} means --precision {DTYPE_PRECISIONS[args.dtype]}", file=sys.stderr)
+    return [DTYPE_PRECISIONS[args.dtype]]
+
+
+def _label(mode: str, precision: str, precisions: list[str]) -> str:
+    """A row's name: the mode, followed by its precision when the bench measures several."""
+    return mode if len(precisions) == 1 else f"{mode} {precision}"
+
+
+def orchestrate(args, precisions: list[str]) -> dict:
+    """Every mode in every precision (resolved names), alternated in fresh processes; their medians."""
     validate(args)
     modes = [m for m in args.modes.split(",") if m]
     if not _have_peft():
@@ -214,17 +300,21 @@ def orchestrate(args) -> dict:
         modes = [m for m in modes if not m.startswith("peft")]
         if dropped:
             print(f"PEFT is not installed: leaving out {', '.join(dropped)} (pip install peft)", file=sys.stderr)
+    rows = {_label(m, p, precisions): (m, p) for m in modes for p in precisions}
 
-    def command(mode: str) -> list[str]:
+    def command(label: str) -> list[str]:
+        mode, precision = rows[label]
         cmd = [sys.executable, "-m", "lorakit.tools.benchmark", "--mode", mode, "--steps", str(args.steps)]
-        cmd += ["--batch", str(args.batch), "--seq", str(args.seq), "--device", args.device, "--dtype", args.dtype]
+        cmd += ["--batch", str(args.batch), "--seq", str(args.seq), "--device", args.device, "--precision", precision]
         return [*cmd, "--model", args.model, "--targets", args.targets]
 
-    runs = alternate_in_processes(modes, args.rounds, command, _child_env())
+    runs = alternate_in_processes(list(rows), args.rounds, command, _child_env())
     summary = {}
-    for mode, results in runs.items():
+    for label, results in runs.items():
         times = [t for res in results for t in res["times"]]
-        summary[mode] = {
+        summary[label] = {
+            "mode": rows[label][0],
+            "precision": rows[label][1],
             "median_s": statistics.median(times),
             "tokens_per_s": args.batch * args.seq / statistics.median(times),
             "peak_gb": statistics.median(res["peak_bytes"] for res in results) / 1e9,
@@ -251,39 +341,52 @@ def alternate_in_processes(modes: list[str], rounds: int, command, env: dict[str
     return runs
 
 
-def render(summary: dict, args, check: dict | None) -> str:
-    def ratio(a, b, key):
-        return summary[a][key] / summary[b][key] if a in summary and b in summary else None
-
+def render(summary: dict, args, check: dict | None, precisions: list[str]) -> str:
+    """The markdown table: every row against PEFT and full fine-tuning (or the base's forward) in the same
+    precision and, when fp32 is among several precisions, against the same mode in fp32."""
+    against_fp32 = len(precisions) > 1 and "fp32" in precisions
     machine = f"{cpu_description()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
     if args.device.startswith("cuda"):
         machine = torch.cuda.get_device_name() + f", torch {torch.__version__}"
     lines = [
-        f"\n### Training and forward cost, {args.device}, {args.dtype}, batch {args.batch} x {args.seq} ({datetime.date.today()})\n",
-        f"Command: `lorakit bench --rounds {args.rounds} --steps {args.steps} --batch {args.batch} "
-        f"--seq {args.seq} --device {args.device} --dtype {args.dtype}{_model_flags(args)}`; machine: {machine}.\n",
-        "| mode | median step or forward (s) | tokens/s | peak memory (GB) | time vs PEFT | time vs full | memory vs PEFT |",
-        "|---|---|---|---|---|---|---|",
+        f"\n### Training and forward cost, {args.device}, {', '.join(precisions)}, batch {args.batch} x {args.seq} ({datetime.date.today()})\n",
+        f"Command: `lorakit bench --rounds {args.rounds} --steps {args.steps} --batch {args.batch} --seq {args.seq} "
+        f"--device {args.device} --precision {','.join(precisions)}{_model_flags(args)}`; machine: {machine}.\n",
+        "| mode | median step or forward (s) | tokens/s | peak memory (GB) | time vs PEFT | time vs full | memory vs PEFT |"
+        + (" time vs fp32 | memory vs fp32 |" if against_fp32 else ""),
+        "|---|---|---|---|---|---|---|" + ("---|---|" if against_fp32 else ""),
     ]
-    for mode, s in summary.items():
-        peft_ref = "peft-gc" if mode.endswith("-gc") else ("peft-unmerged" if mode in INFER_MODES else "peft")
-        vs_peft = ratio(mode, peft_ref, "median_s")
-        vs_full = (
-            ratio(mode, "full", "median_s") if mode in TRAIN_MODES + EXTRA_MODES else ratio(mode, "base", "median_s")
-        )
-        mem = ratio(mode, "peft", "peak_gb") if mode in TRAIN_MODES + EXTRA_MODES else None
-        lines.append(
-            f"| {mode} | {s['median_s']:.3f} | {s['tokens_per_s']:.0f} | {s['peak_gb']:.2f} | {_times(vs_peft)} | "
-            f"{_times(vs_full)} | {_times(mem)} |"
-        )
+    lines += [_row(label, summary, precisions, against_fp32) for label in summary]
     lines.append("")
     lines.append("For inference modes the 'time vs full' column is the ratio to the base model's forward.")
+    if len(precisions) > 1:
+        lines.append("Each row is compared with PEFT, full fine-tuning and the base in its own precision.")
     if check is not None:
         lines.append(
-            f"Same maths: lorakit and PEFT from identical weights, 20 AdamW steps (batch 2 x 64): largest loss "
-            f"difference {check['max_abs_loss_diff']:.2e} ({'within' if check['ok'] else 'OUTSIDE'} 1e-4)."
+            f"Same maths: lorakit and PEFT from identical weights, 20 AdamW steps (batch 2 x 64, float32): largest "
+            f"loss difference {check['max_abs_loss_diff']:.2e} ({'within' if check['ok'] else 'OUTSIDE'} 1e-4)."
         )
     return "\n".join(lines) + "\n"
+
+
+def _row(label: str, summary: dict, precisions: list[str], against_fp32: bool) -> str:
+    """One table row; its ratios are to rows in the same precision, and to the same mode's fp32 row."""
+    s = summary[label]
+    mode, training = s["mode"], s["mode"] in TRAIN_MODES + EXTRA_MODES
+
+    def ratio(other_mode: str, key: str, precision: str = s["precision"]) -> str:
+        other = _label(other_mode, precision, precisions)
+        return _times(s[key] / summary[other][key] if other in summary else None)
+
+    peft_ref = "peft-gc" if mode.endswith("-gc") else ("peft-unmerged" if mode in INFER_MODES else "peft")
+    row = (
+        f"| {label} | {s['median_s']:.3f} | {s['tokens_per_s']:.0f} | {s['peak_gb']:.2f} | "
+        f"{ratio(peft_ref, 'median_s')} | {ratio('full' if training else 'base', 'median_s')} | "
+        f"{ratio('peft', 'peak_gb') if training else ''} |"
+    )
+    if against_fp32:
+        row += f" {ratio(mode, 'median_s', 'fp32')} | {ratio(mode, 'peak_gb', 'fp32')} |"
+    return row
 
 
 def _times(value: float | None) -> str:
@@ -328,7 +431,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default", help="causal LM: HF directory, .gguf file or 'default'")
     parser.add_argument("--targets", default=",".join(TARGETS), help="comma-separated LoRA target module names")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--precision",
+        help="comma-separated precisions, each mode runs in each: fp32, bf16-mixed, bf16, fp16-mixed (CUDA), auto "
+        "(default: what lorakit train picks here)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="the former option: float32 is --precision fp32, bfloat16 is --precision bf16",
+    )
     parser.add_argument("--check-loss", action="store_true", help="only check lorakit and PEFT losses agree")
     parser.add_argument("--skip-check", action="store_true", help="leave out the loss check")
     parser.add_argument("--json", help="write the raw results here")
@@ -346,9 +458,10 @@ def run(args: argparse.Namespace) -> int:
         result = check_loss(args)
         print(json.dumps(result))
         return 0 if result["ok"] else 1
+    precisions = resolve_precisions(args)
     check = None if args.skip_check or not _have_peft() else check_loss(args)
-    summary = orchestrate(args)
-    table = render(summary, args, check)
+    summary = orchestrate(args, precisions)
+    table = render(summary, args, check, precisions)
     print(table)
     if args.json:
         with open(args.json, "w") as fh:

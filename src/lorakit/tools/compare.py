@@ -1,8 +1,9 @@
 """`lorakit compare`: LoRA against full fine-tuning, adapter layers and prompt tuning, measured side by side.
 
-Every method trains with the same model, data, seed, step budget and batch (one learning rate per
-method), through the same trainer, each in a fresh process so that its peak memory is its own. The
-parent collects one JSON record per method and writes results.json, results.md and results.png.
+Every method trains with the same model, data, seed, step budget, batch and precision (the run config's
+``precision``; one learning rate per method), through the same trainer, each in a fresh process so that its
+peak memory is its own. The parent collects one JSON record per method and writes results.json, results.md
+and results.png.
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ import yaml
 from torch import nn
 
 from ..methods import METHODS
+from ..precision import Precision, decide
 from ..train.config import RunConfig
 
 RESULT_NAME = "result.json"
 FIELDS = [
     "method", "status", "trainable_params", "total_params", "trainable_percent", "peak_memory_mb", "memory_kind",
     "median_step_seconds", "tokens_per_second", "eval_loss", "exact_match", "exact_match_before", "artifact_bytes",
-    "latency_vs_base", "latency_merged_vs_base", "base_weights_changed", "steps", "lr", "wall_seconds", "error",
+    "latency_vs_base", "latency_merged_vs_base", "base_weights_changed", "steps", "lr", "precision", "wall_seconds",
+    "error",
 ]  # fmt: skip
 
 
@@ -140,7 +143,7 @@ def worker(config_path: Path, name: str, out: Path, progress: bool) -> dict[str,
     cfg.train.eval_before = name == cfg.compare.methods[0]
     from ..models import load_model
 
-    _, tokenizer = load_model(cfg.model)
+    _, tokenizer = load_model(cfg.model, skeleton=True)  # a skeleton reads no weights: the peak stays training's
     method = _Recording(build_method(cfg, name, tokenizer))
     started = time.perf_counter()
     result = train(cfg, progress=progress, method=method)
@@ -156,7 +159,9 @@ def worker(config_path: Path, name: str, out: Path, progress: bool) -> dict[str,
         "artifact_bytes": _artifact_bytes(out),
         "base_weights_changed": checksum(method.originals) != method.checksum_before,
     }  # fmt: skip
-    record.update(_latency(cfg, trained, name))
+    precision = decide(cfg.precision, next(trained.parameters()).device)  # as the trainer decided it
+    record["precision"] = precision.name
+    record.update(_latency(cfg, trained, name, precision))
     record["wall_seconds"] = time.perf_counter() - started
     return record
 
@@ -191,43 +196,51 @@ def _artifact_bytes(out: Path) -> int:
     return sum(p.stat().st_size for p in out.iterdir() if p.is_file() and p.name not in bookkeeping)
 
 
-def _latency(cfg: RunConfig, trained: nn.Module, name: str) -> dict[str, float | None]:
-    """Median forward time of the trained model over a fresh base model's, same batch, same process."""
+def _latency(cfg: RunConfig, trained: nn.Module, name: str, precision: Precision) -> dict[str, float | None]:
+    """Median forward time of the trained model over a fresh base model's, same batch, same process, both in
+    the run's ``precision`` (the base stored as training stored it, the forwards under its autocast)."""
     from .. import adapters
     from ..data import read_rows, tokenize_rows
     from ..models import load_model
     from ..train.evaluate import pad_id
 
-    base, tokenizer = load_model(cfg.model)
+    device = next(trained.parameters()).device
+    base, tokenizer = load_model(cfg.model, dtype=precision.storage)
+    base.to(device)
     rows = read_rows(cfg.data.eval or cfg.data.train)[:8]
-    batch = _collated(tokenize_rows(rows, tokenizer, cfg.data.max_length, True)[0], pad_id(tokenizer))
+    batch = _collated(tokenize_rows(rows, tokenizer, cfg.data.max_length, True)[0], pad_id(tokenizer), device)
     repeats = cfg.compare.latency_repeats
-    base_time = _time_forward(base, batch, repeats)
-    result: dict[str, float | None] = {"latency_vs_base": _time_forward(trained, batch, repeats) / base_time}
-    result["latency_merged_vs_base"] = None
+    base_time = _time_forward(base, batch, repeats, precision)
+    result: dict[str, float | None] = {
+        "latency_vs_base": _time_forward(trained, batch, repeats, precision) / base_time,
+        "latency_merged_vs_base": None,
+    }
     if name == "lora":
-        adapters.merge(trained)
-        result["latency_merged_vs_base"] = _time_forward(trained, batch, repeats) / _time_forward(base, batch, repeats)
+        adapters.merge(trained)  # outside autocast: the merge's own maths stay in the weights' dtype
+        merged_time = _time_forward(trained, batch, repeats, precision)
+        result["latency_merged_vs_base"] = merged_time / _time_forward(base, batch, repeats, precision)
         adapters.unmerge(trained)
     return result
 
 
-def _collated(examples, pad: int) -> dict[str, torch.Tensor]:
+def _collated(examples, pad: int, device: torch.device) -> dict[str, torch.Tensor]:
     from ..data import collate
 
     batch = collate(examples, pad)
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
 
 
 @torch.no_grad()
-def _time_forward(model: nn.Module, batch: dict[str, torch.Tensor], repeats: int) -> float:
+def _time_forward(model: nn.Module, batch: dict[str, torch.Tensor], repeats: int, precision: Precision) -> float:
+    """Median seconds of ``model``'s forward on ``batch`` in ``precision``, after one warm-up."""
     model.eval()
-    model(**batch)  # warm-up
     times = []
-    for _ in range(max(1, repeats)):
-        started = time.perf_counter()
-        model(**batch)
-        times.append(time.perf_counter() - started)
+    with precision.context(batch["input_ids"].device):
+        model(**batch)  # warm-up
+        for _ in range(max(1, repeats)):
+            started = time.perf_counter()
+            model(**batch)
+            times.append(time.perf_counter() - started)
     return statistics.median(times)
 
 
@@ -266,6 +279,9 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
     before = next((r["exact_match_before"] for r in records if r.get("exact_match_before") is not None), None)
     if before is not None:
         lines.append(f"\nBase model before training: exact match {_pct(before)}.")
+    precisions = sorted({r["precision"] for r in records if r.get("precision")})
+    if precisions:
+        lines.append(f"\nPrecision: {', '.join(precisions)} (the run config's precision, for every method).")
     return "\n".join(lines) + "\n"
 
 

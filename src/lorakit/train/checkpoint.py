@@ -29,7 +29,8 @@ def step_dir(root: Path, step: int) -> Path:
 def save_checkpoint(
     root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, method, extra: dict[str, Any]
 ) -> Path:
-    """Write checkpoint ``step`` under ``root`` and return its path.
+    """Write checkpoint ``step`` under ``root`` and return its path. ``extra``: the loop's JSON state (skipped
+    steps, the precision, fp16-mixed's loss scaler), returned by ``load_checkpoint`` with the rest.
 
     Everything goes into a temporary directory that is synced and then renamed into place, so a
     ``step-N`` directory is always complete: a crash or a full disk leaves at most a ``.tmp-*``
@@ -47,7 +48,7 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
         method.save(model, tmp)  # for LoRA: an ordinary adapter directory, usable on its own
         tensors, meta = _optimizer_state(optimizer)
-        tensors["rng.torch"] = torch.get_rng_state()
+        tensors.update(rng_tensors())
         state = {
             "step": step,
             "optimizer": meta,
@@ -123,9 +124,29 @@ def load_checkpoint(
         optimizer_state.setdefault(int(index), {}).update(scalars)
     optimizer.load_state_dict({"state": optimizer_state, "param_groups": state["optimizer"]["param_groups"]})
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(tensors["rng.torch"])
+    restore_rng(tensors)
     random.setstate(tupled(state["python_random"]))
     return state
+
+
+def rng_tensors(devices: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """torch's random states as tensors: the CPU generator's, and where CUDA is in use each GPU's (``devices``:
+    which; default all), so that dropout continues exactly on resume on a GPU too."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for index in range(torch.cuda.device_count()) if devices is None else devices:
+            tensors[f"rng.cuda.{index}"] = torch.cuda.get_rng_state(index)
+    return tensors
+
+
+def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    """Restore what ``rng_tensors`` saved; a GPU's state only where that GPU exists (a checkpoint written on a
+    GPU resumes on a CPU with its CPU state)."""
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for key, value in tensors.items():
+        if key.startswith("rng.cuda.") and int(key.rsplit(".", 1)[1]) < cuda:
+            torch.cuda.set_rng_state(value, int(key.rsplit(".", 1)[1]))
 
 
 def list_checkpoints(root: Path) -> list[Path]:

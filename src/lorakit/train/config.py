@@ -23,7 +23,8 @@ import yaml
 from .._bnb import QUANT_METHODS
 from ..config import BIAS_MODES, INIT_METHODS, LoraConfig
 from ..data import PACKING_STRATEGIES
-from ..models import DTYPES, TASK_NAMES
+from ..models import TASK_NAMES
+from ..precision import PRECISIONS
 
 SCHEDULERS = ("constant", "linear", "cosine")
 STRATEGIES = ("ddp", "fsdp")
@@ -32,7 +33,7 @@ DPO_LOSSES = ("sigmoid", "ipo")
 REPORTERS = ("tensorboard", "mlflow", "wandb")
 NAN_POLICIES = ("stop", "skip")
 CHOICES = {  # keys whose value is one of a fixed set (the dashboard's form shows them as menus)
-    "objective": OBJECTIVES, "task": TASK_NAMES, "dtype": tuple(DTYPES), "quantize": QUANT_METHODS,
+    "objective": OBJECTIVES, "task": TASK_NAMES, "precision": PRECISIONS, "quantize": QUANT_METHODS,
     "lora.bias": BIAS_MODES, "lora.init": tuple(INIT_METHODS), "train.scheduler": SCHEDULERS,
     "train.strategy": STRATEGIES, "train.nan_policy": NAN_POLICIES, "dpo.loss_type": DPO_LOSSES,
     "data.packing_strategy": PACKING_STRATEGIES,
@@ -240,13 +241,21 @@ class RunConfig:
     """causal-lm; seq2seq (T5 family: prompt/completion rows); classification (BERT family: text + label rows,
     the head is trained whole as modules_to_save)."""
 
-    dtype: str = "float32"
-    """Model and adapter dtype: float32, bfloat16 or float16."""
+    precision: str = "auto"
+    """What the run stores and computes in: fp32 (everything float32); bf16-mixed (the frozen base stored in
+    bfloat16, adapters, trained biases, modules_to_save and optimizer state in float32, forward and backward under
+    torch.autocast bf16; the saved adapter is float32); bf16 (everything bfloat16, adapters and optimizer state
+    included: the least memory, but small updates round away); fp16-mixed (as bf16-mixed with float16 and loss
+    scaling, steps with infinite gradients skipped and counted; CUDA only). auto: bf16-mixed on a CUDA GPU with
+    bf16 support and on a CPU with native bf16 matrix instructions (AMX or AVX-512 BF16), fp32 elsewhere (a CPU
+    without them emulates bf16, slower than float32). The run prints its choice and the reason and records them
+    in status.json and metrics.jsonl; config.yaml keeps auto, so a rerun decides again on its machine."""
 
     quantize: str | None = None
     """QLoRA: store the frozen base linear weights (all but the output head) as nf4, fp4 or int8 with
-    bitsandbytes (`pip install 'bitsandbytes>=0.50'`); the adapters train in the compute dtype. Unset: no
-    quantization."""
+    bitsandbytes (`pip install 'bitsandbytes>=0.50'`); the rest of the base is stored and the quantized layers
+    compute as precision says (bfloat16 under bf16-mixed and bf16), the adapters train in precision's trained
+    dtype (float32 under the mixed precisions). Unset: no quantization."""
 
     output_dir: str = "out/run"
     """Where the adapter, resolved config, metrics, plot and checkpoints go. A relative path is relative to the
@@ -281,7 +290,7 @@ def check_run(c: RunConfig) -> None:
     """Cross-field checks; each error names the key to change."""
     checks = [
         (c.task in TASK_NAMES, f"task={c.task!r}: use one of {list(TASK_NAMES)}"),
-        (c.dtype in DTYPES, f"dtype={c.dtype!r}: use one of {list(DTYPES)}"),
+        (c.precision in PRECISIONS, f"precision={c.precision!r}: use one of {', '.join(PRECISIONS)}"),
         (
             c.quantize is None or c.quantize in QUANT_METHODS,
             f"quantize={c.quantize!r}: use {', '.join(QUANT_METHODS[:-1])} or {QUANT_METHODS[-1]}, or leave it unset "
@@ -324,6 +333,11 @@ def check_run(c: RunConfig) -> None:
             c.train.strategy != "fsdp" or c.quantize is None,
             f"train.strategy=fsdp with quantize={c.quantize}: FSDP cannot shard bitsandbytes' quantized weights "
             "(they are packed bytes with separate scales); use train.strategy=ddp for QLoRA, or leave quantize unset",
+        ),
+        (
+            c.train.strategy != "fsdp" or c.precision != "fp16-mixed",
+            "train.strategy=fsdp with precision=fp16-mixed: the loss scaler's overflow check would differ between "
+            "the shards; use precision=bf16-mixed (or auto), or train.strategy=ddp",
         ),
         (
             c.train.strategy != "fsdp" or c.lora.init != "pissa",
@@ -555,9 +569,15 @@ ALIASES: dict[str, tuple[str, str]] = {
         "lorakit's data.completion_only is its opposite (true: loss on the completions only)",
         "axolotl's train_on_inputs",
     ),
-    "bf16": ("lorakit sets the precision with one key: write `dtype: bfloat16`", "transformers' bf16"),
-    "fp16": ("lorakit sets the precision with one key: write `dtype: float16`", "transformers' fp16"),
-    "torch_dtype": ("dtype", "transformers' torch_dtype"),
+    "bf16": ("lorakit sets the precision with one key: write `precision: bf16-mixed`", "transformers' bf16"),
+    "fp16": ("lorakit sets the precision with one key: write `precision: fp16-mixed`", "transformers' fp16"),
+    "torch_dtype": ("precision", "transformers' torch_dtype"),
+    "mixed_precision": ("precision", "accelerate's mixed_precision"),
+    "dtype": (
+        "dtype is replaced by precision: bf16 (everything bf16) or bf16-mixed (float32 adapters under autocast); "
+        "float32 -> fp32; float16 -> fp16-mixed (CUDA)",
+        "lorakit's former key",
+    ),
     "load_in_4bit": ("lorakit writes it `quantize: nf4` (or fp4)", "transformers' load_in_4bit"),
     "load_in_8bit": ("lorakit writes it `quantize: int8`", "transformers' load_in_8bit"),
     "model_name_or_path": ("model", "transformers' model_name_or_path"),

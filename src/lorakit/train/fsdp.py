@@ -2,8 +2,10 @@
 
 - Sharding: each transformer block (the classes a transformers model lists in ``_no_split_modules``) is one
   FSDP unit, everything else (embeddings, final norm, head) the root unit. The frozen base and the adapters are
-  both sharded: every process holds 1/N of each. On GPU the blocks compute in bfloat16 and reduce gradients in
-  float32 (``MixedPrecisionPolicy``); on CPU they run in the model's dtype over gloo.
+  both sharded: every process holds 1/N of each. The shards keep their dtypes (under bf16-mixed a bfloat16 base
+  and float32 adapters, FSDP2 takes both). On GPU under a mixed precision the blocks gather their weights in the
+  autocast dtype and reduce gradients in float32 (``MixedPrecisionPolicy``); on CPU they gather as stored, over
+  gloo, and the trainer's autocast casts. fp16-mixed is refused (the loss scaler's overflow check is per shard).
 - Loading (``load_local_shards``): every rank builds the model's skeleton on the meta device
   (``load_model(skeleton=True)``) and the adapters on the CPU from the seeded generator, exactly as a single
   process does (same seed, same initial adapter); after sharding, each rank reads from the model's
@@ -33,14 +35,16 @@ from .._bnb import float_dtype
 from ..io import fsync_dir, fsync_files, write_safetensors
 from ..layers.base import LoraLayer
 from ..layers.variants import DoraVariant, row_norms
-from .checkpoint import jsonable, tupled
+from ..precision import Precision
+from .checkpoint import jsonable, restore_rng, rng_tensors, tupled
 
 SHARDS = "sharded"
 STATE_JSON = "trainer_state.json"
 
 
-def shard(model: nn.Module, device: torch.device) -> nn.Module:
-    """Apply FSDP2 to ``model`` in place: one unit per transformer block, the rest at the root."""
+def shard(model: nn.Module, device: torch.device, precision: Precision | None = None) -> nn.Module:
+    """Apply FSDP2 to ``model`` in place: one unit per transformer block, the rest at the root. ``precision``:
+    with autocast on a GPU, weights are gathered in its dtype and gradients reduced in float32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     names = set(getattr(model, "_no_split_modules", None) or [])
@@ -51,8 +55,8 @@ def shard(model: nn.Module, device: torch.device) -> nn.Module:
             "to shard by; use train.strategy=ddp for this model"
         )
     kwargs: dict[str, Any] = {}
-    if device.type == "cuda":
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if device.type == "cuda" and precision is not None and precision.autocast is not None:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=precision.autocast, reduce_dtype=torch.float32)
     for block in blocks:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
@@ -206,7 +210,8 @@ def save_sharded(
 
     tensors, rest = _tensors_and_rest(model, optimizer)
     dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(tmp / SHARDS), save_distributed=True))
-    write_safetensors({"rng.torch": torch.get_rng_state()}, tmp / f"rng-rank{rank:05d}.safetensors")
+    mine = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    write_safetensors(rng_tensors(mine), tmp / f"rng-rank{rank:05d}.safetensors")
     if rank == 0:
         record = {
             **state,
@@ -240,7 +245,7 @@ def load_sharded(path: Path, rank: int, model: nn.Module, optimizer: torch.optim
         options=StateDictOptions(**_OPTIONS, strict=False),
     )  # fmt: skip
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(load_file(str(path / f"rng-rank{rank:05d}.safetensors"))["rng.torch"])
+    restore_rng(load_file(str(path / f"rng-rank{rank:05d}.safetensors")))
     random.setstate(tupled(state["python_random"]))
     return state
 

@@ -1,4 +1,7 @@
-"""Run metrics: one JSON object per line in metrics.jsonl, and a PNG of the loss and eval curves."""
+"""Run metrics: one JSON object per line in metrics.jsonl, and a PNG of the loss and eval curves.
+
+Records by ``kind``: ``run`` (at the start and at each resume: the resolved precision and its reason), ``train``
+(one per step) and ``eval``; readers select the kinds they show and skip the others."""
 
 from __future__ import annotations
 
@@ -50,12 +53,15 @@ class RunStatus:
         self.enabled = enabled
         self.started = time.time()
         self.max_steps: int | None = None  # the run's length, once known (train.epochs: after the data is read)
+        self.precision: str | None = None  # the resolved precision (config.yaml may say auto) and why it was chosen
+        self.precision_reason: str | None = None
 
     def set(self, state: str, step: int | None = None, error: str | None = None) -> None:
         if not self.enabled:
             return
         record = {"state": state, "pid": os.getpid(), "host": socket.gethostname(), "started": self.started,
-                  "updated": time.time(), "step": step, "max_steps": self.max_steps, "error": error}  # fmt: skip
+                  "updated": time.time(), "step": step, "max_steps": self.max_steps, "precision": self.precision,
+                  "precision_reason": self.precision_reason, "error": error}  # fmt: skip
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
         tmp.replace(self.path)

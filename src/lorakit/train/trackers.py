@@ -3,7 +3,9 @@
 ``train.report_to`` names them; each is its own optional library (``pip install 'lorakit[tensorboard]'``,
 ``[mlflow]``, ``[wandb]``), imported only when named. A record ``{"kind": K, "step": S, name: value, ...}``
 becomes the scalar ``K/name`` at step S for every finite number in it (train/loss, train/lr,
-train/grad_norm, eval/loss, eval/exact_match, the DPO / ORPO metrics, ...).
+train/grad_norm, eval/loss, eval/exact_match, the DPO / ORPO metrics, ...); a record without one (the ``run``
+record of the precision) logs nothing. The precision ``auto`` resolved to goes with the config, as
+``resolved.precision`` and ``resolved.reason``.
 
 - TensorBoard: event files in ``output_dir/tensorboard/`` (``tensorboard --logdir output_dir/tensorboard``).
 - MLflow: a run in ``train.tracking_uri`` (default: a local SQLite store, ``output_dir/mlflow.db``, with the
@@ -135,14 +137,16 @@ class Trackers:
         self.backends = []
 
 
-def open_trackers(cfg, out: Path, start_step: int, enabled: bool) -> Trackers:
-    """The trackers of ``cfg.train.report_to``; a resumed run (``start_step`` > 0) continues the same runs."""
+def open_trackers(cfg, out: Path, start_step: int, enabled: bool, resolved: dict[str, Any] | None = None) -> Trackers:
+    """The trackers of ``cfg.train.report_to``; a resumed run (``start_step`` > 0) continues the same runs.
+    ``resolved``: what the run decided that the config leaves open (the precision ``auto`` chose, and why),
+    recorded beside the config under ``resolved``."""
     names = list(cfg.train.report_to)
     if not enabled or not names:
         return Trackers([])
     path = out / STATE
     state = json.loads(path.read_text()) if start_step and path.is_file() else {}
-    config = cfg.to_dict()
+    config = cfg.to_dict() | ({"resolved": resolved} if resolved else {})
     params = {k: json.dumps(v) if isinstance(v, list | dict) else str(v) for k, v in _flatten(config).items()}
     backends = []
     for name in names:

@@ -4,6 +4,12 @@ Loss normalisation: each optimizer step's loss is the sum of token losses over t
 divided by the number of labelled tokens in it. Every process and micro-batch scales its part so that
 DDP's gradient averaging yields exactly that, which makes 1 process x batch 8, 2 processes x 4 and
 gradient accumulation give the same update.
+
+Precision (``precision``, see ``lorakit.precision``): decided once per run on its device (``auto`` by the
+hardware), printed first and recorded in status.json and metrics.jsonl. The base loads in its storage dtype,
+everything that trains is in its trained dtype (float32 for the mixed precisions), the forward of every step
+and evaluation runs under its autocast and the backward outside it. fp16-mixed scales the loss with a
+GradScaler, whose skipped steps are counted like train.nan_policy=skip's and whose state the checkpoints keep.
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ from ..fastpath import return_freed_memory_to_os
 from ..io import load_adapter, save_adapter
 from ..layers import fuse_forwards
 from ..methods.lora import LoraMethod
-from ..models import DTYPES, load_model, resolve_model_dir
+from ..models import load_model, resolve_model_dir
+from ..precision import Precision, decide
 from ..quant import quantize
 from ..state import registry
 from ..targeting import HEAD_NAMES
@@ -74,7 +81,8 @@ class RunResult:
     eval_before: EvalResult | PreferenceEval | None = None
     tokens_per_second: float = 0.0
     wall_seconds: float = 0.0
-    skipped_steps: int = 0
+    skipped_steps: int = 0  # steps dropped: train.nan_policy=skip, and fp16-mixed's GradScaler on overflow
+    precision: Precision | None = None  # what the run stored and computed in (``auto`` resolved)
     data: dict[str, DataStats] = field(default_factory=dict)
     model: nn.Module | None = field(default=None, repr=False)  # the trained module, for callers that measure it
 
@@ -181,6 +189,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, method=No
     started = time.perf_counter()
     ctx = dist.setup()
     log = _printer(ctx.is_main)
+    precision = decide_precision(cfg, ctx)  # before anything is written: a precision the device lacks is refused
     if ctx.device.type == "cpu" and lean_cpu_memory(cfg):
         return_freed_memory_to_os()  # peak RSS follows the live tensors (see lorakit.fastpath)
     out = setup_output(cfg, ctx=ctx, resume=resume, log=log)
@@ -189,7 +198,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, method=No
     with signals.installed() as stops:
         try:
             result = _train(cfg, out, ctx=ctx, resume=resume, progress=progress, method=method, log=log,
-                            stops=stops, status=status)  # fmt: skip
+                            stops=stops, status=status, precision=precision)  # fmt: skip
         except KeyboardInterrupt as err:
             stops.ignore()  # the status is written whatever comes next (torchrun signals the processes left)
             status.set("interrupted", error=f"stopped by {err}" if isinstance(err, signals.Interrupted) else None)
@@ -205,26 +214,41 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, method=No
 
 
 def _train(
-    cfg: RunConfig, out: Path, *, ctx: dist.Context, resume: bool, progress: bool, method, log, stops, status
+    cfg: RunConfig,
+    out: Path,
+    *,
+    ctx: dist.Context,
+    resume: bool,
+    progress: bool,
+    method,
+    log,
+    stops,
+    status,
+    precision: Precision,
 ) -> RunResult:
     """``train`` after the output directory: model, data, method, optimizer, resume, loop, finish."""
     _check_data_files(cfg)  # before the model loads: a wrong path should not cost a model load to learn
+    log(precision.describe())
+    record = precision_record(precision)
+    status.precision, status.precision_reason = record["precision"], record["reason"]
     _seed(cfg.seed)
-    model, tokenizer = setup_model(cfg, ctx=ctx)
+    model, tokenizer = setup_model(cfg, ctx=ctx, precision=precision)
     train_rows, eval_rows, stats = setup_data(cfg, tokenizer=tokenizer, model=model, ctx=ctx, log=log)
     cfg = _with_epoch_steps(cfg, len(train_rows), log)
     status.max_steps = cfg.train.max_steps
     status.set("running")
-    model, method = setup_method(cfg, model=model, method=method, ctx=ctx, log=log)
+    model, method = setup_method(cfg, model=model, method=method, ctx=ctx, log=log, precision=precision)
     optimizer, scheduler = build_optimizer(model, cfg)
     metrics = MetricsLog(out / "metrics.jsonl", enabled=ctx.is_main)
     loop = _Loop(
         cfg=cfg, ctx=ctx, model=model, wrapped=model, tokenizer=tokenizer, optimizer=optimizer,
         scheduler=scheduler, rows=train_rows, metrics=metrics, ckpt_root=out / "checkpoints", method=method,
-        sharded=sharded(cfg, ctx), objective=objective_for(cfg), stops=stops, log=log,
+        sharded=sharded(cfg, ctx), objective=objective_for(cfg), stops=stops, log=log, precision=precision,
+        scaler=grad_scaler(precision, ctx.device),
     )  # fmt: skip
     start_step = setup_resume(loop, resume=resume, log=log)
-    metrics.trackers = open_trackers(cfg, out, start_step, enabled=ctx.is_main)
+    metrics.trackers = open_trackers(cfg, out, start_step, enabled=ctx.is_main, resolved=record)
+    metrics.write({"kind": "run", "step": start_step, **record})  # at each (re)start: a resume may decide anew
     try:
         result = _run(
             loop, out=out, stats=stats, eval_rows=eval_rows, start_step=start_step, progress=progress, log=log
@@ -242,7 +266,8 @@ def _run(loop: _Loop, *, out: Path, stats, eval_rows, start_step: int, progress:
     cfg, ctx, model, train_rows = loop.cfg, loop.ctx, loop.model, loop.rows
     if cfg.dpo.precompute_reference:
         batch = max(1, cfg.train.batch_size // (ctx.world_size * cfg.train.grad_accum))
-        precompute_reference_logps(model, train_rows, loop.pad, ctx, batch, progress)
+        with loop.precision.context(ctx.device):  # the reference scores as the steps' reference forwards would
+            precompute_reference_logps(model, train_rows, loop.pad, ctx, batch, progress)
         log(f"reference log-probabilities of {len(train_rows)} training pairs computed")
     if not loop.sharded:  # after the checkpoint is loaded: DDP starts from those weights
         loop.wrapped = dist.wrap(model, ctx)
@@ -257,7 +282,7 @@ def _run(loop: _Loop, *, out: Path, stats, eval_rows, start_step: int, progress:
         raise
     result = RunResult(
         output_dir=out, steps=loop.step, final_loss=final_loss, eval=None, eval_before=eval_before,
-        tokens_per_second=loop.tokens_per_second, skipped_steps=loop.skipped, data=stats,
+        tokens_per_second=loop.tokens_per_second, skipped_steps=loop.skipped, precision=loop.precision, data=stats,
     )  # fmt: skip
     finish(loop, result=result, eval_rows=eval_rows, log=log)
     return result
@@ -292,9 +317,30 @@ def sharded(cfg: RunConfig, ctx: dist.Context) -> bool:
     return cfg.train.strategy == "fsdp" and ctx.distributed
 
 
-def setup_model(cfg: RunConfig, *, ctx: dist.Context | None = None) -> tuple[nn.Module, object]:
-    """The base model and its tokenizer, in the configured dtype. Under FSDP every rank builds only the
-    skeleton (parameters on the meta device) and reads its shards of the weights in ``setup_method``."""
+def decide_precision(cfg: RunConfig, ctx: dist.Context) -> Precision:
+    """``cfg.precision`` on this run's device (``auto`` by the hardware; see ``lorakit.precision``)."""
+    try:
+        return decide(cfg.precision, ctx.device)
+    except ValueError as err:
+        raise ValueError(f"{err} (on {ctx.device})") from None
+
+
+def precision_record(precision: Precision) -> dict[str, str]:
+    """The resolved precision as status.json, metrics.jsonl and the trackers record it."""
+    return {"precision": precision.name, "reason": precision.reason or "set in the config"}
+
+
+def grad_scaler(precision: Precision, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16-mixed's loss scaler (float16 gradients underflow without it); None for the other precisions."""
+    return torch.amp.GradScaler(device.type) if precision.scaled else None
+
+
+def setup_model(
+    cfg: RunConfig, *, ctx: dist.Context | None = None, precision: Precision | None = None
+) -> tuple[nn.Module, object]:
+    """The base model and its tokenizer, stored in ``precision.storage`` (default: float32). Under FSDP every
+    rank builds only the skeleton (parameters on the meta device) and reads its shards of the weights in
+    ``setup_method``."""
     skeleton = ctx is not None and sharded(cfg, ctx)
     if skeleton and not any(resolve_model_dir(cfg.model).glob("*.safetensors")):
         raise ValueError(
@@ -302,7 +348,8 @@ def setup_model(cfg: RunConfig, *, ctx: dist.Context | None = None) -> tuple[nn.
             f"{resolve_model_dir(cfg.model)} has none: save the model with save_pretrained(safe_serialization=True), "
             "or use train.strategy=ddp"
         )
-    model, tokenizer = load_model(cfg.model, task=cfg.task, dtype=DTYPES[cfg.dtype], skeleton=skeleton)
+    dtype = precision.storage if precision is not None else torch.float32
+    model, tokenizer = load_model(cfg.model, task=cfg.task, dtype=dtype, skeleton=skeleton)
     if tokenizer is None:
         raise ValueError(f"model {cfg.model} has no tokenizer files; training needs one")
     return model, tokenizer
@@ -348,19 +395,25 @@ def _with_epoch_steps(cfg: RunConfig, rows: int, log) -> RunConfig:
     return dataclasses.replace(cfg, train=dataclasses.replace(t, max_steps=steps))
 
 
-def setup_method(cfg: RunConfig, *, model: nn.Module, method, ctx: dist.Context, log) -> tuple[nn.Module, object]:
-    """The model on its device, quantized and checkpointed as configured, with the method's trainable parts;
-    under FSDP, sharded, each rank holding its shards of the weights and of the initial adapter."""
+def setup_method(
+    cfg: RunConfig, *, model: nn.Module, method, ctx: dist.Context, log, precision: Precision | None = None
+) -> tuple[nn.Module, object]:
+    """The model on its device, quantized and checkpointed as configured, with the method's trainable parts in
+    ``precision.trained`` (float32 for the mixed precisions; default: as created); under FSDP, sharded, each
+    rank holding its shards of the weights and of the initial adapter."""
     if not any(p.is_meta for p in model.parameters()):  # a skeleton gets its memory when sharded, below
         model = model.to(ctx.device)
     if cfg.quantize:
-        log(quantize(model, cfg.quantize).describe())
+        log(quantize(model, cfg.quantize, compute_dtype=precision.storage if precision else None).describe())
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kept = adapter_dtype(precision)
     if cfg.dpo.reference_adapter:
-        _load_reference(model, cfg, log)
-    method = method or LoraMethod(_with_head(cfg, model, log))
+        _load_reference(model, cfg, log, kept)
+    method = method or LoraMethod(_with_head(cfg, model, log), adapter_dtype=kept)
     model = method.prepare(model)
+    if precision is not None:
+        cast_trainable(model, precision.trained)
     if cfg.dpo.reference_adapter:
         adapters.set_active(model, [REFERENCE, TRAINED])  # trained = base + reference + trained adapter
     if cfg.objective != "sft" and cfg.dpo.disable_dropout:
@@ -374,19 +427,44 @@ def setup_method(cfg: RunConfig, *, model: nn.Module, method, ctx: dist.Context,
                 f"train.strategy=fsdp trains LoRA adapters, not the {method.name!r} method; use train.strategy=ddp"
             )
         initial = fsdp.real_parameters(model)  # the adapters, initialised alike on every rank
-        fsdp.shard(model, ctx.device)
+        fsdp.shard(model, ctx.device, precision)
         fsdp.load_local_shards(model, resolve_model_dir(cfg.model), initial, ctx.device)
         fsdp.fill_dora_magnitudes(model)  # from whole rows, once every rank holds its shards
         log(f"fsdp: {ctx.world_size} processes, {fsdp.local_parameter_bytes(model) / 1e6:.1f} MB of parameters each")
     return model, method
 
 
-def _load_reference(model: nn.Module, cfg: RunConfig, log) -> None:
-    """dpo.reference_adapter, frozen, as adapter 'reference'; refused where the run's adapter could not be
-    written as the exact sum of it and the trained adapter."""
+def adapter_dtype(precision: Precision | None) -> str | None:
+    """``inject`` / ``load_adapter``'s adapter_dtype for ``precision``: "base" where the adapters are stored as
+    the base is (pure bf16); else None, the library's default (float32 adapters over a bf16 or fp16 base)."""
+    return "base" if precision is not None and precision.trained == precision.storage != torch.float32 else None
+
+
+def cast_trainable(model: nn.Module, dtype: torch.dtype) -> int:
+    """Every trainable floating-point parameter in ``dtype``, in place: under the mixed precisions what trains is
+    float32 whatever created it (trained biases of the bf16 base, a method's own layers, a soft prompt, a full
+    fine-tune's weights). A module whose bias trains keeps its frozen matrices as stored (autocast casts them
+    for the product) but takes its frozen vectors along: a norm needs its weight and bias in one dtype, and
+    they are small. Before the optimizer and any wrapper see them; returns how many parameters changed."""
+    changed = 0
+    with torch.no_grad():
+        for module in model.modules():
+            own = list(module.parameters(recurse=False))
+            if not any(p.requires_grad for p in own):
+                continue
+            for param in own:
+                if param.is_floating_point() and param.dtype != dtype and (param.requires_grad or param.dim() < 2):
+                    param.data = param.data.to(dtype)
+                    changed += 1
+    return changed
+
+
+def _load_reference(model: nn.Module, cfg: RunConfig, log, kept: str | None = None) -> None:
+    """dpo.reference_adapter, frozen, as adapter 'reference' (``kept``: its adapter_dtype); refused where the
+    run's adapter could not be written as the exact sum of it and the trained adapter."""
     source = Path(cfg.dpo.reference_adapter)
     try:
-        load_adapter(model, source, name=REFERENCE)
+        load_adapter(model, source, name=REFERENCE, adapter_dtype=kept)
     except ValueError as err:
         raise ValueError(f"dpo.reference_adapter: {err}") from None
     ref = registry(model).adapters[REFERENCE].config
@@ -428,6 +506,11 @@ def setup_resume(loop: _Loop, *, resume: bool, log) -> int:
     start_step = state["step"]
     loop.metrics.truncate_after(start_step)
     loop.last_good, loop.skipped = checkpoints[-1], state.get("skipped", 0)
+    if loop.scaler is not None and state.get("scaler"):
+        loop.scaler.load_state_dict(state["scaler"])  # the loss scale it had reached, not the initial 65536
+    written = state.get("precision")
+    if written and written != loop.precision.name:
+        log(f"the checkpoint was written in precision {written}; this run continues in {loop.precision.name}")
     log(f"resumed from {checkpoints[-1]} (step {start_step})")
     return start_step
 
@@ -531,6 +614,8 @@ class _Loop:
     last_good: Path | None = None
     sharded: bool = False  # FSDP: every rank takes part in each forward, evaluations and saves included
     objective: object = None  # what a step minimises (lorakit.train.objectives); default: SFT
+    precision: Precision = field(default_factory=lambda: decide("fp32", "cpu"))  # forwards under its context
+    scaler: torch.amp.GradScaler | None = None  # fp16-mixed: scales the loss, skips steps whose gradients overflow
     stops: signals.StopRequests = field(default_factory=signals.StopRequests)  # SIGINT / SIGTERM received
     log: object = print  # prints on the main process only (``_printer``)
 
@@ -540,13 +625,15 @@ class _Loop:
         self.objective = self.objective or objective_for(self.cfg)
 
     def evaluate(self, rows: list) -> EvalResult | PreferenceEval:
+        """The held-out figures, computed as the steps compute (under the precision's autocast)."""
         cfg = self.cfg
-        if self.objective.name != "sft":
-            return evaluate_pairs(self.objective, self.model, rows, self.pad)
-        return evaluate(
-            self.model, self.tokenizer, rows, generate=cfg.train.generate_eval,
-            max_new_tokens=cfg.train.max_new_tokens, task=self.task,
-        )  # fmt: skip
+        with self.precision.context(self.ctx.device):
+            if self.objective.name != "sft":
+                return evaluate_pairs(self.objective, self.model, rows, self.pad)
+            return evaluate(
+                self.model, self.tokenizer, rows, generate=cfg.train.generate_eval,
+                max_new_tokens=cfg.train.max_new_tokens, task=self.task,
+            )  # fmt: skip
 
     @property
     def evaluates(self) -> bool:
@@ -596,6 +683,8 @@ class _Loop:
         lr = self.scheduler.get_last_lr()[0]
         record = {"kind": "train", "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens": tokens, "seconds": round(seconds, 4), "tokens_per_second": round(rate, 1), **stats}  # fmt: skip
+        if self.scaler is not None:
+            record["loss_scale"] = self.scaler.get_scale()  # after this step's update
         self.metrics.write(record)
         shown = {"acc": f"{stats['accuracy']:.2f}", "margin": f"{stats['margin']:.3f}"} if stats else {}
         if bar is not None:
@@ -633,7 +722,7 @@ class _Loop:
         if self.ctx.is_main:
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
             path = save_checkpoint(
-                self.ckpt_root, step, self.model, self.optimizer, self.scheduler, self.method, {"skipped": self.skipped}
+                self.ckpt_root, step, self.model, self.optimizer, self.scheduler, self.method, self._state()
             )
             prune_checkpoints(self.ckpt_root, self.cfg.train.keep_last)
             self.last_good = path
@@ -653,7 +742,7 @@ class _Loop:
         if self.ctx.is_main:
             self.method.save(self.model, tmp, values=values)
         fsdp.save_sharded(
-            tmp, self.ctx.rank, self.model, self.optimizer, self.scheduler, {"step": step, "skipped": self.skipped}
+            tmp, self.ctx.rank, self.model, self.optimizer, self.scheduler, {"step": step, **self._state()}
         )
         dist.barrier(self.ctx)
         if self.ctx.is_main:
@@ -662,6 +751,14 @@ class _Loop:
         self.last_good = final
         dist.barrier(self.ctx)
         return final
+
+    def _state(self) -> dict:
+        """What a checkpoint records of the loop beside the tensors (JSON): the skipped steps, the precision, and
+        fp16-mixed's loss scaler (its scale and growth tracker, plain numbers)."""
+        state = {"skipped": self.skipped, "precision": self.precision.name}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
 
     def _step(self, indices: list[int]) -> tuple[float, int, float | None, dict[str, float]]:
         """One optimizer step over the global batch ``indices``: (loss, tokens processed, gradient norm or None
@@ -682,8 +779,10 @@ class _Loop:
         for k, part in enumerate(micro):
             sync = k == len(micro) - 1
             with contextlib.nullcontext() if sync else dist.no_sync(self.wrapped):
-                share, sums = objective.loss(self.wrapped, self.model, part, self.pad, self.ctx.device, units)
-                (share * self.ctx.world_size).backward()  # DDP averages over processes
+                with self.precision.context(self.ctx.device):  # the forward only: backward follows its casts
+                    share, sums = objective.loss(self.wrapped, self.model, part, self.pad, self.ctx.device, units)
+                scaled = share * self.ctx.world_size  # DDP averages over processes
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             part = torch.stack([share.detach().double(), *(sums[m].double() for m in objective.metrics)])
             totals[: len(part)] += part
         totals = dist.all_reduce_sum(totals, self.ctx).tolist()
@@ -694,6 +793,8 @@ class _Loop:
         if not math.isfinite(loss):
             self._non_finite("loss", loss)
             return loss, processed, None, stats
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # the true gradients, for the norm and the clipping
         params = [p for p in self.model.parameters() if p.requires_grad]
         grads = [p.grad for p in params if p.grad is not None]
         # One norm over every gradient (after DDP's all-reduce, so all processes agree): it detects NaN or
@@ -701,14 +802,35 @@ class _Loop:
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
         grad_norm = norm.item()
         if not math.isfinite(grad_norm):
-            self._non_finite("the gradient norm", grad_norm)
+            if self.scaler is not None:
+                self._overflow(grad_norm)
+            else:
+                self._non_finite("the gradient norm", grad_norm)
             return loss, processed, None, stats
         if t.max_grad_norm is not None:
             torch.nn.utils.clip_grads_with_norm_(params, t.max_grad_norm, norm)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss, processed, grad_norm, stats
+
+    def _overflow(self, value: float) -> None:
+        """fp16-mixed: gradients overflowed at this loss scale. The scaler skips the update and lowers the scale
+        (as it is built to, several times early in a run); counted as a skipped step, never a reason to stop."""
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)  # sees the infinite gradients unscale_ found: no update
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.skipped += 1
+        _printer(self.ctx.is_main)(
+            f"\nstep {self.step + 1}: the gradient norm is {value} at loss scale {scale:g}; step skipped by the "
+            f"fp16 loss scaler, scale now {self.scaler.get_scale():g} ({self.skipped} skipped so far)"
+        )
 
     def _non_finite(self, what: str, value: float) -> None:
         """A NaN or infinite loss or gradient: drop the update; skip the step (counted) or stop."""

@@ -193,7 +193,8 @@ class Workspace:
         evals = [r for r in records if r.get("kind") == "eval"]
         adapter = d / "adapter_model.safetensors"
         max_steps = (config or {}).get("train", {}).get("max_steps") if isinstance(config, dict) else None
-        max_steps = (read_status(d) or {}).get("max_steps") or max_steps  # train.epochs: known once the data is read
+        status = read_status(d) or {}
+        max_steps = status.get("max_steps") or max_steps  # train.epochs: known once the data is read
         return {
             "name": name,
             "kind": "train",
@@ -202,6 +203,7 @@ class Workspace:
             "max_steps": max_steps,
             "objective": (config or {}).get("objective", "sft") if isinstance(config, dict) else None,
             "model": (config or {}).get("model") if isinstance(config, dict) else None,
+            "precision": status.get("precision"),  # the resolved one (config.yaml may say auto)
             "last_train": train[-1] if train else None,
             "last_eval": evals[-1] if evals else None,
             "adapter_bytes": adapter.stat().st_size if adapter.is_file() else None,
