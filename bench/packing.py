@@ -59,7 +59,7 @@ MODES = ("plain", "in_order", "bfd")
 
 
 def worker(args) -> None:
-    from lorakit.train import trainer
+    from lorakit.train import loop, trainer
     from lorakit.train.config import load_config
     from lorakit.train.metrics import read_metrics
 
@@ -76,7 +76,7 @@ def worker(args) -> None:
             ],
         )  # fmt: skip
         seen = {"real": 0, "slots": 0}
-        step = trainer._Loop._step
+        step = loop.Loop._step
 
         def counting(self, indices):
             rows = [self.rows[i] for i in indices]
@@ -85,7 +85,7 @@ def worker(args) -> None:
             seen["slots"] += width * len(rows)
             return step(self, indices)
 
-        trainer._Loop._step = counting
+        loop.Loop._step = counting
         trainer.train(cfg, progress=False)
         records = [r for r in read_metrics(Path(tmp) / "out" / "metrics.jsonl") if r["kind"] == "train"]
     median = statistics.median(r["seconds"] for r in records[1:])

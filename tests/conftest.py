@@ -312,20 +312,32 @@ def train_lm_steps(model, params, ids, steps: int, lr: float) -> list[float]:
     return losses
 
 
+def logits_alone(model: nn.Module, ids: torch.Tensor, row: int, name: str | None) -> torch.Tensor:
+    """The logits of row ``row`` of ``ids`` run alone with adapter ``name`` active (None: the base model), to
+    compare with that row of a routed mixed batch."""
+    import lorakit
+
+    if name is None:
+        with lorakit.disabled(model):
+            return model(ids[row : row + 1]).logits
+    lorakit.set_active(model, name)
+    return model(ids[row : row + 1]).logits
+
+
 def interrupt_at(monkeypatch, step: int):
     """The next training runs stop with KeyboardInterrupt (as Ctrl-C) after step ``step``'s checkpoint and
     evaluation; returns a function that undoes it."""
-    from lorakit.train import trainer
+    from lorakit.train import loop
 
-    original = trainer._Loop._periodic
+    original = loop.Loop._periodic
 
     def periodic(self, eval_rows):
         original(self, eval_rows)
         if self.step == step:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer._Loop, "_periodic", periodic)
-    return lambda: monkeypatch.setattr(trainer._Loop, "_periodic", original)
+    monkeypatch.setattr(loop.Loop, "_periodic", periodic)
+    return lambda: monkeypatch.setattr(loop.Loop, "_periodic", original)
 
 
 def free_port() -> int:

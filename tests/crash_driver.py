@@ -15,10 +15,10 @@ import time
 
 def main() -> None:
     config, kill_at, delay = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-    from lorakit.train import checkpoint, trainer
+    from lorakit.train import checkpoint, loop, trainer
     from lorakit.train.config import load_config
 
-    real_step, real_save = trainer._Loop._step, checkpoint.write_safetensors
+    real_step, real_save = loop.Loop._step, checkpoint.write_safetensors
 
     def slow_step(self, indices):
         time.sleep(delay)
@@ -34,7 +34,7 @@ def main() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         real_save(tensors, path)
 
-    trainer._Loop._step = slow_step
+    loop.Loop._step = slow_step
     checkpoint.write_safetensors = dying_save
     trainer.train(load_config(config), resume=True, progress=False)
 

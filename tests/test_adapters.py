@@ -7,7 +7,7 @@ from torch.testing import assert_close
 import lorakit
 from lorakit.layers import LoraLayer, ModulesToSave
 
-from .conftest import FAMILIES, randomize_adapters, tiny_opt
+from .conftest import FAMILIES, logits_alone, randomize_adapters, tiny_opt
 
 
 def _two_adapters(family):
@@ -254,12 +254,7 @@ def test_route_on_models_whose_layers_see_rows_flattened(kind, kept_stacks):
     assert seen[0][0] == (5 * 9 if kind == "opt" else 5)  # OPT's MLP really sees the rows flattened
     for i, name in enumerate(rows):
         with torch.no_grad():
-            if name is None:
-                with lorakit.disabled(model):
-                    alone = model(ids[i : i + 1]).logits
-            else:
-                lorakit.set_active(model, name)
-                alone = model(ids[i : i + 1]).logits
+            alone = logits_alone(model, ids, i, name)
         assert_close(mixed[i : i + 1], alone, rtol=1e-5, atol=1e-5)
 
 

@@ -24,7 +24,7 @@ import lorakit
 from lorakit.layers import LoraLinear, SharedInput, fuse_forwards, unfuse_forwards
 from lorakit.layers.kernels import GatedDownLora, LoraLinearFunction, RmsNorm, SharedInputLoraFunction
 
-from .conftest import randomize_adapters
+from .conftest import logits_alone, randomize_adapters
 
 BF16 = torch.bfloat16
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -92,6 +92,18 @@ def _run(model, inputs: dict, under_autocast=True):
     return out.detach(), grads
 
 
+def _fast_and_reference(monkeypatch, model, inputs: dict, function, calls: int):
+    """One forward/backward on the fast path (``function`` applied ``calls`` times), then one on the reference
+    maths (``function`` not applied again)."""
+    spied = _spy(monkeypatch, function)
+    fast = _run(model, inputs)
+    assert len(spied) == calls
+    _reference_path(monkeypatch)
+    reference = _run(model, inputs)
+    assert len(spied) == calls
+    return fast, reference
+
+
 def _check_same(fast, reference, slack=1e-2):
     (fast_out, fast_grads), (ref_out, ref_grads) = fast, reference
     assert fast_out.dtype == ref_out.dtype
@@ -130,12 +142,7 @@ def test_linear_fast_path_under_autocast_matches_the_reference(kind, bias, x_dty
     model.train()
     assert layer.lora_A["default"].weight.dtype == torch.float32
     x = torch.randn(4, 12, 16, generator=torch.Generator().manual_seed(2)).to(x_dtype).requires_grad_()
-    calls = _spy(monkeypatch, LoraLinearFunction)
-    fast = _run(model, {"x": x})
-    assert len(calls) == 1
-    _reference_path(monkeypatch)
-    reference = _run(model, {"x": x})
-    assert len(calls) == 1
+    fast, reference = _fast_and_reference(monkeypatch, model, {"x": x}, LoraLinearFunction, calls=1)
     _check_same(fast, reference)
     out, grads = fast
     assert out.dtype == BF16 and grads["input x"].dtype == x_dtype
@@ -204,12 +211,7 @@ def test_shared_input_groups_under_autocast_match_the_reference(bias, cpu_gemm, 
                 param.data = param.data.float()
     model.train()
     x = torch.randn(4, 12, 16, generator=torch.Generator().manual_seed(2)).to(BF16).requires_grad_()
-    calls = _spy(monkeypatch, SharedInputLoraFunction)
-    fast = _run(model, {"x": x})
-    assert len(calls) == 2
-    _reference_path(monkeypatch)
-    reference = _run(model, {"x": x})
-    assert len(calls) == 2
+    fast, reference = _fast_and_reference(monkeypatch, model, {"x": x}, SharedInputLoraFunction, calls=2)
     _check_same(fast, reference)
     assert all(g.dtype == torch.float32 for n, g in fast[1].items() if "lora_" in n)
     assert bias == "none" or sum(n.endswith("bias") for n in fast[1]) == 5
@@ -410,12 +412,7 @@ def test_routed_rows_under_autocast_equal_each_row_alone(kept_stacks):
         if kept_stacks:  # one per linear layer, built in autocast's dtype
             assert len(stacks) == 2 * 7 and all(entry[1].dtype == BF16 for entry in stacks.values())
         for i, name in enumerate(rows):
-            if name is None:
-                with lorakit.disabled(model):
-                    alone = model(ids[i : i + 1]).logits
-            else:
-                lorakit.set_active(model, name)
-                alone = model(ids[i : i + 1]).logits
+            alone = logits_alone(model, ids, i, name)
             assert_bf16_close(mixed[i : i + 1], alone, slack=2e-2, msg=f"row {i}")
     assert mixed.dtype == BF16
     if kept_stacks:  # the same stacks without autocast: rebuilt in the adapters' float32

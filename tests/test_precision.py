@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 
 from lorakit import precision
 from lorakit.precision import PRECISIONS, _fixed, decide
+from lorakit.train import loop as loop_module
+from lorakit.train import run_precision
 from lorakit.train import trainer as trainer_module
 from lorakit.train.checkpoint import restore_rng, rng_tensors
 from lorakit.train.trainer import train
@@ -212,8 +214,8 @@ def test_a_precision_the_device_lacks_is_refused_before_anything_is_written(run_
 def fp16_mixed_on_cpu(monkeypatch):
     """Runs train in fp16-mixed on this CPU (decide refuses it there: float16 is slow on a CPU, not wrong), and
     makes step 3's gradients infinite (as an overflow of the scaled loss does)."""
-    monkeypatch.setattr(trainer_module, "decide", lambda name, device: _fixed("fp16-mixed", "forced for the test"))
-    real = trainer_module._Loop._step
+    monkeypatch.setattr(run_precision, "decide", lambda name, device: _fixed("fp16-mixed", "forced for the test"))
+    real = loop_module.Loop._step
 
     def step(self, indices):
         if self.step + 1 != 3:
@@ -225,7 +227,7 @@ def fp16_mixed_on_cpu(monkeypatch):
         finally:
             hook.remove()
 
-    monkeypatch.setattr(trainer_module._Loop, "_step", step)
+    monkeypatch.setattr(loop_module.Loop, "_step", step)
 
 
 def test_fp16_mixed_scales_the_loss_and_skips_overflowing_steps(run_config, fp16_mixed_on_cpu, capsys):

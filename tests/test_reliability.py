@@ -21,13 +21,13 @@ from safetensors.torch import load_file
 
 from lorakit.cli.main import main as cli_main
 from lorakit.train import checkpoint as checkpoint_module
+from lorakit.train import loop as loop_module
 from lorakit.train import objectives
-from lorakit.train import trainer as trainer_module
 from lorakit.train.checkpoint import list_checkpoints
 from lorakit.train.metrics import read_metrics
 from lorakit.train.trainer import TrainingStopped, train
 
-from .conftest import colour_rows, write_jsonl
+from .conftest import colour_rows, interrupt_at, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -122,18 +122,18 @@ def test_metrics_line_cut_by_a_crash_is_dropped_on_resume(run_config):
 
 @contextlib.contextmanager
 def _interrupt_after(step: int):
-    original = trainer_module._Loop._periodic
+    original = loop_module.Loop._periodic
 
     def periodic(self, eval_rows):
         original(self, eval_rows)
         if self.step == step:
             raise KeyboardInterrupt
 
-    trainer_module._Loop._periodic = periodic
+    loop_module.Loop._periodic = periodic
     try:
         yield
     finally:
-        trainer_module._Loop._periodic = original
+        loop_module.Loop._periodic = original
 
 
 # ----- disks and paths ---------------------------------------------------------------------------------------
@@ -245,11 +245,11 @@ def test_resume_refuses_a_finished_run_and_keeps_its_files(run_config, capsys):
 
 
 def test_resume_refuses_a_config_with_other_data_targets_or_method(run_config, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(trainer_module._Loop, "_periodic", _raise_at(trainer_module._Loop._periodic, 3))
+    restore = interrupt_at(monkeypatch, 3)
     cfg = run_config("train.generate_eval=false")
     with pytest.raises(KeyboardInterrupt):
         train(cfg, progress=False)
-    monkeypatch.undo()
+    restore()
     out = Path(cfg.output_dir)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     write_jsonl(tmp_path / "other.jsonl", colour_rows(16, seed=5))
@@ -270,10 +270,10 @@ def test_resume_refuses_a_config_with_other_data_targets_or_method(run_config, t
 
 def test_resume_without_a_checkpoint_starts_over_without_doubling_the_metrics(run_config, monkeypatch):
     cfg = run_config("train.generate_eval=false")
-    monkeypatch.setattr(trainer_module._Loop, "_periodic", _raise_at(trainer_module._Loop._periodic, 2))
+    restore = interrupt_at(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, progress=False)
-    monkeypatch.undo()
+    restore()
     out = Path(cfg.output_dir)
     shutil.rmtree(out / "checkpoints")  # as a kill -9 before the first checkpoint leaves it
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] != "run"] == [0, 1, 2]
@@ -282,15 +282,6 @@ def test_resume_without_a_checkpoint_starts_over_without_doubling_the_metrics(ru
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 13))
     assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 12]
     assert [r["step"] for r in records if r["kind"] == "run"] == [0]  # the restart's own record only
-
-
-def _raise_at(original, step: int):
-    def periodic(self, eval_rows):
-        original(self, eval_rows)
-        if self.step == step:
-            raise KeyboardInterrupt
-
-    return periodic
 
 
 # ----- non-finite numbers ------------------------------------------------------------------------------------

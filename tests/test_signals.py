@@ -29,15 +29,15 @@ ROOT = Path(__file__).resolve().parents[1]
 DRIVER = """
 import signal, sys, time
 from lorakit.cli.main import main
-from lorakit.train import trainer
+from lorakit.train import loop
 config, delay, ignore_int = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "1"
 if ignore_int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-real = trainer._Loop._step
+real = loop.Loop._step
 def slow(self, indices):
     time.sleep(delay)
     return real(self, indices)
-trainer._Loop._step = slow
+loop.Loop._step = slow
 sys.exit(main(["train", config, "--no-progress", "--resume"]))
 """
 

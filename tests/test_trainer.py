@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from lorakit.cli.main import main
+from lorakit.train import loop as loop_module
 from lorakit.train import objectives
 from lorakit.train import trainer as trainer_module
 from lorakit.train.checkpoint import list_checkpoints
@@ -45,7 +46,7 @@ def test_training_lowers_loss_and_writes_outputs(run_config):
 def test_schedules_warmup_and_loraplus(run_config):
     from lorakit import inject
     from lorakit.models import load_model
-    from lorakit.train.trainer import build_optimizer
+    from lorakit.train.optim import build_optimizer
 
     for scheduler, expected_end in (("constant", 1.0), ("linear", 0.0), ("cosine", 0.0)):
         cfg = run_config(f"train.scheduler={scheduler}", "train.loraplus_lr_ratio=16", "train.max_steps=10")
@@ -66,19 +67,19 @@ def test_schedules_warmup_and_loraplus(run_config):
 
 def test_resume_after_ctrl_c_matches_uninterrupted_run(run_config, monkeypatch):
     reference_run = train(run_config("train.save_every=4", out="straight"), progress=False)
-    original = trainer_module._Loop._periodic
+    original = loop_module.Loop._periodic
 
     def interrupt_at_7(self, eval_rows):
         original(self, eval_rows)
         if self.step == 7:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer_module._Loop, "_periodic", interrupt_at_7)
+    monkeypatch.setattr(loop_module.Loop, "_periodic", interrupt_at_7)
     with pytest.raises(KeyboardInterrupt):
         train(run_config("train.save_every=4", out="resumed"), progress=False)
     resumed_dir = reference_run.output_dir.parent / "resumed"
     assert [p.name for p in list_checkpoints(resumed_dir / "checkpoints")] == ["step-0000004", "step-0000007"]
-    monkeypatch.setattr(trainer_module._Loop, "_periodic", original)
+    monkeypatch.setattr(loop_module.Loop, "_periodic", original)
     train(run_config("train.save_every=4", out="resumed"), resume=True, progress=False)
     want, got = _adapter(reference_run.output_dir), _adapter(resumed_dir)
     assert want.keys() == got.keys()
@@ -332,7 +333,6 @@ def test_task_row_errors(tiny_t5_and_bert, tmp_path):
 
 
 def test_lean_cpu_memory_follows_the_config_and_defaults_on_with_checkpointing(run_config, monkeypatch):
-    import lorakit.train.trainer as trainer_module
 
     calls = []
     monkeypatch.setattr(trainer_module, "return_freed_memory_to_os", lambda: calls.append(1) or True)
@@ -353,7 +353,7 @@ def test_lean_cpu_memory_follows_the_config_and_defaults_on_with_checkpointing(r
 
 
 def test_adamw_is_fused_where_pytorch_supports_it_with_the_same_updates():
-    from lorakit.train.trainer import adamw
+    from lorakit.train.optim import adamw
 
     torch.manual_seed(0)
     start = torch.randn(40, 7)
@@ -387,7 +387,7 @@ def test_eval_fraction_reports_the_rows_each_side_has(run_config, capsys):
 def test_tokens_per_second_is_per_step_and_the_summary_a_median(run_config, monkeypatch, capsys):
     """One stalled step does not move the reported throughput: each record has its own step's figure and the
     summary is their median."""
-    real, calls = trainer_module._Loop._step, {"n": 0}
+    real, calls = loop_module.Loop._step, {"n": 0}
 
     def stall_once(self, indices):
         calls["n"] += 1
@@ -395,7 +395,7 @@ def test_tokens_per_second_is_per_step_and_the_summary_a_median(run_config, monk
             time.sleep(1.0)
         return real(self, indices)
 
-    monkeypatch.setattr(trainer_module._Loop, "_step", stall_once)
+    monkeypatch.setattr(loop_module.Loop, "_step", stall_once)
     result = train(run_config("train.eval_before=false", "train.generate_eval=false"), progress=False)
     records = [r for r in read_metrics(result.output_dir / "metrics.jsonl") if r["kind"] == "train"]
     rates = [r["tokens"] / r["seconds"] for r in records]

@@ -272,11 +272,18 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
                 raise
             code = int(found.group(1))
             raise OSError(code, os.strerror(code), str(path)) from err
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        commit_file(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def commit_file(tmp: Path, path: Path) -> None:
+    """``tmp``, written completely, replaces ``path``: synced to disk, one atomic rename, the rename made durable.
+    Until the rename ``path`` keeps what it held."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def atomic_write_many(files: dict[Path, bytes]) -> None:

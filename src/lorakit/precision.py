@@ -31,6 +31,7 @@ import torch
 
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16", "fp16-mixed")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+AUTOCAST_CASTS = (torch.float32, *LOW_PRECISION)  # the dtypes autocast casts for its products (float64 it leaves)
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with bf16 matrix instructions
 
 
@@ -126,14 +127,16 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
-def fast_path_dtype(x: torch.Tensor, *tensors: torch.Tensor) -> torch.dtype | None:
+def fast_path_dtype(x: torch.Tensor, *tensors: torch.Tensor | None) -> torch.dtype | None:
     """The one dtype a fused function computes ``x`` and ``tensors`` in: under autocast, autocast's dtype
     (floating inputs are cast to it, as autocast casts them for the reference maths); otherwise their common
-    dtype, or None when they differ (the reference maths then decide)."""
+    dtype. None where the reference maths must decide: mixed dtypes outside autocast, or a float64 tensor under
+    autocast (which autocast leaves in float64)."""
+    present = [t for t in (x, *tensors) if t is not None]
     dtype = autocast_dtype(x.device.type)
     if dtype is not None and x.is_floating_point():
-        return dtype
-    dtypes = {t.dtype for t in (x, *tensors) if t is not None}
+        return None if any(t.dtype not in AUTOCAST_CASTS for t in present if t.is_floating_point()) else dtype
+    dtypes = {t.dtype for t in present}
     return dtypes.pop() if len(dtypes) == 1 else None
 
 

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..io import fsync_dir, fsync_files
+from ..io import commit_file, fsync_dir, fsync_files
 
 
 def write_gguf(out: Path, arch: str, fill: Callable[[Any], None]) -> None:
@@ -35,7 +35,7 @@ def write_gguf(out: Path, arch: str, fill: Callable[[Any], None]) -> None:
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, out)
+        commit_file(tmp, out)
     except OSError as err:
         raise _cannot_write(out, err) from None
     finally:
@@ -104,12 +104,9 @@ def place(source: Path, target: Path) -> None:
 def _commit_file(tmp: Path, out: Path) -> None:
     """``tmp`` (complete and checked) replaces ``out`` in one atomic rename, made durable."""
     try:
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, out)
+        commit_file(tmp, out)
     except OSError as err:
         raise _cannot_write(out, err) from None
-    fsync_dir(out.parent)
 
 
 def _commit_directory(tmp: Path, out: Path, old: Path) -> None:

@@ -20,13 +20,12 @@ import torch
 from torch import nn
 
 from .._bnb import float_dtype, is_quantized, quant_method
-from ..precision import LOW_PRECISION, autocast_dtype, cast
+from ..precision import AUTOCAST_CASTS, LOW_PRECISION, autocast_dtype, cast
 from .routing import Routing
 from .variants import LoraVariant, variants_for
 
 AdapterDtype = torch.dtype | str | None
 """``None`` (float32 over a bfloat16 / float16 base, else the base's dtype), ``"base"`` or a float dtype."""
-AUTOCAST_CASTS = (torch.float32, *LOW_PRECISION)  # the dtypes autocast casts (it leaves float64 alone)
 
 
 class BaseWrapper(nn.Module):

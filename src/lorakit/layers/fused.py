@@ -72,12 +72,12 @@ def _gated_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if gate.dtype != up.dtype or gate.shape != up.shape:
         return self.down_proj(self.act_fn(gate) * up)
     down = self.down_proj
-    name = down.fast_path_adapter(gate, (), {}) if type(down) is LoraLinear and not _has_hooks(down) else None
-    if name is None:
+    plan = down.fast_path_adapter(gate, (), {}) if type(down) is LoraLinear and not _has_hooks(down) else None
+    if plan is None:
         return down(SiluGate.apply(gate, up))
+    name, dtype = plan
     base = down.base_layer
     a, b = down.lora_A[name].weight, down.lora_B[name].weight
-    dtype = down.fast_path_dtype(gate, name)
     return apply_in(GatedDownLora, dtype, gate, up, base.weight, base.bias, a, b, down.scaling[name])
 
 

@@ -22,18 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import fastpath
-from ..precision import autocast_dtype, autocast_off, cast, fast_path_dtype
-
-
-def compute_dtype(x: torch.Tensor, *tensors: torch.Tensor | None) -> torch.dtype | None:
-    """The one dtype a fused function runs ``x`` and ``tensors`` in (``precision.fast_path_dtype``: autocast's
-    dtype under autocast, else their common dtype), or None for the reference maths: mixed dtypes outside
-    autocast, or a float64 tensor under autocast (which autocast leaves in float64)."""
-    if autocast_dtype(x.device.type) is not None and any(
-        t is not None and t.dtype == torch.float64 for t in (x, *tensors)
-    ):
-        return None
-    return fast_path_dtype(x, *tensors)
+from ..precision import autocast_off, cast
 
 
 def apply_in(function: type[torch.autograd.Function], dtype: torch.dtype, *args):

@@ -18,9 +18,9 @@ from torch import nn
 
 from .._bnb import dequantized_weight, float_dtype, is_quantized
 from ..fastpath import skinny_matmul
-from ..precision import autocast_dtype, autocast_off
+from ..precision import autocast_dtype, autocast_off, fast_path_dtype
 from .base import LoraLayer, dropout_p, init_factors
-from .kernels import LoraLinearFunction, apply_in, compute_dtype
+from .kernels import LoraLinearFunction, apply_in
 from .routing import Routing
 
 try:  # GPT-2 style layers: y = x @ W + b with W stored as (d_in, d_out)
@@ -46,14 +46,15 @@ class LoraLinear(LoraLayer):
         self.shared_input = None  # a SharedInput group when siblings read the same input (link_shared_inputs)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        name = self.fast_path_adapter(x, args, kwargs)
-        if name is None:
+        plan = self.fast_path_adapter(x, args, kwargs)
+        if plan is None:
             return super().forward(x, *args, **kwargs)  # the reference maths
-        return self.fast_path(x, name)
+        return self.fast_path(x, *plan)
 
-    def fast_path_adapter(self, x: torch.Tensor, args, kwargs) -> str | None:
-        """The one adapter the fast path can run, or None for the reference path (several adapters, routing,
-        merged or disabled adapters, a variant, dropout while training, mixed dtypes outside autocast)."""
+    def fast_path_adapter(self, x: torch.Tensor, args, kwargs) -> tuple[str, torch.dtype] | None:
+        """The one adapter the fast path can run and the dtype it runs in (``precision.fast_path_dtype``), or None
+        for the reference path (several adapters, routing, merged or disabled adapters, a variant, dropout while
+        training, mixed dtypes outside autocast)."""
         if args or kwargs or self.disabled or self.routing is not None or len(self.active_adapters) != 1:
             return None
         name = self.active_adapters[0]
@@ -63,24 +64,19 @@ class LoraLinear(LoraLayer):
             return None
         if self.training and dropout_p(self.lora_dropout[name]) > 0:
             return None
-        if self.fast_path_dtype(x, name) is None:
-            return None
-        return name
-
-    def fast_path_dtype(self, x: torch.Tensor, name: str) -> torch.dtype | None:
-        """The dtype adapter ``name``'s fast path runs in for input ``x`` (``kernels.compute_dtype``)."""
         base = self.base_layer
-        return compute_dtype(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight)
+        dtype = fast_path_dtype(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight)
+        return None if dtype is None else (name, dtype)
 
-    def fast_path(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """``W x + b + s B A x`` for adapter ``name`` by one autograd function (or the shared-input group)."""
+    def fast_path(self, x: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """``W x + b + s B A x`` for adapter ``name`` in ``dtype`` by one autograd function (or the shared-input
+        group)."""
         if self.shared_input is not None:
             out = self.shared_input.output(self, x)
             if out is not None:
                 return out
         base = self.base_layer
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        dtype = self.fast_path_dtype(x, name)
         return apply_in(
             LoraLinearFunction, dtype, x, base.weight, base.bias, a, b, self.scaling[name], self.fan_in_fan_out
         )

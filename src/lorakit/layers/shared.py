@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .kernels import SharedInputLoraFunction, apply_in, compute_dtype
+from .kernels import SharedInputLoraFunction, apply_in
 from .linear import LoraLinear
 
 
@@ -50,15 +50,15 @@ class SharedInput:
             self._pending.clear()
             self._input = None
             return None
-        names = [m.fast_path_adapter(x, (), {}) for m in self.members]
-        if None in names:
+        plans = [m.fast_path_adapter(x, (), {}) for m in self.members]
+        if None in plans:
             return None
         tensors, layout = [], []
-        for m, name in zip(self.members, names, strict=True):
+        for m, (name, _) in zip(self.members, plans, strict=True):
             base = m.base_layer
             tensors += [base.weight, base.bias, m.lora_A[name].weight, m.lora_B[name].weight]
             layout.append((m.r[name], m.scaling[name]))
-        dtype = compute_dtype(x, *tensors)  # not None: each member's fast path agreed on it with x
+        dtype = plans[0][1]  # every member's: autocast's, or else x's (each member's tensors share x's dtype)
         outs = apply_in(SharedInputLoraFunction, dtype, x, tuple(layout), *tensors)
         self._pending = {id(m): out for m, out in zip(self.members, outs, strict=True) if m is not member}
         self._input, self._version = x, _version_of(x)

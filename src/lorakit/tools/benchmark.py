@@ -169,7 +169,7 @@ def _forwards(model, batch, steps: int, precision: Precision) -> list[float]:
 def _train_steps(mode: str, model, batch, steps: int, precision: Precision) -> tuple[list[float], float]:
     """Seconds of each of ``steps`` optimizer steps after a warm-up, and the last loss. Every mode uses the
     fused AdamW of lorakit's trainer and transformers' Trainer; fp16-mixed scales the loss (GradScaler)."""
-    from lorakit.train.trainer import adamw
+    from lorakit.train.optim import adamw
 
     device = str(batch["input_ids"].device)
     model.train()
