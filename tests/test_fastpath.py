@@ -108,3 +108,13 @@ def test_cpu_description_names_the_model_and_the_extensions_that_change_code_pat
     assert "AVX-512 BF16, AMX)" in fastpath.cpu_description()
     monkeypatch.setattr(fastpath, "_cpuinfo", lambda: AMD_EPYC)
     assert "AMD EPYC 7B13" in fastpath.cpu_description() and "AMX" not in fastpath.cpu_description()
+
+
+def test_trim_freed_memory_runs_on_glibc_and_says_so_elsewhere(monkeypatch):
+    import sys
+
+    from lorakit import fastpath
+
+    assert fastpath.trim_freed_memory() is sys.platform.startswith("linux")
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert fastpath.trim_freed_memory() is False

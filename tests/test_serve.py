@@ -517,6 +517,39 @@ def test_a_failed_prefill_answers_its_requests_and_the_engine_keeps_serving(tiny
         engine.stop()
 
 
+def test_the_engine_pads_prefills_to_a_few_shapes_and_trims_the_heap(tiny_lm_dir, monkeypatch):
+    """Prefills are left-padded to a multiple of PREFILL_LENGTH_STEP tokens (one GEMM kernel per shape, not per
+    prompt length) without changing the tokens, and the engine hands freed heap pages back while it serves."""
+    import queue
+
+    from lorakit.serve import engine as engine_module
+    from lorakit.serve.engine import Engine, Request, SamplingParams
+
+    trims = []
+    monkeypatch.setattr(engine_module, "TRIM_EVERY_S", 0.0)
+    monkeypatch.setattr(engine_module, "trim_freed_memory", lambda: trims.append(1) or True)
+    model, tokenizer = lorakit.load_model(tiny_lm_dir)
+    widths = []
+    model.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    prompt = [5, 6, 7, 8, 9, 10, 11, 12, 13]  # 9 tokens: padded to 16
+    engine = Engine(model, tokenizer).start()
+    try:
+        done: queue.Queue = queue.Queue()
+        engine.submit(Request(prompt, None, SamplingParams(max_tokens=4, ignore_eos=True), done.put))
+        texts = []
+        while (event := done.get(timeout=30)).finish_reason is None:
+            assert event.error is None
+            texts.append(event.text)
+        texts.append(event.text)
+    finally:
+        engine.stop()
+    assert widths[0] == 2 * engine_module.PREFILL_LENGTH_STEP and set(widths[1:]) == {1}
+    expected = model.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False, min_new_tokens=4)
+    assert event.completion_tokens == 4
+    assert "".join(texts) == tokenizer.decode(expected[0, len(prompt) :])  # the padding changed no token
+    assert trims  # at least once per step here (TRIM_EVERY_S = 0)
+
+
 # ----- mixed precision (issue 28) ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def precision_lm(tmp_path_factory, tiny_tokenizer):

@@ -150,10 +150,30 @@ def return_freed_memory_to_os(threshold: int = 1 << 20) -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+        return bool(_libc().mallopt(_M_MMAP_THRESHOLD, int(threshold)))
     except (OSError, AttributeError):
         return False
 
 
 _M_MMAP_THRESHOLD = -3
+
+
+def trim_freed_memory() -> bool:
+    """Give the free pages inside the allocator's heaps back to the OS (glibc's ``malloc_trim``; False off glibc).
+
+    A long-running process whose tensors change shape from step to step (a server's batch and KV cache) leaves
+    free holes between live blocks that glibc keeps; RSS then creeps up after its working set has stopped
+    growing. Trimming every few seconds returns those pages. Returns whether the call was made (False off glibc).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        _libc().malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL("libc.so.6")

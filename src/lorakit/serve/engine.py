@@ -37,10 +37,18 @@ import torch
 from torch import nn
 
 from ..adapters import route
+from ..fastpath import trim_freed_memory
 from ..models import kv_cache_inputs
 from ..patches import FEW_ROWS, enable_skinny_linear, remove_patches
 from ..precision import Precision
 from ..state import has_adapters
+
+# Prefills are left-padded to a multiple of this many tokens. Every distinct (rows x tokens) shape makes the CPU
+# GEMM library (oneDNN, under bf16) build and cache a kernel of its own: with one shape per prompt length the
+# cache fills with hundreds of them, and the server's memory creeps up for minutes while the cost of building
+# them slows every step.
+PREFILL_LENGTH_STEP = 8
+TRIM_EVERY_S = 2.0  # how often the engine returns freed heap pages to the OS on CPU (trim_freed_memory)
 
 
 class QueueFull(Exception):
@@ -155,6 +163,7 @@ class Engine:
         self._stacks: dict = {}
         self.steps = 0
         self.generated_tokens = 0
+        self._trimmed_at = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
 
     # ----- control, called from other threads ----------------------------------------------------------
@@ -229,7 +238,16 @@ class Engine:
                         self._decode()
             except Exception as err:  # keep serving: fail the batch in flight (and the joiners), not the server
                 self._fail_all(f"generation failed: {type(err).__name__}: {err}", joiners=joiners)
+            self._trim_now_and_then()
         self._fail_all("the server is shutting down", status=503, include_waiting=True)
+
+    def _trim_now_and_then(self) -> None:
+        """Return the heaps' free pages to the OS every TRIM_EVERY_S seconds of serving (CPU: see
+        ``fastpath.trim_freed_memory``), so RSS follows the working set instead of creeping up under load."""
+        now = time.monotonic()
+        if self.device.type == "cpu" and now - self._trimmed_at >= TRIM_EVERY_S:
+            trim_freed_memory()
+            self._trimmed_at = now
 
     def _run_command(self, fn, future) -> None:
         if not future.set_running_or_notify_cancel():
@@ -281,7 +299,8 @@ class Engine:
     def _prefill(self, joiners: list[Request]) -> None:
         from transformers import DynamicCache
 
-        length = max(len(r.prompt_ids) for r in joiners)
+        longest = max(len(r.prompt_ids) for r in joiners)
+        length = -(-longest // PREFILL_LENGTH_STEP) * PREFILL_LENGTH_STEP  # a few shapes, not one per prompt
         ids = torch.full((len(joiners), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(joiners), length), dtype=torch.long)
         for i, req in enumerate(joiners):
