@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .attention import restore_attention
 from .inject import activate, update_trainable
 from .layers import LoraLayer, ModulesToSave, Routing, link_shared_inputs
 from .patches import remove_patches
@@ -205,9 +206,10 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
 
 def _forget(model: nn.Module) -> None:
     """Drop the registry, give every original parameter back its requires_grad flag, and take away every
-    forward lorakit patched (fused forwards, the serving fast path)."""
+    forward lorakit patched (fused forwards, the serving fast path) and lorakit's attention."""
     forget_registry(model)
     remove_patches(model)
+    restore_attention(model)
 
 
 def _merged_names(model: nn.Module) -> list[str]:

@@ -19,6 +19,8 @@ They act only while gradients are on: inference runs the model's own forwards, b
 Both also run under ``torch.autocast`` (bf16-mixed training): the down projection's fused function then
 computes in autocast's dtype like the LoRA fast path (``lorakit.layers.linear``); the RMS norm has no
 operation autocast changes (its statistics are float32 already), so it computes as without autocast.
+- Attention: a model on transformers' ``sdpa`` is pointed to ``lorakit_sdpa``, which computes bf16 attention
+  in float32 on CPUs whose bf16 attention backward is the slower one (``lorakit.attention``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..attention import restore_attention, use_lorakit_attention
 from ..patches import patch_forward, patched, remove_patches
 from ..precision import autocast_off
 from .base import LoraLayer
@@ -38,11 +41,13 @@ RMS_NORM = "fused RMS norm"
 
 def fuse_forwards(model: nn.Module) -> list[str]:
     """Give the LLaMA-style gated MLPs that hold LoRA layers, and the LLaMA-style RMS norms, of ``model`` their
-    fused training forward (same maths, fewer saved tensors; see the module docstring).
+    fused training forward (same maths, fewer saved tensors; see the module docstring), and its sdpa
+    attention lorakit's (float32 on CPUs where bf16's backward is slower; ``lorakit.attention``).
 
     Returns the paths of every module that now runs a fused forward (also those fused before). ``unload``,
-    or ``unfuse_forwards``, gives them their own forwards back.
+    or ``unfuse_forwards``, gives them their own forwards and the model its attention back.
     """
+    use_lorakit_attention(model)
     for module in model.modules():
         if _is_llama_style_mlp(module) and _holds_lora(module):
             patch_forward(module, _gated_mlp_forward, GATED_MLP)
@@ -52,7 +57,8 @@ def fuse_forwards(model: nn.Module) -> list[str]:
 
 
 def unfuse_forwards(model: nn.Module) -> int:
-    """Give every fused module its own forward back; returns how many."""
+    """Give every fused module its own forward, and the model its own attention, back; returns how many modules."""
+    restore_attention(model)
     return remove_patches(model, GATED_MLP) + remove_patches(model, RMS_NORM)
 
 

@@ -1,0 +1,154 @@
+"""lorakit's sdpa attention (``lorakit.attention``): float32 for short bf16 sequences on CPUs without AMX, decided
+from forced CPU flags and the LORAKIT_CPU_ATTENTION override on any machine, installed by ``fuse_forwards`` and
+taken away by ``unfuse_forwards`` / ``unload``, and otherwise transformers' function exactly."""
+
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.integrations import sdpa_attention
+
+import lorakit
+from lorakit import attention
+from lorakit.layers import fuse_forwards, unfuse_forwards
+
+from .conftest import randomize_adapters
+
+BF16 = torch.bfloat16
+AVX512_BF16 = frozenset({"avx512f", "avx512_bf16"})
+AMX = frozenset({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+
+
+@pytest.fixture
+def choice(monkeypatch):
+    """Set LORAKIT_CPU_ATTENTION (None: unset) and forget the cached decision around the test."""
+
+    def set_choice(value: str | None) -> None:
+        if value is None:
+            monkeypatch.delenv("LORAKIT_CPU_ATTENTION", raising=False)
+        else:
+            monkeypatch.setenv("LORAKIT_CPU_ATTENTION", value)
+        attention._cpu_choice.cache_clear()
+
+    yield set_choice
+    attention._cpu_choice.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("env", "flags", "expected"),
+    [
+        (None, AVX512_BF16, torch.float32),
+        (None, frozenset({"avx2"}), torch.float32),
+        (None, AMX, None),
+        ("fp32", AMX, torch.float32),
+        ("bf16", AVX512_BF16, None),
+        ("auto", AVX512_BF16, torch.float32),
+    ],
+)
+def test_the_cpu_attention_dtype_follows_the_flags_and_the_override(choice, env, flags, expected):
+    choice(env)
+    assert attention.cpu_attention_dtype(flags=flags) == expected
+
+
+def test_a_bad_override_is_named_with_the_choices(choice):
+    choice("half")
+    with pytest.raises(ValueError, match="LORAKIT_CPU_ATTENTION='half' is not one of auto, fp32, bf16"):
+        attention.cpu_attention_dtype(flags=AVX512_BF16)
+
+
+def _qkv(keys: int, dtype=BF16):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, keys, 16, generator=gen).to(dtype) for h in (4, 2, 2))
+    return q, k, v
+
+
+class _Module(torch.nn.Module):
+    is_causal = True
+    num_key_value_groups = 2
+    training = False
+
+
+def _spy(monkeypatch) -> list[torch.dtype]:
+    seen: list[torch.dtype] = []
+    real = sdpa_attention.sdpa_attention_forward
+
+    def spy(module, query, *args, **kwargs):
+        seen.append(query.dtype)
+        return real(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", spy)
+    return seen
+
+
+@pytest.mark.parametrize("forced", ["fp32", "bf16"])
+def test_short_bf16_attention_computes_in_float32_when_chosen(choice, monkeypatch, forced):
+    choice(forced)
+    seen = _spy(monkeypatch)
+    q, k, v = _qkv(12)
+    with torch.autocast("cpu", dtype=BF16):
+        out, _ = attention.sdpa_float32_on_cpu(_Module(), q, k, v, None)
+    assert out.dtype == BF16
+    if forced == "fp32":
+        assert seen == [torch.float32]
+        expected, _ = sdpa_attention.sdpa_attention_forward(_Module(), q.float(), k.float(), v.float(), None)
+        assert torch.equal(out, expected.to(BF16))  # float32 maths, rounded once at the end
+    else:
+        assert seen == [BF16]
+
+
+def test_long_and_float32_attention_pass_straight_through(choice, monkeypatch):
+    choice("fp32")
+    seen = _spy(monkeypatch)
+    attention.sdpa_float32_on_cpu(_Module(), *_qkv(attention.FLOAT32_BELOW), None)
+    attention.sdpa_float32_on_cpu(_Module(), *_qkv(12, torch.float32), None)
+    assert seen == [BF16, torch.float32]
+
+
+def _tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, attn_implementation="sdpa",
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def test_fuse_forwards_installs_it_and_unfuse_and_unload_take_it_away(tmp_path):
+    model = _tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules="all-linear"))
+    fuse_forwards(model)
+    assert model.config._attn_implementation == attention.NAME
+    model.save_pretrained(tmp_path / "saved")
+    assert attention.NAME not in json.dumps(json.loads((tmp_path / "saved" / "config.json").read_text()))
+    unfuse_forwards(model)
+    assert model.config._attn_implementation == "sdpa"
+    fuse_forwards(model)
+    lorakit.unload(model)
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("forced", ["fp32", "bf16"])
+def test_a_bf16_mixed_training_step_with_either_attention_follows_float32(choice, forced):
+    """Loss and adapter gradients of a bf16 base under autocast (small random adapters, as in
+    test_mixed_precision_layers), attention in float32 or in bf16: float32 training's, to bf16 rounding."""
+    ids = torch.randint(1, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+    choice(forced)
+    results = []
+    for dtype in (BF16, torch.float32):
+        model = _tiny_llama().to(dtype)
+        lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules="all-linear"))
+        randomize_adapters(model, scale=0.05)
+        fuse_forwards(model)
+        with torch.autocast("cpu", dtype=BF16, enabled=dtype == BF16):
+            loss = lorakit.causal_lm_loss(model, ids, ids)
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        assert grads and all(g.dtype == torch.float32 for g in grads.values())
+        results.append((loss.float(), grads))
+    (loss, grads), (loss_ref, grads_ref) = results
+    assert_close(loss, loss_ref, rtol=1e-2, atol=1e-2)
+    for name, grad in grads.items():
+        scale = grads_ref[name].abs().max().item()
+        assert_close(grad, grads_ref[name], rtol=4e-2, atol=4e-2 * scale, msg=name)
