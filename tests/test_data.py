@@ -230,9 +230,9 @@ def test_answer_span_marks_reference_through_end_of_turn(tiny_tokenizer, tmp_pat
 
 
 def test_rows_over_the_size_limit_are_refused_without_reading_them_whole(tmp_path, monkeypatch):
-    from lorakit import data
+    from lorakit.data import readers
 
-    monkeypatch.setattr(data, "MAX_ROW_BYTES", 1000)
+    monkeypatch.setattr(readers, "MAX_ROW_BYTES", 1000)
     long_text = "x" * 5000
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_text('{"text": "ok"}\n' + json.dumps({"text": long_text}) + "\n")
@@ -248,5 +248,5 @@ def test_rows_over_the_size_limit_are_refused_without_reading_them_whole(tmp_pat
         writer.writerows([{"text": "ok"}, {"text": long_text}])
     with pytest.raises(ValueError, match=r"d.csv:3: the row is longer than"):
         read_rows(tmp_path / "d.csv")
-    monkeypatch.setattr(data, "MAX_ROW_BYTES", 10_000)  # under the limit: read as usual, 128 KiB csv default lifted
+    monkeypatch.setattr(readers, "MAX_ROW_BYTES", 10_000)  # under the limit: read as usual, 128 KiB csv default lifted
     assert [row["text"] for _, row in read_rows(tmp_path / "d.csv")] == ["ok", long_text]
