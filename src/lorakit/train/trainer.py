@@ -36,7 +36,7 @@ from ..layers import fuse_forwards
 from ..methods.lora import LoraMethod
 from ..models import load_model, resolve_model_dir
 from ..precision import Precision
-from ..quant import quantize
+from ..quant import is_quantized, load_quantized, quantize
 from ..state import registry
 from ..targeting import HEAD_NAMES
 from . import distributed as dist
@@ -126,7 +126,7 @@ def _train(
     record = precision_record(precision)
     status.precision, status.precision_reason = record["precision"], record["reason"]
     _seed(cfg.seed)
-    model, tokenizer = setup_model(cfg, ctx=ctx, precision=precision)
+    model, tokenizer = setup_model(cfg, ctx=ctx, precision=precision, log=log)
     train_rows, eval_rows, stats = setup_data(cfg, tokenizer=tokenizer, model=model, ctx=ctx, log=log)
     cfg = with_epoch_steps(cfg, len(train_rows), log)
     status.max_steps = cfg.train.max_steps
@@ -212,11 +212,11 @@ def sharded(cfg: RunConfig, ctx: dist.Context) -> bool:
 
 
 def setup_model(
-    cfg: RunConfig, *, ctx: dist.Context | None = None, precision: Precision | None = None
+    cfg: RunConfig, *, ctx: dist.Context | None = None, precision: Precision | None = None, log=print
 ) -> tuple[nn.Module, object]:
-    """The base model and its tokenizer, stored in ``precision.storage`` (default: float32). Under FSDP every
-    rank builds only the skeleton (parameters on the meta device) and reads its shards of the weights in
-    ``setup_method``."""
+    """The base model and its tokenizer, stored in ``precision.storage`` (default: float32); with ``quantize``,
+    its linear layers quantized while loading (``lorakit.quant.load_quantized``). Under FSDP every rank builds
+    only the skeleton (parameters on the meta device) and reads its shards of the weights in ``setup_method``."""
     skeleton = ctx is not None and sharded(cfg, ctx)
     if skeleton and not any(resolve_model_dir(cfg.model).glob("*.safetensors")):
         raise ValueError(
@@ -225,7 +225,14 @@ def setup_model(
             "or use train.strategy=ddp"
         )
     dtype = precision.storage if precision is not None else torch.float32
-    model, tokenizer = load_model(cfg.model, task=cfg.task, dtype=dtype, skeleton=skeleton)
+    if cfg.quantize:  # quantized while loading, a layer at a time: never the whole model in a float dtype
+        device = ctx.device if ctx is not None else "cpu"
+        model, tokenizer, report = load_quantized(
+            cfg.model, cfg.quantize, task=cfg.task, dtype=dtype, compute_dtype=dtype, device=device, log=log
+        )
+        log(report.describe())
+    else:
+        model, tokenizer = load_model(cfg.model, task=cfg.task, dtype=dtype, skeleton=skeleton)
     if tokenizer is None:
         raise ValueError(f"model {cfg.model} has no tokenizer files; training needs one")
     return model, tokenizer
@@ -257,7 +264,7 @@ def setup_method(
     rank holding its shards of the weights and of the initial adapter."""
     if not any(p.is_meta for p in model.parameters()):  # a skeleton gets its memory when sharded, below
         model = model.to(ctx.device)
-    if cfg.quantize:
+    if cfg.quantize and not any(is_quantized(m) for m in model.modules()):  # a model setup_model did not load
         log(quantize(model, cfg.quantize, compute_dtype=precision.storage if precision else None).describe())
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
