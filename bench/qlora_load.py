@@ -65,6 +65,12 @@ code = main(["train", {config!r}, "--set", "model={dir}", "--set", "quantize=nf4
              "--set", "train.max_steps={steps}", "--set", "train.batch_size=2", "--set", "data.eval=null",
              "--no-progress"])
 print("SECONDS", time.perf_counter() - start)
+import json, pathlib, statistics
+steps = [json.loads(line) for line in pathlib.Path({out!r}, "metrics.jsonl").read_text().splitlines()]
+steps = [s for s in steps if s.get("kind") == "train"]
+if steps:
+    print("REPORT", f"median step {{statistics.median(s['seconds'] for s in steps):.1f}} s "
+          f"({{steps[-1]['tokens']}} tokens a step)")
 if code:
     sys.exit(code)
 """
@@ -185,7 +191,7 @@ def main() -> int:
         f"### QLoRA on a {args.shape}-shaped LLaMA ({datetime.date.today()})",
         "",
         f"Command: `.venv/bin/python bench/qlora_load.py --shape {args.shape} --dir DIR --steps {args.steps}`; "
-        f"machine: {cpu_description()}, {os.cpu_count()} cores, "
+        f"machine: {cpu_description()}, "
         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB. Model: hidden {hidden}, "
         f"intermediate {inter}, {layers} layers, vocab 49152, random bf16 weights.",
         "",

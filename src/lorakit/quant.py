@@ -304,6 +304,10 @@ def _fill_quantized(model, directory: Path, bnb, method, dtype, compute, device)
             count += 1
             set_submodule(model, path, layer)
     model.tie_weights()
+    for module in model.modules():  # the buffers the files do not hold (rotary frequencies) are the skeleton's
+        for key, buffer in module._buffers.items():
+            if buffer is not None and not buffer.is_meta and buffer.device != device:
+                module._buffers[key] = buffer.to(device)
     missing = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
     if missing:
         raise _NotDirect(f"the files lack {len(missing)} of the model's tensors, e.g. {missing[0]}")
