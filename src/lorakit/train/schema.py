@@ -14,6 +14,7 @@ from ..config import BIAS_MODES, INIT_METHODS, LoraConfig
 from ..data import PACKING_STRATEGIES
 from ..models import TASK_NAMES
 from ..precision import PRECISIONS
+from .distributed import DEVICE_PATTERN
 
 SCHEDULERS = ("constant", "linear", "cosine")
 STRATEGIES = ("ddp", "fsdp")
@@ -240,6 +241,11 @@ class RunConfig:
     without them emulates bf16, slower than float32). The run prints its choice and the reason and records them
     in status.json and metrics.jsonl; config.yaml keeps auto, so a rerun decides again on its machine."""
 
+    device: str = "auto"
+    """Where the run computes: auto (a CUDA GPU when PyTorch sees one, else the CPU), cpu, cuda, or cuda:N for
+    one process on GPU N (under torchrun each process takes the GPU of its LOCAL_RANK: use cuda or auto). On CUDA,
+    float32 products may use TF32 tensor cores."""
+
     quantize: str | None = None
     """QLoRA: store the frozen base linear weights (all but the output head) as nf4, fp4 or int8 with
     bitsandbytes (`pip install 'bitsandbytes>=0.50'`); the rest of the base is stored and the quantized layers
@@ -280,6 +286,10 @@ def check_run(c: RunConfig) -> None:
     checks = [
         (c.task in TASK_NAMES, f"task={c.task!r}: use one of {list(TASK_NAMES)}"),
         (c.precision in PRECISIONS, f"precision={c.precision!r}: use one of {', '.join(PRECISIONS)}"),
+        (
+            bool(DEVICE_PATTERN.fullmatch(str(c.device))),
+            f"device={c.device!r}: use auto, cpu, cuda or cuda:N (N a GPU index)",
+        ),
         (
             c.quantize is None or c.quantize in QUANT_METHODS,
             f"quantize={c.quantize!r}: use {', '.join(QUANT_METHODS[:-1])} or {QUANT_METHODS[-1]}, or leave it unset "

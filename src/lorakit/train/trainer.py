@@ -81,7 +81,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, method=No
     below read top to bottom: output directory, model, data, method, optimizer, resume, loop, finish.
     """
     started = time.perf_counter()
-    ctx = dist.setup()
+    ctx = dist.setup(cfg.device)
     log = printer(ctx.is_main)
     precision = decide_precision(cfg, ctx)  # before anything is written: a precision the device lacks is refused
     if ctx.device.type == "cpu" and lean_cpu_memory(cfg):
