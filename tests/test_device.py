@@ -65,3 +65,26 @@ def test_setup_on_the_cpu_and_tf32_on_cuda(monkeypatch):
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_the_attention_key_reaches_the_model(run_config, attention):
+    """`attention` builds the model with that implementation (plain and quantized loading alike); auto leaves
+    transformers' choice; fuse_forwards then swaps only sdpa for lorakit's."""
+    from lorakit.train import trainer
+
+    cfg = run_config(f"attention={attention}")
+    model, _ = trainer.setup_model(cfg, precision=None, log=lambda m: None)
+    assert model.config._attn_implementation == attention
+    pytest.importorskip("bitsandbytes")
+    quantized, _ = trainer.setup_model(run_config(f"attention={attention}", "quantize=nf4"), log=lambda m: None)
+    assert quantized.config._attn_implementation == attention
+
+
+def test_an_attention_the_model_lacks_is_refused_when_it_loads(run_config):
+    from lorakit.train import trainer
+
+    with pytest.raises(
+        ValueError, match=r"attention=flash_attention_2: .*FlashAttention2.* use attention: sdpa or eager"
+    ):
+        trainer.setup_model(run_config("attention=flash_attention_2"), log=lambda m: None)

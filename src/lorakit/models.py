@@ -134,6 +134,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     *,
     skeleton: bool = False,
+    attention: str | None = None,
 ) -> tuple[nn.Module, object]:
     """Load (model, tokenizer) for ``spec`` (see ``resolve_model_dir``), in eval mode, offline.
 
@@ -142,6 +143,8 @@ def load_model(
     The tokenizer is None when the directory has none (as with test models built from a config).
     ``skeleton``: the model's structure with every parameter on the meta device (no memory, no weights read)
     and its buffers real: for a process that receives its weights from another (sharded training).
+    ``attention``: transformers' attention implementation (``sdpa``, ``eager``, ``flash_attention_2``, ...);
+    None: transformers' choice for the model (sdpa where supported).
 
     Raises:
         ValueError: unknown task, or ``spec`` names no model.
@@ -162,15 +165,22 @@ def load_model(
         raise ValueError(f"task {task!r} is unknown; use one of {list(TASK_NAMES)}")
     directory = resolve_model_dir(spec)
     try:
-        model = _skeleton(classes[task], directory, dtype) if skeleton else _quiet_load(classes[task], directory, dtype)
+        if skeleton:
+            model = _skeleton(classes[task], directory, dtype, attention)
+        else:
+            model = _quiet_load(classes[task], directory, dtype, attention)
+    except ImportError as err:  # an attention implementation whose package is missing (flash-attn)
+        raise ValueError(f"attention={attention}: {err} Install it, or use attention: sdpa or eager") from None
     except (OSError, ValueError, RuntimeError) as err:
+        if attention and attention.lower().replace("_", "") in str(err).lower().replace("_", ""):
+            raise ValueError(f"attention={attention}: {err} Use attention: sdpa or eager") from None
         embedded = is_embedded(spec)
         if not embedded and Path(spec).suffix != ".gguf":
             raise ValueError(f"could not load model from {directory}: {err}") from None
         gguf = default_gguf() if embedded else Path(spec)
         print(f"lorakit: cached conversion unreadable ({type(err).__name__}); rebuilding", file=sys.stderr)
         directory = convert_gguf(gguf, force=True)
-        model = _quiet_load(classes[task], directory, dtype)
+        model = _quiet_load(classes[task], directory, dtype, attention)
     if is_embedded(spec):
         model.config.name_or_path = model.name_or_path = DEFAULT_MODEL_ID
     tokenizer = None
@@ -180,25 +190,29 @@ def load_model(
     return model, tokenizer
 
 
-def _skeleton(cls, directory: Path, dtype: torch.dtype) -> nn.Module:
+def _skeleton(cls, directory: Path, dtype: torch.dtype, attention: str | None = None) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
     with init_empty_weights(include_buffers=False):
-        model = cls.from_config(config, dtype=dtype)
+        model = cls.from_config(config, dtype=dtype, **_attention(attention))
     model.tie_weights()  # from_config leaves a tied head untied (from_pretrained ties it)
     return model
 
 
-def _quiet_load(cls, directory: Path, dtype: torch.dtype) -> nn.Module:
+def _attention(attention: str | None) -> dict:
+    return {"attn_implementation": attention} if attention else {}
+
+
+def _quiet_load(cls, directory: Path, dtype: torch.dtype, attention: str | None = None) -> nn.Module:
     """from_pretrained without transformers' per-tensor progress bar (a local load takes about a second)."""
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        return cls.from_pretrained(directory, dtype=dtype, local_files_only=True)
+        return cls.from_pretrained(directory, dtype=dtype, local_files_only=True, **_attention(attention))
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()

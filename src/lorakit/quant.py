@@ -232,6 +232,7 @@ def load_quantized(
     dtype: torch.dtype = torch.float32,
     compute_dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
+    attention: str | None = None,
     log=None,
 ) -> tuple[nn.Module, object, QuantizeReport]:
     """Load (model, tokenizer, report) for ``spec`` with its linear layers (not the output head) quantized while
@@ -250,13 +251,13 @@ def load_quantized(
     check_method(method)
     bnb = require_bitsandbytes(method)
     compute = compute_dtype or dtype
-    model, tokenizer = load_model(spec, task, dtype, skeleton=True)
+    model, tokenizer = load_model(spec, task, dtype, skeleton=True, attention=attention)
     try:
         report = _fill_quantized(model, resolve_model_dir(spec), bnb, method, dtype, compute, torch.device(device))
     except _NotDirect as why:
         if log is not None:
             log(f"quantizing after a full load ({why})")
-        model, tokenizer = load_model(spec, task, dtype)
+        model, tokenizer = load_model(spec, task, dtype, attention=attention)
         model.to(device)
         report = quantize(model, method, compute_dtype=compute)
     model.eval()

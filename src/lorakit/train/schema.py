@@ -246,6 +246,12 @@ class RunConfig:
     one process on GPU N (under torchrun each process takes the GPU of its LOCAL_RANK: use cuda or auto). On CUDA,
     float32 products may use TF32 tensor cores."""
 
+    attention: str = "auto"
+    """The attention implementation transformers builds the model with: auto (transformers' choice: sdpa, PyTorch's
+    scaled_dot_product_attention, where the model supports it), sdpa, eager (the model's own maths), or another
+    implementation transformers accepts (flash_attention_2 on a GPU with flash-attn installed); one the model does
+    not support is refused when it loads."""
+
     quantize: str | None = None
     """QLoRA: store the frozen base linear weights (all but the output head) as nf4, fp4 or int8 with
     bitsandbytes (`pip install 'bitsandbytes>=0.50'`); the rest of the base is stored and the quantized layers
@@ -286,6 +292,10 @@ def check_run(c: RunConfig) -> None:
     checks = [
         (c.task in TASK_NAMES, f"task={c.task!r}: use one of {list(TASK_NAMES)}"),
         (c.precision in PRECISIONS, f"precision={c.precision!r}: use one of {', '.join(PRECISIONS)}"),
+        (
+            bool(c.attention) and isinstance(c.attention, str),
+            f"attention={c.attention!r}: use auto, sdpa, eager or another implementation transformers accepts",
+        ),
         (
             bool(DEVICE_PATTERN.fullmatch(str(c.device))),
             f"device={c.device!r}: use auto, cpu, cuda or cuda:N (N a GPU index)",

@@ -228,14 +228,27 @@ def setup_model(
     if cfg.quantize:  # quantized while loading, a layer at a time: never the whole model in a float dtype
         device = ctx.device if ctx is not None else "cpu"
         model, tokenizer, report = load_quantized(
-            cfg.model, cfg.quantize, task=cfg.task, dtype=dtype, compute_dtype=dtype, device=device, log=log
+            cfg.model,
+            cfg.quantize,
+            task=cfg.task,
+            dtype=dtype,
+            compute_dtype=dtype,
+            device=device,
+            attention=_attention(cfg),
+            log=log,
         )
         log(report.describe())
     else:
-        model, tokenizer = load_model(cfg.model, task=cfg.task, dtype=dtype, skeleton=skeleton)
+        model, tokenizer = load_model(
+            cfg.model, task=cfg.task, dtype=dtype, skeleton=skeleton, attention=_attention(cfg)
+        )
     if tokenizer is None:
         raise ValueError(f"model {cfg.model} has no tokenizer files; training needs one")
     return model, tokenizer
+
+
+def _attention(cfg: RunConfig) -> str | None:
+    return None if cfg.attention == "auto" else cfg.attention
 
 
 def setup_data(
