@@ -117,8 +117,8 @@ def _quantized_layer(
     """The bitsandbytes layer for ``linear`` holding ``weight`` quantized to ``method``, computing in ``dtype`` on
     ``device`` (bitsandbytes quantizes on the move there); ``linear``'s bias is taken over."""
     if method == "int8":
-        layer = bnb.nn.Linear8bitLt(
-            linear.in_features, linear.out_features, bias=linear.bias is not None, has_fp16_weights=False
+        layer = bnb.nn.Linear8bitLt(  # on the meta device: no float weight to initialise, only to replace
+            linear.in_features, linear.out_features, bias=linear.bias is not None, has_fp16_weights=False, device="meta"
         )
         layer.weight = bnb.nn.Int8Params(weight.to(torch.float16), requires_grad=False, has_fp16_weights=False)
         set_int8_float_dtype(layer, dtype)
@@ -130,6 +130,7 @@ def _quantized_layer(
             compute_dtype=dtype,
             compress_statistics=method == "nf4",
             quant_type=method,
+            device="meta",  # no float weight to initialise (kaiming on a 7B model: ~25 s), only to replace
         )
         layer.weight = bnb.nn.Params4bit(weight.to(dtype), requires_grad=False, quant_type=method, module=layer)
     if linear.bias is not None:
