@@ -39,6 +39,7 @@ from ._bnb import (
     set_int8_float_dtype,
 )
 from .fastpath import trim_freed_memory
+from .models import load_model, resolve_model_dir
 from .state import has_adapters, set_submodule
 from .targeting import output_heads
 
@@ -247,8 +248,6 @@ def load_quantized(
     files' names do not map one to one onto the model's parameters (a checkpoint transformers renames while
     loading, pickled weights, a head the files lack), it does exactly that instead, and says so through ``log``.
     """
-    from .models import load_model, resolve_model_dir
-
     check_method(method)
     bnb = require_bitsandbytes(method)
     compute = compute_dtype or dtype
