@@ -130,7 +130,7 @@ class Loop:
         self.step_rates.append(rate)
         lr = self.scheduler.get_last_lr()[0]
         record = {"kind": "train", "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                  "tokens": tokens, "seconds": round(seconds, 4), "tokens_per_second": round(rate, 1), **stats}  # fmt: skip
+                  "tokens": tokens, "seconds": round(seconds, 6), "tokens_per_second": round(rate, 1), **stats}  # fmt: skip
         if self.scaler is not None:
             record["loss_scale"] = self.scaler.get_scale()  # after this step's update
         self.metrics.write(record)
