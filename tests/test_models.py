@@ -11,11 +11,15 @@ import torch
 import lorakit
 from lorakit import models
 
+from .hub_cache import offline_hub  # noqa: F401 (a fixture)
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_bad_model_spec_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="is not a model: give a local Hugging Face model directory"):
+        models.resolve_model_dir(tmp_path / "missing")
+    with pytest.raises(ValueError, match="the directory has no config.json, so it is not a Hugging Face model"):
         models.resolve_model_dir(tmp_path)
     with pytest.raises(ValueError, match="no such GGUF file"):
         models.resolve_model_dir(tmp_path / "x.gguf")
@@ -75,12 +79,13 @@ def test_corrupt_cache_is_rebuilt(monkeypatch, tmp_path):
     assert model.config.vocab_size == 49152
 
 
-def test_the_hub_id_names_the_embedded_copy_and_no_other_hub_model(tmp_path, monkeypatch):
+def test_the_hub_id_names_the_embedded_copy_and_other_ids_go_to_the_hub_cache(tmp_path, monkeypatch, offline_hub):  # noqa: F811
     assert models.DEFAULT_MODEL_ID == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert models.is_embedded("default") and models.is_embedded(models.DEFAULT_MODEL_ID)
     assert not models.is_embedded("HuggingFaceTB/SmolLM2-360M-Instruct")
-    with pytest.raises(ValueError, match="other Hub ids are not resolved"):
-        models.resolve_model_dir("HuggingFaceTB/SmolLM2-360M-Instruct")
+    with pytest.raises(ValueError, match="SmolLM2-360M-Instruct is not in the Hugging Face cache") as err:
+        models.resolve_model_dir("HuggingFaceTB/SmolLM2-360M-Instruct")  # offline, and not in the (empty) cache
+    assert str(offline_hub) in str(err.value)
     monkeypatch.chdir(tmp_path)  # a local directory of that name is a local model
     local = tmp_path / models.DEFAULT_MODEL_ID
     local.mkdir(parents=True)

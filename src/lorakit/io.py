@@ -17,6 +17,7 @@ from safetensors.torch import save as safetensors_bytes
 from safetensors.torch import save_file
 from torch import nn
 
+from . import hub
 from .adapters import delete_adapter, set_active
 from .config import ALL_LINEAR, LoraConfig
 from .inject import add_adapter_layers, bias_parameters, check_new_name
@@ -120,7 +121,9 @@ def peft_config_dict(model: nn.Module, name: str, pissa_as_lora: bool = False) -
         "fan_in_fan_out": any(isinstance(model.get_submodule(p), LoraConv1D) for p in info.targets),
         "init_lora_weights": _INIT_TO_PEFT[c.init],
         "inference_mode": True,
-        "revision": None,
+        # the base's commit when it came from the Hugging Face cache (transformers records it): PEFT's
+        # AutoPeftModel and lorakit load that revision of the base again
+        "revision": getattr(getattr(model, "config", None), "_commit_hash", None),
     }
 
 
@@ -355,6 +358,22 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, to
         raise ValueError(f"{directory} has no {WEIGHTS_NAME}; the adapter is incomplete")
     config = config_from_peft_dict(_read_json(config_path), str(config_path))
     return config, read_safetensors(weights_path)
+
+
+def base_model_of(directory: str | os.PathLike) -> str | None:
+    """The base model an adapter directory records (``base_model_name_or_path``, with ``@revision`` for a Hub
+    id when one is recorded): a model spec ``load_model`` takes; None when the adapter records none."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        return None
+    data = _read_json(path)
+    base = data.get("base_model_name_or_path") if isinstance(data, dict) else None
+    if not isinstance(base, str) or not base:
+        return None
+    revision = data.get("revision")
+    if isinstance(revision, str) and revision and (named := hub.parse(base)) is not None and not named.revision:
+        return str(hub.HubModel(named.repo, revision, named.gguf_file))
+    return base
 
 
 def _read_json(path: Path) -> Any:

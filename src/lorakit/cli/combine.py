@@ -5,7 +5,8 @@
 Methods (definitions in lorakit.combine, the same as PEFT's add_weighted_adapter): cat (exact, rank = sum
 of the ranks), svd (exact sum truncated to --rank), linear, ties and dare_linear (entry-wise on A and B:
 equal targets and ranks needed; ties and dare need --density), ties_svd and dare_linear_svd. The adapters
-are loaded onto --model (default: the embedded model), which must be the base they were trained on.
+are loaded onto --model (default: the base the first adapter records, else the embedded model), which must be the
+base they were trained on.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+from .model_option import add_model_option, model_spec
 
 HELP = "combine adapters (cat, svd, linear, ties, dare_linear) into a new adapter"
 
@@ -28,7 +31,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--density", type=float, help="share of entries kept by ties and dare methods, in (0, 1]")
     parser.add_argument("--majority-sign", choices=("total", "frequency"), default="total", help="TIES sign vote")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the dare methods (default 0)")
-    parser.add_argument("--model", default="default", help="base model: HF directory, .gguf file or 'default'")
+    add_model_option(parser, from_adapter=True, what="base model (the adapters' shapes are checked against it)")
     parser.add_argument("--task", default="causal-lm", help="causal-lm (default), seq2seq or classification")
     parser.add_argument("--overwrite", action="store_true", help="replace the adapter files in --out")
 
@@ -51,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if (out / CONFIG_NAME).exists() and not args.overwrite:
         raise ValueError(f"--out {out} already holds an adapter; choose another directory or pass --overwrite")
     weights = parse_weights(args.adapters, args.weights)
-    model, _ = load_model(args.model, task=args.task, dtype=torch.float32)
+    model, _ = load_model(model_spec(args, args.adapters[0]), task=args.task, dtype=torch.float32)
     names = [f"input{i}" for i in range(len(sources))]
     for name, source in zip(names, sources, strict=True):
         lorakit.load_adapter(model, source, name=name)

@@ -11,15 +11,27 @@ import argparse
 import json
 import sys
 
+from .model_option import add_model_option, model_spec
 from .precision_option import add_precision_option
 
 HELP = "evaluate a model or adapter on a dataset"
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="default", help="HF directory, .gguf file or 'default'")
+    add_model_option(parser, from_adapter=True)
     parser.add_argument("--adapter", help="adapter directory; omit to evaluate the base model")
-    parser.add_argument("--data", required=True, help=".jsonl / .csv / .parquet file or saved dataset")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help=".jsonl / .csv / .parquet file, saved dataset, or Hugging Face Hub dataset id (org/name, "
+        "org/name:config, org/name[split]; without a split: validation, else test)",
+    )
+    parser.add_argument(
+        "--columns",
+        metavar="MAP",
+        help="rename the data's columns as data.columns does: 'alpaca' (instruction/input/output into prompt + "
+        "completion), or TARGET=COLUMN pairs separated by commas, e.g. prompt=question,completion=answer",
+    )
     parser.add_argument("--task", default="causal-lm", help="causal-lm (default), seq2seq or classification")
     parser.add_argument("--max-length", type=int, default=512, help="truncate rows to this many tokens")
     parser.add_argument("--max-rows", type=int, help="evaluate only the first N rows")
@@ -34,7 +46,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import lorakit
-    from lorakit.data import read_rows, tokenize_rows
+    from lorakit.data import EVAL_SPLITS, columns_problem, read_rows, tokenize_rows
     from lorakit.precision import decide
     from lorakit.train.evaluate import evaluate
     from lorakit.train.tasks import TASKS
@@ -42,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
     if args.show < 0:
         raise ValueError(f"--show must be >= 0, got {args.show}")
     precision = decide(args.precision, "cpu")  # refused before anything loads
+    columns = _columns(args.columns)
+    if columns_problem(columns):
+        raise ValueError(f"--columns {args.columns}: {columns_problem(columns)}")
+    args.model = model_spec(args, args.adapter)
     model, tokenizer = lorakit.load_model(args.model, task=args.task, dtype=precision.storage)
     task = TASKS[args.task]
     if tokenizer is None:
@@ -49,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if args.adapter:
         lorakit.load_adapter(model, args.adapter, adapter_dtype=precision.trained)
     print(precision.describe(), file=sys.stderr)
-    rows = read_rows(args.data)[: args.max_rows]
+    rows = read_rows(args.data, columns, splits=EVAL_SPLITS)[: args.max_rows]
     examples, _ = tokenize_rows(
         rows,
         tokenizer,
@@ -89,3 +105,16 @@ def prompt_tail(prompt: str, width: int = 100) -> str:
     """
     text = prompt.strip()
     return text if len(text) <= width else "…" + text[-(width - 1) :]
+
+
+def _columns(text: str | None) -> dict[str, str] | str | None:
+    """--columns as data.columns: a preset name, or {target: column} from TARGET=COLUMN[,TARGET=COLUMN...]."""
+    if not text or "=" not in text:
+        return text
+    pairs = [part.partition("=") for part in text.split(",") if part.strip()]
+    bad = [f"{t}{eq}{c}" for t, eq, c in pairs if not (t.strip() and eq and c.strip())]
+    if bad:
+        raise ValueError(
+            f"--columns {text}: {bad[0]!r} is not TARGET=COLUMN; e.g. --columns prompt=question,completion=answer"
+        )
+    return {t.strip(): c.strip() for t, _, c in pairs}

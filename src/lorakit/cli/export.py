@@ -25,6 +25,7 @@ import os
 import sys
 from pathlib import Path
 
+from .model_option import add_model_option, model_spec
 from .precision_option import add_precision_option
 
 # Kept here rather than imported so that `lorakit --help` does not import the export stack (gguf, numpy).
@@ -36,7 +37,7 @@ HELP = "export an adapter for llama.cpp / Ollama (GGUF, LoRA or merged) or vLLM,
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", required=True, help="adapter directory (PEFT or lorakit format)")
-    parser.add_argument("--model", default="default", help="base model: HF directory, .gguf file or 'default'")
+    add_model_option(parser, from_adapter=True)
     parser.add_argument("--format", dest="fmt", required=True, choices=FORMATS, help="what to write")
     parser.add_argument("--out", required=True, help="a .gguf file (gguf-lora, gguf) or a directory (ollama, vllm)")
     parser.add_argument(
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     result = export_adapter(
         args.adapter,
         args.out,
-        model=args.model,
+        model=model_spec(args, args.adapter),
         fmt=args.fmt,
         dtype=args.dtype,
         base_gguf=args.base_gguf,

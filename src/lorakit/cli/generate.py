@@ -8,13 +8,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .model_option import add_model_option, model_spec
 from .precision_option import add_precision_option
 
 HELP = "generate text (prompt or chat), base model or adapter"
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="default", help="HF directory, .gguf file or 'default'")
+    add_model_option(parser, from_adapter=True)
     parser.add_argument("--adapter", help="adapter directory; omit for the base model")
     text = parser.add_mutually_exclusive_group(required=True)
     text.add_argument("--prompt", help="raw text to continue")
@@ -37,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
         raise ValueError("use --temperature >= 0, 0 < --top-p <= 1 and --max-new-tokens >= 1")
     precision = decide(args.precision, "cpu")  # refused before anything loads
+    args.model = model_spec(args, args.adapter)
     model, tokenizer = lorakit.load_model(args.model, dtype=precision.storage)
     if tokenizer is None:
         raise ValueError(f"--model {args.model} has no tokenizer files")

@@ -13,13 +13,15 @@ import json
 import sys
 from pathlib import Path
 
+from .model_option import MODEL_HELP
+
 HELP = "per-layer statistics, heat map and comparison of adapters"
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("adapter", help="adapter directory (PEFT or lorakit format)")
     parser.add_argument("--compare", help="a second adapter directory: cosine similarity of the updates per layer")
-    parser.add_argument("--model", help="base model (HF directory, .gguf or 'default'): adds ||dW|| / ||W||")
+    parser.add_argument("--model", help=f"base model, adds ||dW|| / ||W||: {MODEL_HELP}")
     parser.add_argument("--task", default="causal-lm", help="with --model: causal-lm, seq2seq or classification")
     parser.add_argument("--top", type=int, default=4, help="k for the 'energy in the top k' column (default 4)")
     parser.add_argument("--png", help="heat map file (default: inspect-<adapter name>.png here)")

@@ -23,13 +23,14 @@ import torch
 from .._bnb import QUANT_METHODS
 from ..models import DTYPES
 from ..precision import Precision, decide
+from .model_option import add_model_option, model_spec
 from .precision_option import add_precision_option
 
 HELP = "merge an adapter into the base weights and export a plain model directory"
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="default", help="base model: HF directory, .gguf file or 'default'")
+    add_model_option(parser, from_adapter=True)
     parser.add_argument("--adapter", required=True, help="adapter directory (PEFT or lorakit format)")
     parser.add_argument("--out", required=True, help="output directory for the merged model")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the written weights")
@@ -52,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:
         raise ValueError(f"--out {out} already exists; choose another directory or pass --overwrite")
     precision = decide(args.precision, "cpu")  # refused before anything loads
+    args.model = model_spec(args, args.adapter)
     model, tokenizer = load_model(args.model, task=args.task, dtype=torch.float32)  # the merge's maths: float32
     if args.quantize:
         from lorakit.quant import dequantize, quantize

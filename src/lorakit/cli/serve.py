@@ -21,6 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .model_option import add_model_option
 from .precision_option import add_precision_option
 
 HELP = "serve the model and adapters over an OpenAI-compatible API"
@@ -29,7 +30,7 @@ DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16-mixed"}
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--model", default="default", help="base model: HF directory, .gguf file or 'default'")
+    add_model_option(parser)
     parser.add_argument(
         "--adapter",
         action="append",
@@ -81,8 +82,13 @@ def precision_name(args: argparse.Namespace) -> str:
 
 
 def base_model_name(spec: str) -> str:
+    """The base model's name in the API: a Hub model's id (as vLLM names it), else the file or directory name."""
+    from ..hub import parse
+
     if spec == "default":
         return "SmolLM2-135M-Instruct"
+    if (named := parse(spec)) is not None:
+        return named.repo
     path = Path(spec)
     return path.stem if path.suffix == ".gguf" else path.resolve().name
 

@@ -16,6 +16,8 @@ import os
 import sys
 from pathlib import Path
 
+from .model_option import add_model_option
+
 HELP = "local web dashboard: launch, watch and compare runs, chat with adapters"
 
 
@@ -23,7 +25,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--runs", default="runs", help="directory of run directories (default runs; created)")
     parser.add_argument("--data", help="data directory runs may read (default: RUNS/data; created)")
-    parser.add_argument("--model", default="default", help="base model for chat and new runs (default: embedded)")
+    add_model_option(parser, what="base model for chat and new runs")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument(

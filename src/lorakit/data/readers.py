@@ -1,33 +1,58 @@
-"""Reading training data: the rows of a JSONL, CSV or Parquet file or of a saved Hugging Face dataset, each with
-its location (``FILE:LINE``, ``FILE row N``) so that every error names where the problem is. A row longer than
-``MAX_ROW_BYTES`` is refused without the file being read whole."""
+"""Reading training data: the rows of a JSONL, CSV or Parquet file, of a saved Hugging Face dataset or of a
+dataset on the Hugging Face Hub (``hub``), each with its location (``FILE:LINE``, ``FILE row N``,
+``org/name:config[split] row N``) so that every error names where the problem is; then, where ``data.columns``
+says so, their columns renamed (``columns``). A row longer than ``MAX_ROW_BYTES`` is refused (in a JSONL or CSV
+file without the file being read whole)."""
 
 from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from .columns import map_columns
+from .hub import TRAIN_SPLITS, as_hub_dataset, load_hub_split
 
-def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
-    """(location, row) pairs from a data file or a saved Hugging Face dataset; errors name the location."""
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"data file {path} does not exist")
-    if path.is_dir():
-        rows = _read_saved_dataset(path)
-    elif path.suffix == ".jsonl":
-        rows = _read_jsonl(path)
-    elif path.suffix == ".csv":
-        rows = _read_csv(path)
-    elif path.suffix == ".parquet":
-        rows = _read_parquet(path)
+
+def read_rows(
+    source: str | Path,
+    columns: dict[str, str] | str | None = None,
+    *,
+    splits: tuple[str, ...] = TRAIN_SPLITS,
+    log: Callable[[str], None] | None = None,
+) -> list[tuple[str, dict[str, Any]]]:
+    """(location, row) pairs from a data file, a saved Hugging Face dataset or a Hub dataset id; errors name the
+    location. A path that exists wins; else ``source`` is read as a Hub id (``org/name:config[split]``, see
+    ``lorakit.data.hub``), unless it is written as a path (a data file suffix, ./ ../ / ~ in front): then it is a
+    missing file. ``splits``: the split of an id written without one (the first of these it has); ``columns``:
+    ``data.columns`` (see ``lorakit.data.columns``); ``log``: where the Hub reader says what it read (stderr)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        rows = _read_local(path)
+        name = str(path)
     else:
-        raise ValueError(f"{path}: unknown data format {path.suffix!r}; use .jsonl, .csv, .parquet or a saved dataset")
+        ref = as_hub_dataset(str(source))
+        if ref is None:
+            raise ValueError(f"data file {source} does not exist")
+        name, dataset = load_hub_split(ref, splits, log)
+        rows = _table_rows(name, dataset.to_list())
     if not rows:
-        raise ValueError(f"{path} holds no rows; a dataset needs at least one")
-    return rows
+        raise ValueError(f"{name} holds no rows; a dataset needs at least one")
+    return map_columns(rows, columns)
+
+
+def _read_local(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    if path.is_dir():
+        return _read_saved_dataset(path)
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path)
+    if path.suffix == ".csv":
+        return _read_csv(path)
+    if path.suffix == ".parquet":
+        return _read_parquet(path)
+    raise ValueError(f"{path}: unknown data format {path.suffix!r}; use .jsonl, .csv, .parquet or a saved dataset")
 
 
 MAX_ROW_BYTES = 16 << 20
@@ -89,7 +114,7 @@ def _read_parquet(path: Path) -> list[tuple[str, dict[str, Any]]]:
         table = pq.read_table(path)
     except Exception as err:  # pyarrow raises several error types for damaged files
         raise ValueError(f"{path}: not a readable Parquet file ({err})") from None
-    return [(f"{path} row {i}", row) for i, row in enumerate(table.to_pylist())]
+    return _table_rows(str(path), table.to_pylist())
 
 
 def _read_saved_dataset(path: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -101,4 +126,30 @@ def _read_saved_dataset(path: Path) -> list[tuple[str, dict[str, Any]]]:
         raise ValueError(f"{path}: not a dataset saved with Dataset.save_to_disk ({err})") from None
     if isinstance(loaded, datasets.DatasetDict):
         raise ValueError(f"{path} holds several splits ({', '.join(loaded)}); point at one, e.g. {path}/train")
-    return [(f"{path} row {i}", row) for i, row in enumerate(loaded)]
+    return _table_rows(str(path), loaded.to_list())
+
+
+def _table_rows(name: str, rows: Iterable[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """Rows of a table (Parquet, saved or Hub dataset) located as ``NAME row N``; one over ``MAX_ROW_BYTES`` is
+    refused (the table is in memory already, but a row that large would only be truncated by tokenizing)."""
+    located = []
+    for i, row in enumerate(rows):
+        where = f"{name} row {i}"
+        if _size(row) > MAX_ROW_BYTES:
+            raise _too_long(where)
+        located.append((where, row))
+    return located
+
+
+def _size(value: Any) -> int:
+    """About the bytes of a row's values (the UTF-8 length of its text; a string counts its characters where
+    even four bytes each could not reach the limit)."""
+    if isinstance(value, str):
+        return len(value) if 4 * len(value) <= MAX_ROW_BYTES else len(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, bytes | bytearray):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(len(str(k)) + _size(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return sum(_size(v) for v in value)
+    return 8

@@ -22,7 +22,7 @@ import torch
 from ..adapters import unload
 from ..data import Example, chat_prompt_ids, read_rows, tokenize_row
 from ..io import load_adapter
-from ..models import DEFAULT_MODEL, default_gguf, is_embedded, load_model, resolve_model_dir
+from ..models import DEFAULT_MODEL, gguf_source, load_model, resolve_model_dir
 from ..precision import Precision, decide
 from .files import check_target, place, staged_directory, staged_file
 from .gguf_lora import GgufLoraExport, gguf_lora_file
@@ -371,18 +371,22 @@ _NEEDS_BASE = {
 def _gguf_base(model: str, base_gguf: str | os.PathLike | None, needed_for: str | None) -> Path | None:
     """The base model's GGUF file; ``needed_for``: the format that needs one (an error names it), or None."""
     if base_gguf is not None:
-        path = Path(base_gguf)
-    elif is_embedded(model):
-        path = default_gguf()
-    elif Path(model).suffix == ".gguf":
-        path = Path(model)
+        path = gguf_source(base_gguf)
+        if path is None:
+            raise ValueError(
+                f"--base-gguf {base_gguf} names no GGUF file: give a local .gguf file or one in a Hugging Face repo "
+                "(org/name:file.gguf)"
+            )
+    elif (path := gguf_source(model)) is not None:
+        pass
     elif needed_for is None:
         return None
     else:
         way_out = ", or --no-parity" if needed_for == "gguf-lora" else ""
         raise ValueError(
-            f"{_NEEDS_BASE[needed_for]}, and --model {model} is a Hugging Face directory: pass --base-gguf FILE "
-            f"(the base converted with llama.cpp's convert_hf_to_gguf.py){way_out}"
+            f"{_NEEDS_BASE[needed_for]}, and --model {model} is a Hugging Face model: pass --base-gguf FILE (the "
+            f"base converted with llama.cpp's convert_hf_to_gguf.py, or a file in a Hub repo: org/name:file.gguf)"
+            f"{way_out}"
         )
     if not path.is_file():
         raise ValueError(f"--base-gguf {path} does not exist")

@@ -28,7 +28,7 @@ Precisions (``--precision``, comma-separated: every mode runs in each, all alter
 With several precisions the rows are named ``MODE PRECISION`` and compared with the same mode in fp32.
 ``--dtype float32`` / ``bfloat16`` (the former option) mean ``--precision fp32`` / ``bf16``.
 
-    lorakit bench [--rounds 2] [--steps 5] [--batch 8] [--seq 128] [--model DIR] [--markdown FILE]
+    lorakit bench [--rounds 2] [--steps 5] [--batch 8] [--seq 128] [--model ID|DIR] [--markdown FILE]
     lorakit bench --modes lorakit,peft --precision fp32,bf16-mixed,bf16
     lorakit bench --check-loss   # lorakit and PEFT losses over 20 steps agree (float32)
     (bench/train_speed.py runs this same program)
@@ -428,7 +428,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per mode and round, after one warm-up")
     parser.add_argument("--batch", type=int, default=8, help="sequences per batch")
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
-    parser.add_argument("--model", default="default", help="causal LM: HF directory, .gguf file or 'default'")
+    parser.add_argument(
+        "--model",
+        default="default",
+        help="causal LM: a Hugging Face Hub id (org/name[@revision]), a local model directory or .gguf file, or "
+        "'default' (the embedded SmolLM2-135M-Instruct)",
+    )
     parser.add_argument("--targets", default=",".join(TARGETS), help="comma-separated LoRA target module names")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(

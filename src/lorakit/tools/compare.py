@@ -200,14 +200,15 @@ def _latency(cfg: RunConfig, trained: nn.Module, name: str, precision: Precision
     """Median forward time of the trained model over a fresh base model's, same batch, same process, both in
     the run's ``precision`` (the base stored as training stored it, the forwards under its autocast)."""
     from .. import adapters
-    from ..data import read_rows, tokenize_rows
+    from ..data import EVAL_SPLITS, TRAIN_SPLITS, read_rows, tokenize_rows
     from ..models import load_model
     from ..train.evaluate import pad_id
 
     device = next(trained.parameters()).device
     base, tokenizer = load_model(cfg.model, dtype=precision.storage)
     base.to(device)
-    rows = read_rows(cfg.data.eval or cfg.data.train)[:8]
+    source, splits = (cfg.data.eval, EVAL_SPLITS) if cfg.data.eval else (cfg.data.train, TRAIN_SPLITS)
+    rows = read_rows(source, cfg.data.columns, splits=splits, log=lambda message: None)[:8]  # read before: quiet
     batch = _collated(tokenize_rows(rows, tokenizer, cfg.data.max_length, True)[0], pad_id(tokenizer), device)
     repeats = cfg.compare.latency_repeats
     base_time = _time_forward(base, batch, repeats, precision)
@@ -249,6 +250,10 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def _loss(x: float | None) -> str:
+    return "n/a (no eval rows)" if x is None else f"{x:.4f}"
+
+
 def _size(n: int | None) -> str:
     if n is None:
         return "n/a"
@@ -272,7 +277,7 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
             latency += f" ({r['latency_merged_vs_base']:.2f}x merged)"
         lines.append(
             f"| {label} | {r['trainable_params']:,} ({r['trainable_percent']:.2f} %) | {r['peak_memory_mb']:,.0f} MB "
-            f"| {r['median_step_seconds']:.2f} s | {r['tokens_per_second']:.0f} | {r['eval_loss']:.4f} "
+            f"| {r['median_step_seconds']:.2f} s | {r['tokens_per_second']:.0f} | {_loss(r['eval_loss'])} "
             f"| {_pct(r['exact_match'])} | {_size(r['artifact_bytes'])} | {latency} "
             f"| {'yes' if r['base_weights_changed'] else 'no'} |"
         )

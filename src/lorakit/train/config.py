@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from ..data import as_hub_dataset
 from .schema import (
     CHOICES,
     DPO_LOSSES,
@@ -71,7 +72,12 @@ PATH_KEYS = ("data.train", "data.eval", "dpo.reference_adapter")
 """Keys holding paths the run reads. A relative one is read against the config file's directory when written in
 the file, against the working directory when given with --set; either way it is stored absolute, so the
 config.yaml a run writes works from any directory. ``model`` follows the rule only where such a path exists
-(it may also be ``default`` or a Hub id); ``output_dir`` stays relative to the working directory."""
+(it may also be ``default`` or a Hub id), and so do ``HUB_DATA_KEYS`` where the value reads as a Hub dataset id
+(``org/name:config[split]``; a value written as a path, with a data file suffix or ./ ../ / ~ in front, is a
+path, even a missing one); ``output_dir`` stays relative to the working directory."""
+
+HUB_DATA_KEYS = ("data.train", "data.eval")
+"""Path keys that may also name a Hugging Face Hub dataset (``lorakit.data.hub``)."""
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
@@ -104,7 +110,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 def resolve_paths(data: dict[str, Any], base: Path, under: str = "") -> None:
     """Make the relative paths of ``data`` absolute against ``base``, in place: the ``PATH_KEYS`` (and ``model``
-    where ``base / model`` exists) at or below the dotted key ``under`` ("": all). Other values are left alone."""
+    where ``base / model`` exists) at or below the dotted key ``under`` ("": all). A Hub id (``model``, or
+    ``HUB_DATA_KEYS`` that read as a dataset id) stays as written unless ``base`` holds a path of that name.
+    Other values are left alone."""
     for key in (*PATH_KEYS, "model"):
         if under and key != under and not key.startswith(under + "."):
             continue
@@ -115,8 +123,11 @@ def resolve_paths(data: dict[str, Any], base: Path, under: str = "") -> None:
         value = node.get(name) if isinstance(node, dict) else None
         if not isinstance(value, str) or not value.strip():
             continue
-        if key == "model" and (value == "default" or not (base / Path(value).expanduser()).exists()):
+        exists = (base / Path(value).expanduser()).exists()
+        if key == "model" and (value == "default" or not exists):
             continue  # the embedded model, a Hub id, or a path relative to the working directory
+        if key in HUB_DATA_KEYS and not exists and as_hub_dataset(value) is not None:
+            continue  # a Hugging Face Hub dataset id (org/name:config[split]), or a path of the working directory
         node[name] = absolute_path(value, base)
 
 
@@ -264,9 +275,33 @@ ALIASES: dict[str, tuple[str, str]] = {
     "load_in_8bit": ("lorakit writes it `quantize: int8`", "transformers' load_in_8bit"),
     "model_name_or_path": ("model", "transformers' model_name_or_path"),
     "base_model": ("model", "axolotl's base_model"),
-    "dataset": ("data.train", "a local .jsonl, .csv, .parquet file or saved dataset"),
-    "dataset_name": ("data.train", "TRL's dataset_name; lorakit reads local files, not Hub datasets"),
-    "datasets": ("data.train", "axolotl's datasets"),
+    "dataset": ("data.train", "a local .jsonl, .csv, .parquet file, saved dataset or Hub dataset id org/name"),
+    "dataset_name": (
+        "data.train",
+        "TRL's dataset_name; a Hub dataset id goes there as org/name, org/name:config or org/name:config[split]",
+    ),
+    "dataset_config": (
+        "lorakit writes the Hub dataset's config after its id: `data.train: org/name:config`",
+        "TRL's dataset_config",
+    ),
+    "dataset_config_name": (
+        "lorakit writes the Hub dataset's config after its id: `data.train: org/name:config`",
+        "transformers' dataset_config_name",
+    ),
+    "dataset_train_split": (
+        "lorakit writes the split after the Hub id: `data.train: org/name[split]` (default train)",
+        "TRL's dataset_train_split",
+    ),
+    "dataset_test_split": (
+        "lorakit writes the evaluation split after the Hub id: `data.eval: org/name[split]` (default validation, "
+        "else test)",
+        "TRL's dataset_test_split",
+    ),
+    "dataset_text_field": (
+        "lorakit reads the column `text`; to read another, write `data.columns: {text: FIELD}`",
+        "TRL's dataset_text_field",
+    ),
+    "datasets": ("data.train", "axolotl's datasets; its `type: alpaca` is lorakit's `data.columns: alpaca`"),
     "train_file": ("data.train", "transformers' train_file"),
     "validation_file": ("data.eval", "transformers' validation_file"),
 }

@@ -11,7 +11,7 @@ from typing import Any
 
 from .._bnb import QUANT_METHODS
 from ..config import BIAS_MODES, INIT_METHODS, LoraConfig
-from ..data import PACKING_STRATEGIES
+from ..data import PACKING_STRATEGIES, columns_problem
 from ..models import TASK_NAMES
 from ..precision import PRECISIONS
 from .distributed import DEVICE_PATTERN
@@ -33,13 +33,32 @@ CHOICES = {  # keys whose value is one of a fixed set (the dashboard's form show
 @dataclass
 class DataConfig:
     train: str = ""
-    """Training data: a .jsonl, .csv or .parquet file, or a directory saved by Hugging Face `datasets`.
-    Rows hold `text`, or `prompt` + `completion`, or chat `messages` (a list of {role, content}). A relative
-    path in a config file is relative to that file's directory (given with --set: to the working directory)."""
+    """Training data: a .jsonl, .csv or .parquet file, a directory saved by Hugging Face `datasets`, or a dataset
+    of the Hugging Face Hub: org/name, org/name:config, org/name[split], org/name:config[split] (a bare name too;
+    @revision after the name picks a branch, tag or commit; the split defaults to train). A path that exists always
+    wins; a value ending in .jsonl, .json, .csv, .parquet or starting with ./ ../ / ~ is always a path. Hub datasets
+    load with `datasets.load_dataset` through the usual caches (HF_HOME, HF_HUB_CACHE, HF_DATASETS_CACHE): a missing
+    one downloads, a cached one (from `hf download ID --repo-type dataset` or an earlier run) also loads with
+    HF_HUB_OFFLINE=1; a gated or private one needs HF_TOKEN or `hf auth login`. Rows hold `text`, or `prompt` +
+    `completion`, or chat `messages` (a list of {role, content}); other column names: see columns. A relative path
+    in a config file is relative to that file's directory (given with --set: to the working directory)."""
 
     eval: str | None = None
-    """Evaluation data in the same formats (a relative path: as for train). If unset, `eval_fraction` of the
+    """Evaluation data in the same forms (a relative path: as for train); a Hub id without [split] takes the
+    dataset's validation split, else its test split (the log says which). If unset, `eval_fraction` of the
     training rows is held out."""
+
+    columns: dict[str, str] | str | None = None
+    """Rename the data's columns to those lorakit reads, for train and eval, local files and Hub datasets alike:
+    a mapping {target: column of the data}, targets text, prompt, completion, messages, chosen, rejected, label
+    (e.g. {prompt: question, completion: answer}; the row's other columns stay; on the command line --set
+    data.columns.prompt=question). Or `alpaca`: rows of instruction, input (optional) and output become prompt +
+    completion, the completion the output and the prompt the Alpaca template: "Below is an instruction that
+    describes a task, paired with an input that provides further context. Write a response that appropriately
+    completes the request.\\n\\n### Instruction:\\n{instruction}\\n\\n### Input:\\n{input}\\n\\n### Response:\\n", or
+    with an empty or missing input "Below is an instruction that describes a task. Write a response that
+    appropriately completes the request.\\n\\n### Instruction:\\n{instruction}\\n\\n### Response:\\n". Unset: the
+    columns as they are."""
 
     eval_fraction: float = 0.0
     """Share of the training rows held out for evaluation when `eval` is unset (0 = no evaluation)."""
@@ -219,8 +238,10 @@ class CompareConfig:
 @dataclass
 class RunConfig:
     model: str = "default"
-    """Base model: a local Hugging Face directory, a .gguf file, or `default` (embedded SmolLM2-135M-Instruct).
-    A relative path that exists beside the config file is read from there, else from the working directory."""
+    """Base model: a Hugging Face Hub id (`org/name`, `org/name@revision`, `org/name:file.gguf`; read from the
+    Hugging Face cache, downloaded when missing and online), a local Hugging Face directory, a .gguf file, or
+    `default` (the embedded SmolLM2-135M-Instruct, no network needed). A relative path that exists beside the config
+    file is read from there, else from the working directory."""
 
     objective: str = "sft"
     """sft (supervised fine-tuning on the rows' completions); dpo (preference tuning against a frozen reference)
@@ -307,6 +328,7 @@ def check_run(c: RunConfig) -> None:
         ),
         (0 <= c.data.eval_fraction < 1, f"data.eval_fraction={c.data.eval_fraction}: use 0 <= value < 1"),
         (c.data.max_length >= 8, f"data.max_length={c.data.max_length}: use at least 8"),
+        (columns_problem(c.data.columns) is None, str(columns_problem(c.data.columns))),
         (
             c.data.packing_strategy in PACKING_STRATEGIES,
             f"data.packing_strategy={c.data.packing_strategy!r}: use one of {list(PACKING_STRATEGIES)}",

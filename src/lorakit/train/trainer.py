@@ -255,7 +255,7 @@ def setup_data(
     cfg: RunConfig, *, tokenizer, model: nn.Module, ctx: dist.Context, log
 ) -> tuple[list[Example], list[Example], dict[str, DataStats]]:
     """Training and held-out rows, tokenized; the batch size checked against the processes."""
-    train_rows, eval_rows, stats = prepare_data(cfg, tokenizer, model.config)
+    train_rows, eval_rows, stats = prepare_data(cfg, tokenizer, model.config, log=log)
     for name, s in stats.items():
         log(s.describe(name))
     if cfg.data.packing:

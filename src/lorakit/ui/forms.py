@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from .. import hub
+from ..data import as_hub_dataset
 from ..train.config import (
     CHOICES,
     RunConfig,
@@ -161,11 +163,16 @@ def check_paths(config: RunConfig, ws: Workspace, model: str) -> dict[str, str]:
     (or a model directory inside the runs directory), no tracking store elsewhere."""
     errors = {}
     if not config.data.train:
-        errors["data.train"] = "choose the training data: a file or saved dataset in the data directory"
+        errors["data.train"] = (
+            "choose the training data: a file or saved dataset in the data directory, or a Hugging Face Hub dataset "
+            "id (org/name, org/name:config[split])"
+        )
     for key, value in (("data.train", config.data.train), ("data.eval", config.data.eval),
                        ("dpo.reference_adapter", config.dpo.reference_adapter)):  # fmt: skip
         if not value or key in errors:
             continue
+        if key.startswith("data.") and _hub_dataset(ws, value):
+            continue  # the run loads it through the Hugging Face caches
         try:
             path = ws.data_path(value, key)
         except PathRefused as err:
@@ -173,14 +180,14 @@ def check_paths(config: RunConfig, ws: Workspace, model: str) -> dict[str, str]:
             continue
         if not path.exists():
             errors[key] = f"{key} {value!r} does not exist in {ws.root}"
-    if config.model not in ("default", model):
+    if config.model not in ("default", model) and not _hub_id(ws, config.model):
         try:
             if not ws.data_path(config.model, "model").is_dir():
-                errors["model"] = f"model {config.model!r} is not a model directory"
+                errors["model"] = f"model {config.model!r} is not a model directory nor a Hugging Face Hub id"
         except PathRefused:
             errors["model"] = (
-                f"model {config.model!r}: the dashboard trains on its own model ({model}) or a model directory "
-                f"inside {ws.root}"
+                f"model {config.model!r}: the dashboard trains on its own model ({model}), a Hugging Face Hub id "
+                f"(org/name) or a model directory inside {ws.root}"
             )
     uri = config.train.tracking_uri
     if uri and not re.match(r"^https?://", uri):
@@ -189,6 +196,18 @@ def check_paths(config: RunConfig, ws: Workspace, model: str) -> dict[str, str]:
             "for the run's own store"
         )
     return errors
+
+
+def _hub_dataset(ws: Workspace, value: str) -> bool:
+    """Whether ``value`` names a Hugging Face Hub dataset (org/name:config[split]) rather than a path in the
+    workspace."""
+    return not (ws.root / value).exists() and as_hub_dataset(value) is not None
+
+
+def _hub_id(ws: Workspace, value: str) -> bool:
+    """Whether ``value`` names a Hugging Face Hub model (org/name[@rev][:file.gguf]) rather than a path in the
+    workspace: the run resolves it through the Hugging Face cache."""
+    return not (ws.root / value).exists() and hub.parse(value) is not None
 
 
 def keys_named(message: str) -> list[str]:
