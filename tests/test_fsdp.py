@@ -168,6 +168,7 @@ def _records(directory) -> list[dict]:
     return [json.loads(line) for line in (Path(directory) / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
 @pytest.mark.parametrize(("precision", "computed"), [("bf16-mixed", torch.bfloat16), ("fp32", torch.float32)])
 def test_fsdp_on_gpu_follows_the_precision_and_keeps_float32_adapters(monkeypatch, precision, computed):

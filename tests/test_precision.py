@@ -294,6 +294,7 @@ def test_checkpoints_carry_each_gpus_random_state_where_cuda_is_used(monkeypatch
 
 
 # ----- on a GPU -----------------------------------------------------------------------------------------------
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
 @pytest.mark.parametrize("name", ["auto", "fp16-mixed"])
 def test_on_a_gpu_auto_and_fp16_mixed_train_float32_adapters(run_config, name):
