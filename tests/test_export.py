@@ -322,6 +322,8 @@ def test_merged_gguf_refuses_another_base_and_bad_options(tmp_path, capsys):
     assert "--dtype 'q8_0' is not available for --format gguf-lora; use one of f32, f16" in capsys.readouterr().err
     assert main([*base, "--format", "gguf", "--merged"]) == 2
     assert "--merged applies to --format ollama" in capsys.readouterr().err
+    assert main([*base, "--format", "gguf", "--ollama-layout", "adapter"]) == 2
+    assert "--ollama-layout applies to --format ollama, not gguf" in capsys.readouterr().err
     assert main([*base, "--format", "vllm", "--dtype", "f16"]) == 2
     assert "--dtype does not apply to --format vllm" in capsys.readouterr().err
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(("m.gguf", ".m.gguf"))]
@@ -352,33 +354,69 @@ def _modelfile(path) -> list[tuple[str, str]]:
     return pairs
 
 
-def test_ollama_directory_holds_base_adapter_and_modelfile(default_adapter, tmp_path, capsys):
-    from lorakit.models import default_gguf
-
-    out = tmp_path / "dates-model"
-    args = ["export", "--adapter", str(default_adapter), "--format", "ollama", "--out", str(out), "--no-parity"]
-    assert main(args) == 0
-    assert f"ollama create dates-model -f {out / 'Modelfile'} && ollama run dates-model" in capsys.readouterr().err
-    pairs = _modelfile(out / "Modelfile")
-    by_name = {}
-    for instruction, argument in pairs:
+def _by_instruction(path) -> dict[str, list[str]]:
+    by_name: dict[str, list[str]] = {}
+    for instruction, argument in _modelfile(path):
         by_name.setdefault(instruction, []).append(argument)
-    assert by_name["FROM"] == [f"./{default_gguf().name}"] and by_name["ADAPTER"] == ["./adapter.gguf"]
-    assert (out / default_gguf().name).read_bytes()[:4] == b"GGUF"
-    assert _read(out / "adapter.gguf")[0]["general.type"] == "adapter"
+    return by_name
+
+
+def _assert_smollm_chat(by_name) -> None:
+    """The Modelfile's TEMPLATE, SYSTEM and stops for the embedded SmolLM2 (ChatML)."""
     template = by_name["TEMPLATE"][0]
     assert "{{- range .Messages }}<|im_start|>{{ .Role }}" in template and template.endswith("<|im_start|>assistant\n")
     # SmolLM2's chat template adds this system message to chats without one; Ollama gets it as SYSTEM
     assert by_name["SYSTEM"] == ["You are a helpful AI assistant named SmolLM, trained by Hugging Face"]
     assert by_name["PARAMETER"] == ['stop "<|im_start|>"', 'stop "<|im_end|>"']
+
+
+def test_ollama_directory_is_the_merged_model_by_default(default_adapter, tmp_path, capsys):
+    """Ollama 0.34.1 and later reject ADAPTER at `ollama create` (ollama PR 14969): the default layout is one
+    merged GGUF under FROM, with no ADAPTER line and no caveat."""
+    out = tmp_path / "dates-model"
+    args = ["export", "--adapter", str(default_adapter), "--format", "ollama", "--dtype", "q8_0", "--no-parity"]
+    assert main([*args, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"ollama create dates-model -f {out / 'Modelfile'} && ollama run dates-model" in err
+    assert "ADAPTER" not in err and "0.34.1" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "model.gguf"]
+    by_name = _by_instruction(out / "Modelfile")
+    assert by_name["FROM"] == ["./model.gguf"] and "ADAPTER" not in by_name
+    assert "ADAPTER" not in (out / "Modelfile").read_text()
+    fields, _ = _read(out / "model.gguf")
+    assert fields["general.type"] == "model" and fields["tokenizer.chat_template"]
+    _assert_smollm_chat(by_name)
     (out / "Modelfile").write_text("keep me")
-    assert main(args) == 2 and "already exists; pass --overwrite" in capsys.readouterr().err
+    assert main([*args, "--out", str(out)]) == 2 and "already exists; pass --overwrite" in capsys.readouterr().err
     assert (out / "Modelfile").read_text() == "keep me"
-    merged = tmp_path / "merged"
-    assert main([*args[:-3], "--out", str(merged), "--merged", "--dtype", "q8_0", "--no-parity"]) == 0
-    assert sorted(p.name for p in merged.iterdir()) == ["Modelfile", "model.gguf"]
-    assert ("FROM", "./model.gguf") in _modelfile(merged / "Modelfile")
-    assert "ADAPTER" not in dict(_modelfile(merged / "Modelfile"))
+    old = tmp_path / "old-flag"  # --merged, the old way to ask for it, still works and writes the same
+    assert main([*args, "--out", str(old), "--merged"]) == 0
+    assert _snapshot(old) == {**_snapshot(out), "Modelfile": (old / "Modelfile").read_bytes()}
+    assert _by_instruction(old / "Modelfile") == by_name
+    assert main([*args, "--out", str(tmp_path / "x"), "--merged", "--ollama-layout", "adapter"]) == 2
+    assert "--merged and --ollama-layout adapter contradict" in _one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "x").exists()
+
+
+def test_ollama_adapter_layout_is_an_explicit_choice_with_the_version_caveat(default_adapter, tmp_path, capsys):
+    from lorakit.models import default_gguf
+
+    out = tmp_path / "dates-model"
+    args = ["export", "--adapter", str(default_adapter), "--format", "ollama", "--out", str(out), "--no-parity"]
+    assert main([*args, "--ollama-layout", "adapter"]) == 0
+    err = capsys.readouterr().err
+    caveat = [line for line in err.splitlines() if "0.34.1" in line]
+    assert caveat == [
+        "lorakit export: note: Ollama 0.34.1 and later reject ADAPTER in a Modelfile at `ollama create` (ollama PR "
+        "14969); for those versions use the default merged layout (--ollama-layout merged)"
+    ], err
+    assert f"ollama create dates-model -f {out / 'Modelfile'}" in err
+    by_name = _by_instruction(out / "Modelfile")
+    assert by_name["FROM"] == [f"./{default_gguf().name}"] and by_name["ADAPTER"] == ["./adapter.gguf"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["Modelfile", default_gguf().name, "adapter.gguf"])
+    assert (out / default_gguf().name).read_bytes()[:4] == b"GGUF"
+    assert _read(out / "adapter.gguf")[0]["general.type"] == "adapter"
+    _assert_smollm_chat(by_name)
 
 
 def test_ollama_template_families_and_default_system(tmp_path):
@@ -436,11 +474,13 @@ def test_merged_gguf_answers_alike_in_llama_cpp_and_transformers_and_chats_stop(
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_ollama_directory_runs_in_llama_cpp_like_lorakit(default_adapter, tmp_path):
+@pytest.mark.parametrize("layout", ["adapter", "merged"])
+def test_ollama_directory_runs_in_llama_cpp_like_lorakit(default_adapter, tmp_path, layout):
     pytest.importorskip("llama_cpp")
     from lorakit.export import export_adapter
 
-    result = export_adapter(default_adapter, tmp_path / "o", fmt="ollama")
+    result = export_adapter(default_adapter, tmp_path / "o", fmt="ollama", ollama_layout=layout, max_prompts=3)
+    assert result.unchecked is None and (result.artifact.adapter_file is None) == (layout == "merged")
     assert result.parity.agreement >= 0.9 and result.parity.max_logit_diff < 3.0, result.parity
 
 
@@ -449,18 +489,20 @@ def test_the_cli_offers_exactly_the_formats_and_types_the_writers_take():
     from lorakit.cli import export as cli
     from lorakit.export import FORMATS
     from lorakit.export.gguf_model import TYPES
+    from lorakit.export.ollama import LAYOUTS
 
-    assert cli.FORMATS == FORMATS and set(cli.DTYPES) == set(TYPES)
+    assert cli.FORMATS == FORMATS and set(cli.DTYPES) == set(TYPES) and cli.OLLAMA_LAYOUTS == LAYOUTS
 
 
 # ----- all or nothing: a failed export leaves nothing at --out (issue 34) ---------------------------------------
 def _failed_export_args(tiny_lm_dir, tmp_path, fmt: str) -> tuple[list[str], object]:
     """CLI arguments exporting a tiny LLaMA adapter as ``fmt`` (no --out), and the --out to use: a file for
     gguf-lora and gguf, a directory for ollama and vllm. The GGUF base is a tiny real one for a merged export
-    (its tensors must match), any file otherwise (nothing reads it before the checks)."""
+    (gguf, and ollama's default layout: its tensors must match), any file otherwise (nothing reads it before
+    the checks)."""
     _tiny_adapter(tiny_lm_dir, tmp_path / "a")
     base = tmp_path / "base.gguf"
-    if fmt == "gguf":
+    if fmt in ("gguf", "ollama"):
         _tiny_base_gguf(tiny_lm_dir, base)
     else:
         base.write_bytes(b"GGUF not a real base")
@@ -504,21 +546,91 @@ def _one_error_line(err: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("fmt", ["gguf-lora", "gguf", "ollama"])
-def test_a_check_that_cannot_run_stops_the_export_before_anything_is_written(
+NOT_CHECKED = (
+    "lorakit export: parity not checked: llama-cpp-python is not installed (pip install llama-cpp-python, or "
+    'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install llama-cpp-python on CPUs where the native build crashes); '
+    "--require-parity makes this an error"
+)
+
+
+def _assert_loadable(out, fmt: str) -> None:
+    """The export at ``out`` is complete: its GGUF file(s) read with the gguf package (a vLLM directory with
+    lorakit's adapter reader)."""
+    if fmt == "vllm":
+        from lorakit.io import read_adapter
+
+        assert read_adapter(out)[1]
+        return
+    files = {"gguf-lora": [out], "gguf": [out], "ollama": [out / "model.gguf"]}[fmt]
+    for file in files:
+        fields, tensors = _read(file)
+        assert fields["general.type"] == ("adapter" if fmt == "gguf-lora" else "model") and tensors
+    if fmt == "ollama":
+        assert "ADAPTER" not in (out / "Modelfile").read_text()
+
+
+@pytest.mark.parametrize("fmt", ["gguf-lora", "gguf", "ollama", "vllm"])
+def test_without_the_checks_runtime_the_export_is_written_unchecked_and_says_so(
     tiny_lm_dir, tmp_path, capsys, monkeypatch, fmt
 ):
-    """Without llama-cpp-python the check cannot run: one line says so before a file exists, and the advised
-    rerun with --no-parity then succeeds without --overwrite."""
+    """llama-cpp-python (PEFT for vllm) missing: the export is written exactly as --no-parity writes it, one line
+    says parity was not checked and how to get it, the report records "not checked", and the command exits 0."""
+    import json
+
     args, out = _failed_export_args(tiny_lm_dir, tmp_path, fmt)
+    module = "peft" if fmt == "vllm" else "llama_cpp"
     with monkeypatch.context() as patch:
-        patch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` raises ImportError
-        assert main([*args, "--out", str(out)]) == 2
-    line = _one_error_line(capsys.readouterr().err)
-    assert "llama-cpp-python" in line and "pip install llama-cpp-python" in line and "--no-parity" in line
-    assert not out.exists() and not _leftovers(tmp_path)
-    assert main([*args, "--out", str(out), "--no-parity"]) == 0
+        patch.setitem(sys.modules, module, None)  # `import llama_cpp` raises ModuleNotFoundError
+        assert main([*args, "--out", str(out), "--report", str(tmp_path / "r.json")]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "parity not checked" in line]
+    expected = NOT_CHECKED
+    if fmt == "vllm":
+        expected = (
+            "lorakit export: parity not checked: peft is not installed (pip install peft); --require-parity makes "
+            "this an error"
+        )
+    assert lines == [expected], err
+    assert "lorakit export: error" not in err and "Traceback" not in err and "precision:" not in err
     assert out.exists() and not _leftovers(tmp_path)
+    _assert_loadable(out, fmt)
+    reason = expected.removeprefix("lorakit export: parity not checked: ").split("; --require-parity")[0]
+    assert json.loads((tmp_path / "r.json").read_text()) == {"parity": "not checked", "reason": reason}
+    unchecked = tmp_path / ("plain.gguf" if out.suffix else "plain")
+    assert main([*args, "--out", str(unchecked), "--no-parity"]) == 0
+    assert "parity not checked" not in capsys.readouterr().err  # asked for: nothing to warn about
+    assert _snapshot(out) == _snapshot(unchecked)  # the same bytes as an export written without the check
+
+
+@pytest.mark.parametrize("fmt", ["gguf-lora", "gguf", "ollama", "vllm"])
+def test_require_parity_without_the_checks_runtime_stops_before_anything_is_written(
+    tiny_lm_dir, tmp_path, capsys, monkeypatch, fmt
+):
+    """--require-parity keeps the strictness of old: one error line, exit 2, nothing written, an existing --out
+    untouched; --min-agreement (which needs the figure) does the same."""
+    args, out = _failed_export_args(tiny_lm_dir, tmp_path, fmt)
+    package = "peft" if fmt == "vllm" else "llama-cpp-python"
+    monkeypatch.setitem(sys.modules, "peft" if fmt == "vllm" else "llama_cpp", None)
+    assert main([*args, "--out", str(out), "--require-parity"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"lorakit export: error: --require-parity: the parity check cannot run: {package} is not")
+    assert f"pip install {package}" in line and line.endswith("nothing was written")
+    assert not out.exists() and not _leftovers(tmp_path)
+    assert main([*args, "--out", str(out), "--min-agreement", "0.9"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"--min-agreement needs the parity check, which cannot run: {package} is not installed" in line
+    assert not out.exists() and not _leftovers(tmp_path)
+    if out.suffix:  # an existing --out, with --overwrite: left exactly as it was
+        out.write_bytes(b"GGUF previous export")
+    else:
+        out.mkdir()
+        (out / "Modelfile").write_text("FROM ./previous.gguf\n")
+    before = _snapshot(out)
+    assert main([*args, "--out", str(out), "--overwrite", "--require-parity"]) == 2
+    assert "--require-parity" in _one_error_line(capsys.readouterr().err)
+    assert _snapshot(out) == before and not _leftovers(tmp_path)
+    assert main([*args, "--out", str(out), "--require-parity", "--no-parity"]) == 2
+    assert "contradict" in _one_error_line(capsys.readouterr().err)
 
 
 def test_a_merged_gguf_check_needs_transformers_gguf_loader_before_writing(tiny_lm_dir, tmp_path, capsys, monkeypatch):
@@ -580,11 +692,6 @@ def test_a_failing_vllm_check_leaves_nothing_and_a_passing_one_names_out(tiny_lm
     import peft
 
     args, out = _failed_export_args(tiny_lm_dir, tmp_path, "vllm")
-    with monkeypatch.context() as patch:
-        patch.setitem(sys.modules, "peft", None)  # PEFT missing: decided before writing
-        assert main([*args, "--out", str(out)]) == 2
-    assert "pip install peft, or pass --no-parity" in _one_error_line(capsys.readouterr().err)
-    assert not out.exists() and not _leftovers(tmp_path)
 
     def broken(*_, **__):
         raise RuntimeError("Error(s) in loading state_dict for LoraModel")
@@ -647,7 +754,8 @@ def test_parity_is_fp32_by_default_and_names_another_precision(tiny_lm_dir, tmp_
         extra = [] if precision == "fp32" else ["--precision", precision]
         report = tmp_path / f"{precision}.json"
         assert main([*args, "--out", str(tmp_path / precision), "--report", str(report), *extra]) == 0
-        assert f"precision: {precision}\n" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert f"precision: {precision}\n" in err and "parity not checked" not in err
         reports[precision] = json.loads(report.read_text())["peft"]
     assert reports["fp32"]["reference"] == "lorakit" and reports["fp32"]["max_logit_diff"] < 1e-4
     mixed = reports["bf16-mixed"]

@@ -1,13 +1,15 @@
 """Exporting adapters to the runtimes people deploy on, each export checked by that runtime (``lorakit export``).
 
-Formats: ``gguf-lora`` (``gguf_lora``): a llama.cpp / Ollama LoRA adapter over the original GGUF base;
-``gguf`` (``gguf_model``): the adapter merged into the base, one standalone GGUF with the base's tokenizer,
-chat template and end-of-turn token; ``ollama`` (``ollama``): a directory with the GGUF file(s) and a
-Modelfile; ``vllm`` (``vllm``): an adapter directory within vLLM's LoRA constraints. Every export is followed
-by parity reports (``parity``): the artifact run by implementations other than lorakit's (llama.cpp, and
-transformers' GGUF loader for merged files; PEFT for the vLLM directory, read as vLLM reads it) against
-lorakit's own adapted model on the same prompts. lorakit's side computes in float32 by default (``precision``
-fp32), the exact reference the artifact's rounding is measured against.
+Formats: ``gguf-lora`` (``gguf_lora``): a llama.cpp / Ollama LoRA adapter over the original GGUF base; ``gguf``
+(``gguf_model``): the adapter merged into the base, one standalone GGUF with the base's tokenizer, chat template
+and end-of-turn token; ``ollama`` (``ollama``): a directory with a Modelfile and the merged GGUF (or, as an
+explicit choice, the base GGUF and the LoRA GGUF under ``ADAPTER``); ``vllm`` (``vllm``): an adapter directory
+within vLLM's LoRA constraints. Every export is followed by parity reports (``parity``): the artifact run by
+implementations other than lorakit's (llama.cpp, and transformers' GGUF loader for merged files; PEFT for the vLLM
+directory, read as vLLM reads it) against lorakit's own adapted model on the same prompts. lorakit's side computes
+in float32 by default (``precision`` fp32), the exact reference the artifact's rounding is measured against. Where
+the checks' runtime is not installed (llama-cpp-python, PEFT), the artifact is written all the same and the result
+says it is unchecked, unless the check is required (``require_parity``).
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ from ..precision import Precision, decide
 from .files import check_target, place, staged_directory, staged_file
 from .gguf_lora import GgufLoraExport, gguf_lora_file
 from .gguf_model import TYPES, GgufModelExport, export_gguf_model
-from .ollama import MODELFILE, OllamaExport, modelfile
+from .ollama import LAYOUTS, MODELFILE, OllamaExport, modelfile
 from .parity import (
     ParityReport,
     llama_cpp_parity,
+    missing_runtime,
     model_parity,
     require_llama_cpp,
     require_peft,
@@ -67,6 +70,7 @@ class ExportResult:
     artifact: GgufLoraExport | GgufModelExport | OllamaExport | VllmExport
     checks: dict[str, ParityReport] = field(default_factory=dict)  # the first is the one --min-agreement reads
     run: str = ""  # the command that runs the export
+    unchecked: str | None = None  # why the checks asked for did not run (their runtime is missing), or None
 
     @property
     def parity(self) -> ParityReport | None:
@@ -112,24 +116,34 @@ def export_adapter(
     max_prompts: int = 32,
     max_new_tokens: int = 16,
     parity: bool = True,
+    require_parity: bool = False,
     with_base: bool = False,
     merged: bool = False,
+    ollama_layout: str | None = None,
     overwrite: bool = False,
     precision: str = "fp32",
 ) -> ExportResult:
     """Export the adapter in ``adapter_dir`` for ``model`` (an HF directory, a ``.gguf`` file or ``default``)
     as ``fmt`` at ``out``, then check the artifact in other runtimes (``parity``).
 
-    ``dtype``: of the adapter tensors (``gguf-lora``: f32, f16) or of the merged weights (``gguf``,
-    ``ollama --merged``: see ``gguf_model.TYPES``); default f32 for adapters, f16 for merged models.
+    ``dtype``: of the adapter tensors (``gguf-lora``, ``ollama`` in the adapter layout: f32, f16) or of the
+    merged weights (``gguf``, ``ollama``: see ``gguf_model.TYPES``); default f32 for adapters, f16 for merged
+    models.
     ``base_gguf``: the base's GGUF (what llama.cpp runs the adapter over, and where a merged file takes its
     tokenizer and chat template from); default: ``model`` itself when it is a GGUF file, or the embedded one.
     ``prompts``: a data file whose rows' prompts (and answers, when present) the checks use, at most
     ``max_prompts``; default: a few built-in chat prompts. ``with_base``: also check the GGUF base alone.
-    ``merged``: for ``ollama``, one merged GGUF instead of the base plus the adapter. ``precision``: what
+    ``ollama_layout``: for ``ollama``, ``merged`` (the default: one merged GGUF) or ``adapter`` (the base GGUF
+    plus the adapter under ``ADAPTER``, which Ollama 0.34.1 and later refuse at ``ollama create``); ``merged``:
+    the older spelling of ``ollama_layout="merged"``, kept for callers that pass it. ``precision``: what
     lorakit's side of the checks computes in (see ``lorakit.precision``); fp32 by default, so that the figures
     measure the artifact and its runtime, not bf16 products on lorakit's side. Merged files are merged in
     float32 whatever it is.
+
+    ``parity``: check the artifact when the check's runtime (llama-cpp-python for the GGUF formats, PEFT for
+    ``vllm``) is installed; without it the artifact is written unchecked and ``ExportResult.unchecked`` says
+    why and how to install it, unless ``require_parity``, which makes a missing runtime an error before
+    anything is written.
 
     All or nothing: whether every check can run (its runtime importable, a GGUF base, the prompts) is decided
     before anything is written; the artifact is then written beside ``out``, checked there, and moved into
@@ -137,41 +151,67 @@ def export_adapter(
     there stays as it was). A check's figures are not judged here (``--min-agreement`` is the caller's).
 
     Raises:
-        ValueError: an unknown format, dtype or precision (or one the CPU lacks), a check that cannot run (its
-            runtime is missing), a model without a GGUF base where one is needed, an adapter that does not fit
-            the base, an existing ``out`` without ``overwrite``, everything the format's writer refuses (see
-            ``gguf_lora_file``, ``export_gguf_model``, ``vllm_files``), and a check that fails.
+        ValueError: an unknown format, layout, dtype or precision (or one the CPU lacks), a check that cannot
+            run (its runtime missing) with ``require_parity``, a check that cannot run for another reason, a
+            model without a GGUF base where one is needed, an adapter that does not fit the base, an existing
+            ``out`` without ``overwrite``, everything the format's writer refuses (see ``gguf_lora_file``,
+            ``export_gguf_model``, ``vllm_files``), and a check that fails.
     """
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r} is not supported; use one of {', '.join(FORMATS)}")
-    if merged and fmt != "ollama":
-        raise ValueError("--merged applies to --format ollama (gguf is always merged, gguf-lora never)")
+    merged = _merged_layout(fmt, merged, ollama_layout)
+    if require_parity and not parity:
+        raise ValueError("--require-parity and --no-parity contradict each other: drop one")
     out = Path(out)
-    check = _Plan(prompts, max_prompts, max_new_tokens, with_base, decide(precision, "cpu")) if parity else None
+    unchecked = missing_runtime(fmt) if parity else None
+    if unchecked and require_parity:
+        raise ValueError(f"--require-parity: the parity check cannot run: {unchecked}; nothing was written")
+    checking = parity and not unchecked
+    check = _Plan(prompts, max_prompts, max_new_tokens, with_base, decide(precision, "cpu")) if checking else None
     if fmt == "vllm":
         if dtype is not None:
             raise ValueError("--dtype does not apply to --format vllm: the adapter keeps the dtype it was saved in")
         check_target(out, overwrite, directory=True)
         _require_runtimes(fmt, False, check)
-        return _export_vllm(adapter_dir, out, model, check, overwrite)
-    merged = merged or fmt == "gguf"
+        return replace(_export_vllm(adapter_dir, out, model, check, overwrite), unchecked=unchecked)
     dtype = dtype or ("f16" if merged else "f32")
     allowed = TYPES if merged else ("f32", "f16")
     if dtype not in allowed:
         raise ValueError(f"--dtype {dtype!r} is not available for --format {fmt}; use one of {', '.join(allowed)}")
     check_target(out, overwrite, directory=fmt == "ollama")
-    base = _gguf_base(model, base_gguf, needed_for=None if fmt == "gguf-lora" and not parity else fmt)
+    base = _gguf_base(model, base_gguf, needed_for=None if fmt == "gguf-lora" and check is None else fmt)
     _require_runtimes(fmt, merged, check)
     if fmt == "gguf-lora":
-        return _export_gguf_lora(adapter_dir, out, model, dtype, base, check, overwrite)
-    if fmt == "gguf":
-        return _export_gguf(adapter_dir, out, model, dtype, base, check, overwrite)
-    return _export_ollama(adapter_dir, out, model, dtype, base, merged, check, overwrite)
+        result = _export_gguf_lora(adapter_dir, out, model, dtype, base, check, overwrite)
+    elif fmt == "gguf":
+        result = _export_gguf(adapter_dir, out, model, dtype, base, check, overwrite)
+    else:
+        result = _export_ollama(adapter_dir, out, model, dtype, base, merged, check, overwrite)
+    return replace(result, unchecked=unchecked)
+
+
+def _merged_layout(fmt: str, merged: bool, ollama_layout: str | None) -> bool:
+    """Whether the export is a merged model: always for ``gguf``, never for ``gguf-lora`` and ``vllm``, and for
+    ``ollama`` unless ``ollama_layout`` is ``adapter``. ``merged`` (the older ``--merged``) applies to ollama
+    only and contradicts the adapter layout."""
+    if merged and fmt != "ollama":
+        raise ValueError("--merged applies to --format ollama (gguf is always merged, gguf-lora never)")
+    if ollama_layout is None:
+        return fmt in ("gguf", "ollama")
+    if fmt != "ollama":
+        raise ValueError(f"--ollama-layout applies to --format ollama, not {fmt}")
+    if ollama_layout not in LAYOUTS:
+        raise ValueError(f"--ollama-layout {ollama_layout!r} is not supported; use one of {', '.join(LAYOUTS)}")
+    if merged and ollama_layout != "merged":
+        raise ValueError(f"--merged and --ollama-layout {ollama_layout} contradict each other: drop one")
+    return ollama_layout == "merged"
 
 
 def _require_runtimes(fmt: str, merged: bool, check: _Plan | None) -> None:
-    """Every runtime the export's checks run in must be there: decided before anything is written, so that a
-    check that cannot run stops the command with the fix (install it, or --no-parity) and no file to remove."""
+    """Every runtime the export's checks run in must be there (``check``: the checks that will run; a missing
+    llama-cpp-python or PEFT has already made it None, or an error under ``require_parity``): decided before
+    anything is written, so that a check that cannot run stops the command with the fix (install it, or
+    --no-parity) and no file to remove."""
     if check is None:
         return
     if fmt == "vllm":

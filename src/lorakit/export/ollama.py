@@ -3,8 +3,10 @@
 Ollama's Modelfile (docs/modelfile.md in the Ollama repository): ``FROM`` a GGUF file (relative to the
 Modelfile), ``ADAPTER`` a LoRA GGUF applied over it, ``TEMPLATE`` the prompt in Go's template syntax over
 ``.Messages`` (each with ``.Role`` and ``.Content``), ``SYSTEM`` the default system message, and ``PARAMETER
-stop`` one stop string per line. Two layouts: the untouched base GGUF plus the adapter (``ADAPTER``), or one
-merged GGUF (``--merged``).
+stop`` one stop string per line. Two layouts: one merged GGUF (``merged``, the default), or, as an explicit
+choice (``--ollama-layout adapter``), the untouched base GGUF plus the adapter (``ADAPTER``), which Ollama
+0.34.1 and later refuse at ``ollama create`` (ollama PR 14969; a model built with ``ADAPTER`` on an older Ollama
+still runs): ``ADAPTER_CAVEAT``, printed with that layout.
 
 The template is the model's chat template family written for Ollama (ChatML, Llama 3); the default system
 message is the one the model's own (Jinja) chat template inserts when a chat has none, found by rendering it,
@@ -18,6 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MODELFILE = "Modelfile"
+LAYOUTS = ("merged", "adapter")  # --ollama-layout; the first is the default
+ADAPTER_CAVEAT = (
+    "Ollama 0.34.1 and later reject ADAPTER in a Modelfile at `ollama create` (ollama PR 14969); for those "
+    "versions use the default merged layout (--ollama-layout merged)"
+)
 # family: (marker in the Jinja template, Ollama template, stop strings)
 FAMILIES = {
     "chatml": (
@@ -54,6 +61,11 @@ class OllamaExport:
             else "no TEMPLATE (an unknown chat template family: Ollama detects one from the GGUF)"
         )
         return "\n".join([*self.parts, f"wrote {self.directory / MODELFILE}: {what}; {template}"])
+
+    @property
+    def caveat(self) -> str | None:
+        """What to know before ``ollama create``: the adapter layout's version limit (None when merged)."""
+        return ADAPTER_CAVEAT if self.adapter_file else None
 
     def command(self, name: str) -> str:
         return f"ollama create {name} -f {self.directory / MODELFILE} && ollama run {name}"

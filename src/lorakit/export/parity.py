@@ -65,31 +65,70 @@ class ParityReport:
         return dict(self.__dict__)
 
 
+LLAMA_CPP_INSTALL = (
+    'pip install llama-cpp-python, or CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install llama-cpp-python on CPUs where the '
+    "native build crashes"
+)
+PEFT_INSTALL = "pip install peft"
+
+
+def _import_llama_cpp():
+    """The llama_cpp module (llama-cpp-python), imported here so that tests can replace the import."""
+    import llama_cpp
+
+    return llama_cpp
+
+
+def _import_peft():
+    """The peft module, imported here so that tests can replace the import."""
+    import peft
+
+    return peft
+
+
+# format: (the package its check runs in, its module, the import, how to install it)
+_RUNTIMES = {
+    "gguf": ("llama-cpp-python", "llama_cpp", _import_llama_cpp, LLAMA_CPP_INSTALL),
+    "vllm": ("peft", "peft", _import_peft, PEFT_INSTALL),
+}
+
+
+def missing_runtime(fmt: str) -> str | None:
+    """Why the parity check of an export as ``fmt`` cannot run here, with the way to install what it runs in
+    (llama-cpp-python for the GGUF formats, PEFT for vLLM), as one clause; None when it can run."""
+    package, module, load, install = _RUNTIMES["vllm" if fmt == "vllm" else "gguf"]
+    try:
+        load()
+    except Exception as err:  # also OSError / RuntimeError from a build whose library fails to load
+        if isinstance(err, ModuleNotFoundError) and err.name == module:
+            return f"{package} is not installed ({install})"
+        detail = " ".join(str(err).split()) or type(err).__name__
+        return f"{package} cannot be loaded ({detail}; {install})"
+    return None
+
+
 def require_llama_cpp():
     """The llama_cpp module, or a ValueError saying how to install it. Called before an export writes anything,
     so that a check that cannot run stops the command before there is a file to clean up."""
     try:
-        import llama_cpp
+        return _import_llama_cpp()
     except Exception as err:  # ImportError, or OSError / RuntimeError from a build whose library fails to load
         raise ValueError(
             f"the parity check runs the export in llama.cpp through llama-cpp-python, which cannot be imported "
-            f'({err}). Install it with CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install llama-cpp-python (it compiles '
-            "from source, a few minutes), or pass --no-parity"
+            f"({err}). Install it ({LLAMA_CPP_INSTALL}), or pass --no-parity"
         ) from None
-    return llama_cpp
 
 
 def require_peft():
     """The peft module (the vLLM export's check reads the directory with PEFT), or a ValueError saying how to
     install it."""
     try:
-        import peft
+        return _import_peft()
     except Exception as err:
         raise ValueError(
-            f"the vLLM export's check reads it with PEFT, which cannot be imported ({err}): pip install peft, or "
+            f"the vLLM export's check reads it with PEFT, which cannot be imported ({err}): {PEFT_INSTALL}, or "
             "pass --no-parity"
         ) from None
-    return peft
 
 
 def require_transformers_gguf() -> None:
