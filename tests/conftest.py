@@ -368,3 +368,26 @@ def torchrun_train(cfg: dict, tmp_path, *extra, nproc: int = 2, launcher: tuple 
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-12000:]
     return done
+
+
+def decode_in_one_batch(engine, prompts: list[list[int]], adapters: list, tokens: int, timeout: float = 60) -> list:
+    """Every prompt on every adapter (None: the base) as requests of exactly ``tokens`` greedy tokens, all waiting
+    before ``engine`` starts (one mixed batch), decoded to the end; the engine is stopped after. Returns the
+    requests (``request.generated``: the tokens)."""
+    import queue
+
+    from lorakit.serve.engine import Request, SamplingParams
+
+    done: queue.Queue = queue.Queue()
+    requests = [Request(ids, adapter, SamplingParams(max_tokens=tokens, ignore_eos=True), done.put)
+                for ids in prompts for adapter in adapters]  # fmt: skip
+    for request in requests:
+        engine.submit(request)
+    engine.start()
+    try:
+        for _ in requests:
+            while (event := done.get(timeout=timeout)).finish_reason is None:
+                assert event.error is None, event.error
+    finally:
+        engine.stop()
+    return requests

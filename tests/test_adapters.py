@@ -101,7 +101,9 @@ def test_route_with_kept_stacks_equals_fresh_stacks_until_cleared():
     for _ in range(2):  # the first call fills the stacks, the second reuses them
         with lorakit.route(model, ["a", None, "a"], stacks=stacks):
             assert_close(llama.logits(model, inputs), fresh, rtol=1e-6, atol=1e-6)
-    assert stacks and all(entry[0] == ("a",) for entry in stacks.values())  # kept per layer for these names
+    layers = {k: v for k, v in stacks.items() if isinstance(k, int)}  # and the adapter layers' list, found once
+    assert layers and all(entry[0] == ("a",) for entry in layers.values())  # kept per layer for these names
+    assert stacks["adapter layers"] == [m for _, m in lorakit.adapters.adapter_modules(model)]
     with lorakit.route(model, ["b", "b", None], stacks=stacks):  # other rows, same stacks
         other = llama.logits(model, inputs)
     with lorakit.route(model, ["b", "b", None]):

@@ -108,7 +108,7 @@ def test_eval_and_generate_in_bf16_agree_with_fp32(tiny_lm_dir, tiny_adapter_and
         assert err.count("precision: ") == 1 and f"precision: {precision}\n" in err
         losses[precision] = json.loads(out)["loss"]
         chat = ["--chat", "colour of item 2?", "--max-new-tokens", "12"]
-        assert main(["generate", *model, *chat, "--precision", precision]) == 0
+        assert main(["generate", *model, *chat, "--precision", precision, "--weights", "precision"]) == 0
         out, err = capsys.readouterr()
         assert f"precision: {precision}\n" in err
         texts[precision] = out.strip()

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import lorakit
 from lorakit.cli.main import main
 
-from .conftest import free_port, randomize_adapters, save_tiny_lm
+from .conftest import decode_in_one_batch, free_port, randomize_adapters, save_tiny_lm
 
 ADAPTERS = ("a", "b", "c")
 PROMPTS = ("the colour of item 3 is", "the colour", "item 12 is", "the colour of item 45 is green and")
@@ -583,10 +583,8 @@ def test_the_engine_under_a_precision_decodes_a_mixed_batch_like_each_adapted_mo
     the model with that adapter alone, in the same precision: each token is that model's argmax given the tokens
     before it, up to bf16 rounding (the routed batch and the lone adapter round differently, by ~1 bf16 step of a
     logit: where two logits are that close, either is the greedy token)."""
-    import queue
-
     from lorakit.precision import decide
-    from lorakit.serve.engine import Engine, Request, SamplingParams
+    from lorakit.serve.engine import Engine
     from lorakit.serve.registry import AdapterRegistry
 
     precision = decide(name, "cpu")
@@ -597,21 +595,8 @@ def test_the_engine_under_a_precision_decodes_a_mixed_batch_like_each_adapted_mo
         registry.load_at_start(adapter, directory)
     assert {p.dtype for n, p in model.named_parameters() if "lora_" not in n} == {precision.storage}
     assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {precision.trained}
-    done: queue.Queue = queue.Queue()
-    requests = [
-        Request(tokenizer(prompt)["input_ids"], adapter, SamplingParams(max_tokens=8, ignore_eos=True), done.put)
-        for prompt in PROMPTS[:2]
-        for adapter in (None, *ADAPTERS)
-    ]
-    for request in requests:  # all waiting before the engine starts: one mixed batch
-        engine.submit(request)
-    engine.start()
-    try:
-        for _ in requests:
-            while (event := done.get(timeout=60)).finish_reason is None:
-                assert event.error is None, event.error
-    finally:
-        engine.stop()
+    prompts = [tokenizer(prompt)["input_ids"] for prompt in PROMPTS[:2]]
+    requests = decode_in_one_batch(engine, prompts, [None, *ADAPTERS], tokens=8)
     assert engine.steps == 8  # one prefill and seven decode steps served every request together
     gaps = []
     for adapter in (None, *ADAPTERS):
@@ -648,7 +633,7 @@ def test_serve_precision_loads_the_base_and_adapters_in_its_dtypes(
     apps = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
     args = ["serve", "--model", str(precision_lm["model"]), "--adapter", f"a={precision_lm['adapters']['a']}"]
-    args += ["--adapter-dir", str(precision_lm["adapters"]["b"].parent)]
+    args += ["--adapter-dir", str(precision_lm["adapters"]["b"].parent), "--weights", "precision"]
     assert main([*args, *flags]) == 0
     if precision == "auto":
         resolved = decide("auto", "cpu")
@@ -667,6 +652,29 @@ def test_serve_precision_loads_the_base_and_adapters_in_its_dtypes(
         reply = http.post("/v1/completions", json=body)
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] >= 1
     assert {p.dtype for n, p in model.named_parameters() if ".b." in n} == {adapters}
+
+
+def test_serve_int8_weights_keep_adapters_float_and_load_more_at_run_time(precision_lm, monkeypatch, capsys):
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    from lorakit.weights import Int8Linear
+
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    args = ["serve", "--model", str(precision_lm["model"]), "--adapter", f"a={precision_lm['adapters']['a']}"]
+    args += ["--adapter-dir", str(precision_lm["adapters"]["b"].parent), "--precision", "bf16-mixed"]
+    assert main([*args, "--weights", "int8"]) == 0
+    assert "weights: int8 (as asked); 15 linear layers" in capsys.readouterr().err
+    model = apps[0].state.lorakit.engine.model
+    assert {type(m) for n, m in model.named_modules() if n.endswith(("q_proj.base_layer", "lm_head"))} == {Int8Linear}
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    with TestClient(apps[0]) as http:
+        assert http.post("/v1/adapters", json={"name": "b"}).status_code == 200  # beside the int8 layers
+        replies = [http.post("/v1/completions", json={"model": m, "prompt": PROMPTS[0], "max_tokens": 6,
+                                                       "temperature": 0}).json() for m in ("a", "b", "lm")]  # fmt: skip
+    assert all(r["usage"]["completion_tokens"] >= 1 for r in replies)
+    assert {p.dtype for n, p in model.named_parameters() if ".b." in n} == {torch.float32}
 
 
 def test_serve_precision_errors_are_one_line(capsys, tmp_path):

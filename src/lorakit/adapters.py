@@ -82,6 +82,9 @@ def switched_off(model: nn.Module, names: str | Sequence[str]) -> Iterator[nn.Mo
             module.active_adapters = active
 
 
+_MODULES = "adapter layers"  # route()'s key in a caller's ``stacks``: the model's adapter layers, found once
+
+
 @contextlib.contextmanager
 def route(model: nn.Module, per_row_names: Sequence[str | None], *, stacks: dict | None = None) -> Iterator[nn.Module]:
     """Mixed batch: row i of the next forwards uses adapter ``per_row_names[i]`` (``None``: the base model).
@@ -89,7 +92,9 @@ def route(model: nn.Module, per_row_names: Sequence[str | None], *, stacks: dict
     One forward serves every adapter: linear layers gather each row's A and B and run batched matmuls.
     ``stacks`` (inference only): a dict kept by the caller across forwards in which each linear layer keeps
     its concatenated A and B of the adapters in the batch, so the next forwards with the same adapters skip
-    rebuilding them and no per-row copies are made. Clear it whenever an adapter's weights change.
+    rebuilding them and no per-row copies are made; it also keeps the list of the model's adapter layers, so a
+    forward does not walk the model twice to find them. Clear it whenever adapters change: an adapter's weights,
+    one loaded, deleted, merged or unmerged.
 
     Raises:
         ValueError: an unknown adapter name, an empty list, or merged adapters (unmerge first).
@@ -100,11 +105,15 @@ def route(model: nn.Module, per_row_names: Sequence[str | None], *, stacks: dict
     names = sorted({n for n in rows if n is not None})
     for name in {n for n in rows if n is not None}:
         check_adapter_name(model, name)
-    if _merged_names(model):
-        raise ValueError("route() needs unmerged adapters; call lorakit.unmerge(model) first")
+    modules = stacks.get(_MODULES) if stacks is not None else None
+    if modules is None:
+        if _merged_names(model):
+            raise ValueError("route() needs unmerged adapters; call lorakit.unmerge(model) first")
+        modules = [m for _, m in adapter_modules(model)]
+        if stacks is not None:
+            stacks[_MODULES] = modules
     index = torch.tensor([0 if n is None else names.index(n) + 1 for n in rows], dtype=torch.long)
     routing = Routing(names, index, stacks)
-    modules = [m for _, m in adapter_modules(model)]
     for module in modules:
         module.routing = routing
     check = model.register_forward_pre_hook(_batch_check(len(rows)), with_kwargs=True)

@@ -3,7 +3,7 @@
 Many rows (training, prefill): PyTorch sends a float32 ``F.linear`` to MKL's sgemm. On AMD x86-64 CPUs,
 oneDNN's matmul (also inside every PyTorch CPU build) does most forward products of a training step faster:
 on the 2-core AVX2 EPYC of BENCHMARKS.md, the 49152-entry output head on 512 rows by 16-19 % (411 against
-499 ms), the projections by -4 to +13 % depending on shape and load (``bench/kernels.py``). ``linear`` takes
+499 ms), the projections by -4 to +13 % depending on shape and load (``bench/gemm_backends.py``). ``linear`` takes
 that path for float32 CPU tensors outside autograd (LoRA's fused functions, the fused loss, inference);
 results agree with MKL's to float32 rounding. Input-gradient products stay on MKL, which is faster there.
 ``LORAKIT_CPU_GEMM`` chooses: ``auto`` (the default: oneDNN on AMD x86-64, where it was measured faster; MKL

@@ -13,6 +13,7 @@ import sys
 
 from .model_option import add_model_option, model_spec
 from .precision_option import add_precision_option
+from .weights_option import add_weights_option, apply_weights
 
 HELP = "evaluate a model or adapter on a dataset"
 
@@ -42,6 +43,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     add_precision_option(parser)
+    add_weights_option(parser, default="precision")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
     if args.adapter:
         lorakit.load_adapter(model, args.adapter, adapter_dtype=precision.trained)
     print(precision.describe(), file=sys.stderr)
+    if args.weights != "precision":  # the default measures the model as it was trained and stored
+        print(apply_weights(model, args.weights, "cpu", precision), file=sys.stderr)
     rows = read_rows(args.data, columns, splits=EVAL_SPLITS)[: args.max_rows]
     examples, _ = tokenize_rows(
         rows,

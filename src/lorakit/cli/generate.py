@@ -10,6 +10,7 @@ import sys
 
 from .model_option import add_model_option, model_spec
 from .precision_option import add_precision_option
+from .weights_option import add_weights_option, apply_weights
 
 HELP = "generate text (prompt or chat), base model or adapter"
 
@@ -26,6 +27,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     add_precision_option(parser)
+    add_weights_option(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if args.adapter:
         lorakit.load_adapter(model, args.adapter, adapter_dtype=precision.trained)
     print(precision.describe(), file=sys.stderr)
+    print(apply_weights(model, args.weights, "cpu", precision), file=sys.stderr)
     ids = prompt_ids(tokenizer, args.prompt, args.chat, args.system)
     torch.manual_seed(args.seed)
     sample = args.temperature > 0

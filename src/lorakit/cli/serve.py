@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .model_option import add_model_option
 from .precision_option import add_precision_option
+from .weights_option import add_weights_option, apply_weights
 
 HELP = "serve the model and adapters over an OpenAI-compatible API"
 DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16-mixed"}  # --dtype (deprecated)
@@ -49,6 +50,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take in all")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted")
     add_precision_option(parser)
+    add_weights_option(parser)
     parser.add_argument(
         "--dtype", choices=tuple(DTYPE_ALIASES), help="deprecated: use --precision (float32 = fp32, bfloat16 = bf16)"
     )
@@ -123,12 +125,13 @@ def run(args: argparse.Namespace) -> int:
             registry.load_at_start(adapter_name, directory)
         except Exception as err:
             raise ValueError(f"--adapter {adapter_name}={directory}: {err}") from None
+    weights = apply_weights(model, args.weights, device, precision)  # adapters loaded later go beside the int8 base too
     limits = ServeLimits(max_tokens=args.max_tokens, timeout_s=args.timeout, max_body_bytes=args.max_body_bytes)
     context = getattr(model.config, "max_position_embeddings", None)
     app = create_app(engine, registry, tokenizer, limits=limits, api_key=args.api_key, context_length=context)
     listed = ", ".join(registry.names()) or "none"
     print(
-        f"lorakit serve: {name} on {device} with adapters: {listed}\n  {precision.describe()}\n"
+        f"lorakit serve: {name} on {device} with adapters: {listed}\n  {precision.describe()}\n  {weights}\n"
         f"  OpenAI API at http://{args.host}:{args.port}/v1 (Ctrl-C stops)",
         file=sys.stderr,
         flush=True,

@@ -282,6 +282,13 @@ def adapter_dtype_for(base_dtype: torch.dtype, adapter_dtype: AdapterDtype) -> t
 
 
 def refuse_quantized_merge(base: nn.Module) -> None:
+    weight = getattr(base, "weight", None)
+    if not is_quantized(base) and isinstance(weight, torch.Tensor) and not weight.dtype.is_floating_point:
+        raise ValueError(
+            f"cannot merge into a {weight.dtype}-valued base weight ({type(base).__name__}: int8 inference weights, "
+            "lorakit.weights): it would have to be rounded again; load the model in float (--weights precision) to "
+            "merge"
+        )
     if is_quantized(base):
         raise ValueError(
             f"cannot merge into a {quant_method(base)}-quantized base weight: it would have to be rounded to "

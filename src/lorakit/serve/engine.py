@@ -7,9 +7,13 @@ one forward. Rows of a forward may use different adapters: ``lorakit.route`` gat
 and applies them with batched matmuls (Punica's BGMV idea, in torch), with the stacked adapter tensors
 kept across steps until the set of adapters changes.
 
-The KV cache is one left-padded batch: per layer keys/values of shape (rows, heads, T, head_dim) and a
-(rows, T) attention mask. Requests join by padding the shorter side on the left; finished rows are
-removed and all-padding columns trimmed, so a long request that ends frees its memory.
+The KV cache is one left-padded batch in preallocated buffers (``serve.kv.SlotKV``): per layer keys/values
+of shape (rows, heads, T, head_dim) and a (rows, T) attention mask, written in place. A decode step writes one
+column for every row; requests that join write their own rows; finished rows are closed up and all-padding
+columns dropped; nothing is copied whole per step or per join.
+
+Text is detokenized incrementally (``serve.text.TextStream``): each token decodes a window of a few tokens,
+not the whole output again. A step syncs with the device once, for the chosen tokens.
 
 The engine knows nothing of HTTP: a request carries a ``sink`` callable that receives ``Event``s on the
 engine thread (the API forwards them to its event loop).
@@ -17,7 +21,9 @@ engine thread (the API forwards them to its event loop).
 Precision (``lorakit.precision``): the caller loads the base model in the precision's storage dtype and the
 adapters in its trained dtype (``lorakit serve`` does); the engine runs every forward, prefill and decode,
 routed or not, under the precision's autocast context (bf16-mixed: bf16 products over a bf16 base with float32
-adapters, whose routed stacks are kept in bf16). The logits are upcast to float32 before sampling. On a CPU
+adapters; on a CPU the routed adapters' own tiny products stay float32, 3-4x faster there than bf16 ones). The
+logits are upcast to float32 before sampling. ``lorakit serve --weights`` may store the base's linear layers as
+int8 (``lorakit.weights``). On a CPU
 with AVX-512 BF16 bf16-mixed decodes faster than float32, one stream (one-row products) and many
 (BENCHMARKS.md), so ``lorakit serve`` takes ``auto`` as ``lorakit.precision.decide`` resolves it.
 """
@@ -42,6 +48,8 @@ from ..models import kv_cache_inputs
 from ..patches import FEW_ROWS, enable_skinny_linear, remove_patches
 from ..precision import Precision
 from ..state import has_adapters
+from .kv import SlotKV
+from .text import TextStream
 
 # Prefills are left-padded to a multiple of this many tokens. Every distinct (rows x tokens) shape makes the CPU
 # GEMM library (oneDNN, under bf16) build and cache a kernel of its own: with one shape per prompt length the
@@ -97,6 +105,7 @@ class Request:
         self.sink = sink
         self.deadline = time.monotonic() + timeout_s if timeout_s else None
         self.generated: list[int] = []
+        self.text = TextStream()  # the generated text, decoded a token at a time
         self.emitted = 0  # characters of text already sent
         self.sampled = 0  # tokens sampled so far, EOS included
         self.cancelled = False
@@ -158,8 +167,7 @@ class Engine:
         self._commands: deque[tuple[Callable[[], object], concurrent.futures.Future]] = deque()
         self._cv = threading.Condition()
         self._stop = False
-        self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._mask: torch.Tensor | None = None
+        self._kv = SlotKV(max_batch_size)
         self._stacks: dict = {}
         self.steps = 0
         self.generated_tokens = 0
@@ -310,34 +318,18 @@ class Engine:
         cache = DynamicCache()
         ids, mask, positions = (t.to(self.device) for t in (ids, mask, positions))
         logits = self._forward(ids, mask, positions, cache, [r.adapter for r in joiners])
-        self._join([(layer.keys, layer.values) for layer in cache.layers], mask, joiners)
+        self._kv.add([(layer.keys, layer.values) for layer in cache.layers], mask)
+        self._running.extend(joiners)
         self._emit_tokens(joiners, logits)
 
-    def _join(self, kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, joiners: list[Request]) -> None:
-        if not self._running:
-            self._kv, self._mask = kv, mask
-        else:
-            total = max(self._mask.shape[1], mask.shape[1])
-            self._kv = [
-                (_cat_left(k0, k1, total), _cat_left(v0, v1, total))
-                for (k0, v0), (k1, v1) in zip(self._kv, kv, strict=True)
-            ]
-            self._mask = torch.cat([_pad_left(self._mask, total, -1), _pad_left(mask, total, -1)])
-        self._running.extend(joiners)
-
     def _decode(self) -> None:
-        from transformers import DynamicCache
-
         rows = self._running
-        ids = torch.tensor([[r.generated[-1]] for r in rows], dtype=torch.long, device=self.device)
-        positions = torch.tensor(
-            [[len(r.prompt_ids) + r.sampled - 1] for r in rows], dtype=torch.long, device=self.device
-        )
-        mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
-        cache = DynamicCache(ddp_cache_data=self._kv)
-        logits = self._forward(ids, mask, positions, cache, [r.adapter for r in rows])
-        self._kv = [(layer.keys, layer.values) for layer in cache.layers]
-        self._mask = mask
+        ids = torch.tensor([[r.generated[-1]] for r in rows], dtype=torch.long).to(self.device, non_blocking=True)
+        positions = torch.tensor([[len(r.prompt_ids) + r.sampled - 1] for r in rows], dtype=torch.long)
+        positions = positions.to(self.device, non_blocking=True)
+        cache = self._kv.step_cache()
+        logits = self._forward(ids, self._kv.attention_mask(extra=1), positions, cache, [r.adapter for r in rows])
+        self._kv.advance()
         self._emit_tokens(rows, logits)
 
     def _emit_tokens(self, rows: list[Request], logits: torch.Tensor) -> None:
@@ -352,19 +344,15 @@ class Engine:
             return
         keep = [i for i, r in enumerate(self._running) if not r.done]
         self._running = [self._running[i] for i in keep]
-        if not keep:
-            self._kv, self._mask = [], None
-            return
-        index = torch.tensor(keep, device=self._mask.device)
-        mask = self._mask.index_select(0, index)
-        start = int((mask.sum(0) > 0).nonzero()[0])  # leading columns that are padding in every row
-        self._mask = mask[:, start:]
-        self._kv = [
-            (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:]) for k, v in self._kv
-        ]
+        self._kv.keep(keep)
 
     # ----- sampling and text -------------------------------------------------------------------------------
     def _choose(self, rows: list[Request], logits: torch.Tensor) -> list[int]:
+        """Each row's next token: greedy, or sampled with the request's own generator. One transfer from the
+        device: the greedy choices alone, or with sampling rows the logits (sampled on the host)."""
+        if not any(req.params.temperature > 0 for req in rows):
+            return logits.argmax(dim=-1).tolist()
+        logits = logits.cpu()
         tokens = logits.argmax(dim=-1).tolist()
         for i, req in enumerate(rows):
             if req.params.temperature > 0:
@@ -375,10 +363,10 @@ class Engine:
         req.sampled += 1
         self.generated_tokens += 1
         if token in self.eos_ids and not req.params.ignore_eos:
-            self._finish(req, self._text(req), "stop")
+            self._finish(req, req.text.text, "stop")
             return
         req.generated.append(token)
-        text = self._text(req)
+        text = req.text.add(self.tokenizer, req.generated)
         cut = _first_stop(
             text, req.params.stop, max(0, req.emitted - max((len(s) for s in req.params.stop), default=0))
         )
@@ -391,9 +379,6 @@ class Engine:
             if safe > req.emitted:
                 req.sink(Event(text=text[req.emitted : safe]))
                 req.emitted = safe
-
-    def _text(self, req: Request) -> str:
-        return self.tokenizer.decode(req.generated, skip_special_tokens=True)
 
     def _finish(self, req: Request, text: str, reason: str) -> None:
         req.done = True
@@ -423,18 +408,19 @@ class Engine:
         for req in victims:
             if not req.done:
                 self._finish_error(req, message, status)
-        self._running, self._kv, self._mask = [], [], None
+        self._running = []
+        self._kv.clear()
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    """A token drawn from one row's logits (on the host, as the request's generator is)."""
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # the smallest set whose mass reaches top_p
         sorted_probs = sorted_probs * keep
-        choice = torch.multinomial(sorted_probs.cpu(), 1, generator=generator)
-        return int(order[choice.to(order.device)])
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+        return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def _first_stop(text: str, stops: list[str], start: int) -> int | None:
@@ -452,19 +438,6 @@ def _held_back(text: str, stops: list[str]) -> int:
                 hold = max(hold, k)
                 break
     return hold
-
-
-def _pad_left(t: torch.Tensor, total: int, dim: int) -> torch.Tensor:
-    missing = total - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
-def _cat_left(old: torch.Tensor, new: torch.Tensor, total: int) -> torch.Tensor:
-    return torch.cat([_pad_left(old, total, -2), _pad_left(new, total, -2)])
 
 
 def _pad_id(model: nn.Module, tokenizer) -> int:
