@@ -54,8 +54,17 @@ def _llama(lora: Path | None, threads: int, model: Path | None = None):
 
     return llama_cpp.Llama(
         model_path=str(model or default_gguf()), lora_path=None if lora is None else str(lora), n_ctx=512,
-        n_threads=threads, verbose=False,
+        n_threads=threads, n_threads_batch=threads, verbose=False,
     )  # fmt: skip
+
+
+def _greedy(llm) -> int:
+    """The argmax of the last evaluated position's logits. llama-cpp-python 0.3.36 no longer copies logits into
+    ``llm.scores`` unless ``logits_all`` is set (those read zeros: token 0 every step), so read the context's."""
+    import numpy as np
+
+    logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
+    return int(logits.argmax())
 
 
 def _time_llama(llm, prompts: list[list[int]], tokens: int) -> float:
@@ -66,8 +75,7 @@ def _time_llama(llm, prompts: list[list[int]], tokens: int) -> float:
         llm.eval(ids)
         started = time.perf_counter()
         for _ in range(tokens):
-            token = int(llm.scores[llm.n_tokens - 1].argmax())
-            llm.eval([token])
+            llm.eval([_greedy(llm)])
         total += time.perf_counter() - started
     return total / (tokens * len(prompts))
 

@@ -5,7 +5,7 @@ backward, the output head on a 512-row chunk), the kernels alternate over the ro
 achieved GFLOP/s are printed as a markdown table. This is what ``lorakit.fastpath.linear`` chooses between
 (``LORAKIT_CPU_GEMM``).
 
-    .venv/bin/python bench/kernels.py [--rounds 15] [--threads 2]
+    .venv/bin/python bench/gemm_backends.py [--rounds 15] [--threads 2]
 """
 
 from __future__ import annotations

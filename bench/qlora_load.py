@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# bench/kernels.py would shadow the `kernels` package transformers imports: leave bench/ off the path
+# bench/ stays off the path: no script here may shadow an installed package (a kernels.py once hid `kernels`)
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT / "src"))
 
