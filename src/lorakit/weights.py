@@ -10,8 +10,9 @@ this project's CPUs runs a one-row product 3-7x faster than float32 (BENCHMARKS.
 in bfloat16 (with float32 activations the kernel is 4-8x slower than float32's own product) and the output
 leaves in the dtype the layer was called with (or autocast's).
 
-PyTorch's kernel was chosen over torchao's int8 weight-only layout because it is the one torchao itself lowers
-to on CPU, ships with torch (no extra dependency) and needs no compile step; BENCHMARKS.md has the figures.
+PyTorch's kernel was chosen over torchao's ``Int8WeightOnlyConfig`` after measuring both on the model's shapes:
+torchao 0.18 in eager mode on a CPU ran one row 6.6x slower (576 -> 1536: 0.132 against 0.020 ms) and the
+49152-row head 100x slower (40.1 against 0.39 ms), and it would be one more dependency (BENCHMARKS.md).
 
 The adapters stay unmerged and routable beside the int8 base (``Int8Linear`` is an ``nn.Linear`` to ``inject``,
 whose reference path adds the adapters' float32 or bf16 updates to the int8 product). A merge into an int8 base

@@ -70,5 +70,7 @@ class LoraConv2d(LoraLayer):
         b_cat = torch.cat([self.lora_B[n].weight * self.scaling[n] for n in present], dim=1)
         xs = self._row_dropout(self.adapter_input(x, a_cat.dtype), routing.names, index)
         hidden = F.conv2d(xs, a_cat, None, base.stride, base.padding)
-        hidden = hidden * routing.mask(layout, 1, index, hidden.dtype)[:, :, None, None]
+        mask = routing.mask(layout, 1, index, hidden.dtype)
+        if mask is not None:  # None: every row on the one adapter present
+            hidden = hidden * mask[:, :, None, None]
         return F.conv2d(hidden, b_cat)

@@ -67,5 +67,6 @@ class LoraEmbedding(LoraLayer):
         b_cat = torch.cat([self.lora_embedding_B[n] * self.scaling[n] for n in present], dim=1)
         hidden = self._lookup(x, a_cat.T)  # (rows, ..., sum r)
         mask = routing.mask(layout, 1, index, hidden.dtype)
-        hidden = hidden * mask.view(mask.shape[0], *([1] * (hidden.dim() - 2)), mask.shape[1])
+        if mask is not None:  # None: every row on the one adapter present
+            hidden = hidden * mask.view(mask.shape[0], *([1] * (hidden.dim() - 2)), mask.shape[1])
         return hidden @ b_cat.T

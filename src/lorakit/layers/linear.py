@@ -185,7 +185,8 @@ class LoraLinear(LoraLayer):
         mask = routing.mask(layout, tokens, index, dtype)
         with autocast_off(x.device.type):  # the stacks are in autocast's dtype already
             hidden = skinny_matmul(x.reshape(-1, x.shape[-1]).to(dtype), a_cat)  # (rows * tokens, R)
-            hidden = hidden * mask
+            if mask is not None:  # None: every row on the one adapter present
+                hidden = hidden * mask
             return skinny_matmul(hidden, b_cat_t).reshape(*x.shape[:-1], b_cat_t.shape[0])
 
     def _first(self, names: list[str]) -> str:

@@ -41,13 +41,15 @@ class Routing:
             self._rows[key] = index.repeat_interleave(lead // rows) if lead != rows else index
         return self._rows[key]
 
-    def mask(self, layout: tuple, tokens: int, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def mask(self, layout: tuple, tokens: int, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
         """(entries * tokens, sum of ranks) 0/1 mask keeping each entry's own adapter columns; ``index`` holds
-        each leading entry's adapter number and ``layout`` lists (adapter number, rank) in column order.
-        Built once per forward for each layout, shape and dtype."""
+        each leading entry's adapter number and ``layout`` lists (adapter number, rank) in column order; None
+        where it would keep every column (every row on the one adapter present). Built once per forward for
+        each layout, shape and dtype."""
         key = (layout, index.shape[0], tokens, dtype)
         if key not in self._masks:
             owner = torch.cat([torch.full((r,), k, dtype=torch.long) for k, r in layout]).to(index.device)
-            mask = (index[:, None] == owner[None, :]).to(dtype)
-            self._masks[key] = mask.repeat_interleave(tokens, dim=0) if tokens > 1 else mask
+            keep = index[:, None] == owner[None, :]
+            mask = None if bool(keep.all()) else keep.to(dtype)
+            self._masks[key] = mask.repeat_interleave(tokens, dim=0) if tokens > 1 and mask is not None else mask
         return self._masks[key]
