@@ -125,7 +125,9 @@ def run(args: argparse.Namespace) -> int:
             registry.load_at_start(adapter_name, directory)
         except Exception as err:
             raise ValueError(f"--adapter {adapter_name}={directory}: {err}") from None
-    weights = apply_weights(model, args.weights, device, precision)  # adapters loaded later go beside the int8 base too
+    weights = apply_weights(
+        model, args.weights, device, precision, engine_thread=True
+    )  # adapters loaded later go beside the int8 base too
     limits = ServeLimits(max_tokens=args.max_tokens, timeout_s=args.timeout, max_body_bytes=args.max_body_bytes)
     context = getattr(model.config, "max_position_embeddings", None)
     app = create_app(engine, registry, tokenizer, limits=limits, api_key=args.api_key, context_length=context)
