@@ -231,10 +231,10 @@ def test_every_command_takes_a_hub_id_offline(cached, tmp_path, capsys, monkeypa
     assert main(["combine", adapter, adapter, "--out", str(tmp_path / "both")]) == 0
     assert main(["inspect", adapter, "--model", f"{REPO}@v2", "--png", str(tmp_path / "i.png")]) == 0
 
-    import uvicorn
+    from lorakit.cli import serve as serve_cli
 
     apps = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    monkeypatch.setattr(serve_cli, "serve_forever", lambda app, engine, **kw: apps.append(app))
     assert main(["serve", "--model", REPO, "--adapter", f"a={adapter}", "--precision", "fp32"]) == 0
     assert apps[0].state.lorakit.engine.model.name_or_path == REPO
     capsys.readouterr()

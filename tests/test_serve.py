@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -625,13 +626,13 @@ def test_the_engine_under_a_precision_decodes_a_mixed_batch_like_each_adapted_mo
 def test_serve_precision_loads_the_base_and_adapters_in_its_dtypes(
     precision_lm, monkeypatch, capsys, flags, precision, base, adapters
 ):
-    import uvicorn
     from fastapi.testclient import TestClient
 
+    from lorakit.cli import serve as serve_cli
     from lorakit.precision import decide
 
     apps = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    monkeypatch.setattr(serve_cli, "serve_forever", lambda app, engine, **kw: apps.append(app))
     args = ["serve", "--model", str(precision_lm["model"]), "--adapter", f"a={precision_lm['adapters']['a']}"]
     args += ["--adapter-dir", str(precision_lm["adapters"]["b"].parent), "--weights", "precision"]
     assert main([*args, *flags]) == 0
@@ -655,13 +656,13 @@ def test_serve_precision_loads_the_base_and_adapters_in_its_dtypes(
 
 
 def test_serve_int8_weights_keep_adapters_float_and_load_more_at_run_time(precision_lm, monkeypatch, capsys):
-    import uvicorn
     from fastapi.testclient import TestClient
 
+    from lorakit.cli import serve as serve_cli
     from lorakit.weights import Int8Linear
 
     apps = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    monkeypatch.setattr(serve_cli, "serve_forever", lambda app, engine, **kw: apps.append(app))
     args = ["serve", "--model", str(precision_lm["model"]), "--adapter", f"a={precision_lm['adapters']['a']}"]
     args += ["--adapter-dir", str(precision_lm["adapters"]["b"].parent), "--precision", "bf16-mixed"]
     assert main([*args, "--weights", "int8"]) == 0
@@ -682,3 +683,28 @@ def test_serve_precision_errors_are_one_line(capsys, tmp_path):
     assert "fp16-mixed needs a CUDA device" in capsys.readouterr().err
     assert main(["serve", "--model", str(tmp_path), "--precision", "bf16", "--dtype", "float32"]) == 2
     assert "--dtype is replaced by --precision; give only --precision" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_the_server_decodes_on_its_main_thread_and_stops_cleanly_on_a_signal(tmp_path, tiny_tokenizer, signum):
+    """The engine's loop runs on the main thread (uvicorn on its own): a signal ends both, exit status 0, with a
+    request streaming at the time answered (its stream ends) rather than left hanging."""
+    model_dir = save_tiny_lm(tmp_path / "lm", tiny_tokenizer, max_position_embeddings=4096)
+    port = free_port()
+    proc = _start(["--model", str(model_dir), "--port", str(port), "--max-tokens", "4000"], port)
+    try:
+        assert raw(port, "POST", "/v1/completions", json.dumps({"model": "lm", "prompt": "the", "max_tokens": 3,
+                                                                 "temperature": 0}).encode())[0] == 200  # fmt: skip
+        body = json.dumps({"model": "lm", "prompt": "the colour", "max_tokens": 4000, "stream": True,
+                           "ignore_eos": True}).encode()  # fmt: skip
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=60) as stream:
+            stream.readline()  # streaming has begun
+            proc.send_signal(signum)
+            rest = stream.read().decode()  # the stream ends (no hang) once the server answers and shuts down
+        assert proc.wait(timeout=30) == 0
+        assert "[DONE]" in rest or "shutting down" in rest or rest == ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()

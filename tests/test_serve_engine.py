@@ -199,3 +199,46 @@ def test_requests_joining_and_leaving_a_running_batch_get_each_models_greedy_tok
             expected = alone.generate(torch.tensor([req.prompt_ids]), max_new_tokens=n, min_new_tokens=n,
                                       do_sample=False, pad_token_id=0)  # fmt: skip
             assert req.generated == expected[0, len(req.prompt_ids) :].tolist(), (adapter, req.prompt_ids)
+
+
+def test_run_here_decodes_on_the_calling_thread_like_the_engine_thread(engine_lm, tiny_tokenizer):
+    """``run_here`` (what ``lorakit serve`` does on its main thread) gives the tokens ``start``'s own thread gives,
+    on the calling thread, and returns once ``until()`` is true."""
+    import threading
+
+    from lorakit.serve.engine import Engine, Request, SamplingParams
+
+    model_dir, adapters = engine_lm
+    model, tokenizer = lorakit.load_model(model_dir)
+    lorakit.load_adapter(model, adapters["a"], "a")
+    prompts = [tokenizer(p)["input_ids"] for p in ("the colour of item 3 is", "item")]
+    results = {}
+    for mode in ("thread", "here"):
+        engine = Engine(model, tokenizer, max_batch_size=4)
+        threads, done = set(), queue.Queue()
+
+        def sink(event, threads=threads, done=done):
+            threads.add(threading.current_thread())
+            if event.finish_reason:
+                done.put(event)
+
+        requests = [Request(ids, name, SamplingParams(max_tokens=5, ignore_eos=True), sink)
+                    for ids in prompts for name in (None, "a")]  # fmt: skip
+        for request in requests:
+            engine.submit(request)
+        if mode == "thread":
+            engine.start()
+            for _ in requests:
+                done.get(timeout=60)
+            engine.stop()
+            assert threads == {engine._thread}
+        else:
+            engine.reserve_caller_thread()
+            engine.start()  # as the app's lifespan does: the loop is reserved for this thread, nothing starts
+            assert not engine._thread.is_alive()
+            count = len(requests)
+            engine.run_here(until=lambda done=done, count=count: done.qsize() == count)
+            engine.stop()
+            assert threads == {threading.current_thread()}
+        results[mode] = [r.generated for r in requests]
+    assert results["here"] == results["thread"] and all(len(g) == 5 for g in results["here"])

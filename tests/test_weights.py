@@ -97,8 +97,6 @@ def test_auto_takes_int8_where_the_cpu_multiplies_bf16_natively():
     assert resolve_weights("auto", cpu, native_bf16=True)[0] == "int8"
     assert resolve_weights("auto", cpu, native_bf16=False)[0] == "precision"
     assert resolve_weights("auto", cpu, native_bf16=True, precision="fp32")[0] == "precision"  # fp32 stays fp32
-    assert resolve_weights("auto", cpu, native_bf16=True, engine_thread=True)[0] == "precision"  # serve, measured
-    assert resolve_weights("int8", cpu, native_bf16=True, engine_thread=True)[0] == "int8"
     assert resolve_weights("int8", cpu, native_bf16=False) == ("int8", "as asked")
     assert resolve_weights("precision", cpu, native_bf16=True) == ("precision", "as asked")
     with pytest.raises(ValueError, match="--weights 'int4': use one of auto, precision, int8"):

@@ -34,8 +34,7 @@ from .state import LoraLayer, ModulesToSave
 WEIGHT_MODES = ("auto", "precision", "int8")
 """``--weights``: ``precision``, the base as the precision stores it (float32 or bfloat16); ``int8``, int8
 weight-only linear layers; ``auto``, int8 where the precision computes in bf16 on a CPU that multiplies bf16
-natively (AVX-512 BF16 or AMX), except on the serving engine's thread (see ``resolve_weights``), else as the
-precision stores it."""
+natively (AVX-512 BF16 or AMX), else as the precision stores it."""
 
 
 class Int8Linear(nn.Linear):
@@ -125,14 +124,15 @@ def quantize_int8(model: nn.Module) -> Int8Report:
 
 
 def resolve_weights(
-    mode: str, device: torch.device, native_bf16: bool, precision: str = "bf16-mixed", engine_thread: bool = False
+    mode: str, device: torch.device, native_bf16: bool, precision: str = "bf16-mixed"
 ) -> tuple[str, str]:
     """(``precision`` or ``int8``, the reason) for ``--weights mode`` on ``device`` under the resolved
     ``precision``; ``native_bf16``: whether the device multiplies bf16 natively (``lorakit.precision``'s hardware
-    check). ``auto`` takes int8 only where the precision computes in bf16 already (fp32 stays float32) and the
-    products run on the thread that loaded the model: on a CPU, the serving engine's own thread
-    (``engine_thread``) ran int8's many small parallel products no faster than bf16's (BENCHMARKS.md), so
-    ``lorakit serve`` keeps the precision's weights under ``auto``."""
+    check). ``auto`` takes int8 only where the precision computes in bf16 already: fp32 stays float32.
+
+    The products should run on the thread that loaded the model: on a CPU, a second thread ran int8's many small
+    parallel products slower than bf16's (BENCHMARKS.md, serving), which is why ``lorakit serve`` decodes on its
+    main thread (``Engine.run_here``)."""
     if mode not in WEIGHT_MODES:
         raise ValueError(f"--weights {mode!r}: use one of {', '.join(WEIGHT_MODES)}")
     if mode == "precision":
@@ -146,8 +146,6 @@ def resolve_weights(
         return "int8", "as asked"
     if precision == "fp32":
         return "precision", "auto: precision fp32 keeps float32 weights and activations"
-    if engine_thread and device.type == "cpu":
-        return "precision", "auto: on a CPU the serving engine's thread decodes no faster with int8 (measured)"
     if device.type == "cpu" and native_bf16 and supported:
         return "int8", "auto: CPU multiplies bf16 natively, int8 weights read a quarter of float32's bytes"
     if device.type != "cpu":

@@ -97,7 +97,6 @@ def base_model_name(spec: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    import uvicorn
 
     from ..models import load_model
     from ..precision import decide
@@ -125,9 +124,7 @@ def run(args: argparse.Namespace) -> int:
             registry.load_at_start(adapter_name, directory)
         except Exception as err:
             raise ValueError(f"--adapter {adapter_name}={directory}: {err}") from None
-    weights = apply_weights(
-        model, args.weights, device, precision, engine_thread=True
-    )  # adapters loaded later go beside the int8 base too
+    weights = apply_weights(model, args.weights, device, precision)  # adapters loaded later go beside the int8 base too
     limits = ServeLimits(max_tokens=args.max_tokens, timeout_s=args.timeout, max_body_bytes=args.max_body_bytes)
     context = getattr(model.config, "max_position_embeddings", None)
     app = create_app(engine, registry, tokenizer, limits=limits, api_key=args.api_key, context_length=context)
@@ -138,5 +135,34 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    serve_forever(app, engine, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def serve_forever(app, engine, *, host: str, port: int, log_level: str) -> None:
+    """HTTP on a thread of its own (uvicorn), the engine's loop on this, the main, thread, which loaded the model:
+    on a CPU its small parallel products run faster there than on a second thread (BENCHMARKS.md, serving).
+    Ctrl-C or SIGTERM answers what is in flight (503), then uvicorn shuts down gracefully."""
+    import signal
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5))
+    http = threading.Thread(target=server.run, name="lorakit-http", daemon=True)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    engine.reserve_caller_thread()  # before the app's lifespan (on the HTTP thread) asks the engine to start
+    http.start()
+    try:
+        engine.run_here(until=lambda: not http.is_alive())
+    except KeyboardInterrupt:
+        engine.fail_all("the server is shutting down")
+    finally:
+        server.should_exit = True
+        http.join(timeout=15)
+        engine.stop()
+        signal.signal(signal.SIGTERM, previous)

@@ -4,8 +4,7 @@ layers are stored as while they compute, beside ``--precision`` (``lorakit.weigh
 ``precision``: as the precision stores the base (float32, or bfloat16 under bf16-mixed and bf16); ``int8``:
 int8 weight-only products with per-output-channel scales (a quarter of float32's bytes; activations in bf16);
 ``auto``: int8 where the precision computes in bf16 (bf16-mixed, bf16) on a CPU that multiplies bf16 natively,
-else ``precision``; ``lorakit serve`` keeps ``precision`` under ``auto`` on a CPU, where its engine thread decoded
-no faster with int8 (BENCHMARKS.md). The command applies it once the model and its adapters are loaded
+else ``precision``. The command applies it once the model and its adapters are loaded
 (``apply_weights``) and prints what it chose and why on stderr.
 """
 
@@ -31,13 +30,11 @@ def add_weights_option(parser: argparse.ArgumentParser, default: str = "auto") -
     )
 
 
-def apply_weights(
-    model: nn.Module, mode: str, device: torch.device | str, precision: Precision, engine_thread: bool = False
-) -> str:
-    """Store ``model``'s base as ``mode`` asks on ``device`` under the resolved ``precision`` (``engine_thread``:
-    the serving engine computes, on its own thread); returns the line that says what was chosen."""
+def apply_weights(model: nn.Module, mode: str, device: torch.device | str, precision: Precision) -> str:
+    """Store ``model``'s base as ``mode`` asks on ``device`` under the resolved ``precision``; returns the line
+    that says what was chosen."""
     device = torch.device(device)
-    chosen, why = resolve_weights(mode, device, native_bf16(device)[0], precision.name, engine_thread)
+    chosen, why = resolve_weights(mode, device, native_bf16(device)[0], precision.name)
     if chosen == "precision":
         return f"weights: as the precision stores them ({why})"
     return f"weights: int8 ({why}); {quantize_int8(model).describe().removeprefix('int8 weights: ')}"

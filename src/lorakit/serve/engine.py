@@ -1,6 +1,8 @@
 """Continuous-batching generation over one base model and many LoRA adapters.
 
-One engine thread owns the model. Each iteration it (1) runs queued commands (adapter load/unload),
+One thread owns the model: the caller's own through ``run_here`` (``lorakit serve`` decodes on its main thread,
+which loaded the model: on a CPU, small parallel products ran up to 1.6x slower from a second thread), or one
+of its own through ``start`` (the dashboard, the tests). Each iteration it (1) runs queued commands (adapter load/unload),
 (2) drops requests that were cancelled or ran out of time, (3) admits waiting requests up to the batch
 limit and prefills them together in one forward, and (4) decodes one token for every running request in
 one forward. Rows of a forward may use different adapters: ``lorakit.route`` gathers each row's A and B
@@ -173,13 +175,33 @@ class Engine:
         self.generated_tokens = 0
         self._trimmed_at = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
+        self._here: threading.Event | None = None  # run_here's: set once its loop has ended
+        self._here_thread: threading.Thread | None = None
 
     # ----- control, called from other threads ----------------------------------------------------------
     def start(self) -> Engine:
-        """Start the engine thread (a second call does nothing)."""
-        if not self._thread.is_alive():
+        """Start the engine thread (a second call does nothing; nor does a call while ``run_here`` runs the
+        loop on its caller's thread)."""
+        if not self._thread.is_alive() and self._here is None:
             self._thread.start()
         return self
+
+    def run_here(self, until: Callable[[], bool] = lambda: False, poll_s: float = 0.5) -> None:
+        """Run the engine's loop on the calling thread (instead of ``start``'s thread of its own) until ``stop``
+        is called or ``until()`` is true (checked at least every ``poll_s`` seconds). ``lorakit serve`` decodes on
+        its main thread this way: on a CPU, the thread that loaded the model runs its small parallel products
+        faster than a second thread does (BENCHMARKS.md, serving)."""
+        self.reserve_caller_thread()
+        try:
+            self._loop(until, poll_s)
+        finally:
+            self._here.set()
+
+    def reserve_caller_thread(self) -> None:
+        """From now on ``start`` does nothing: the loop is to run on the calling thread (``run_here``). Call it
+        before anything that may call ``start`` (the app's lifespan, on the HTTP thread) can run."""
+        if self._here is None:
+            self._here, self._here_thread = threading.Event(), threading.current_thread()
 
     def stop(self) -> None:
         with self._cv:
@@ -187,6 +209,8 @@ class Engine:
             self._cv.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
+        if self._here is not None and threading.current_thread() is not self._here_thread:
+            self._here.wait(timeout=30)  # the loop on run_here's thread finishes its step first
         remove_patches(self.model, FEW_ROWS)
 
     @property
@@ -225,12 +249,12 @@ class Engine:
         self._stacks.clear()
 
     # ----- the loop ----------------------------------------------------------------------------------------
-    def _loop(self) -> None:
+    def _loop(self, until: Callable[[], bool] = lambda: False, poll_s: float | None = None) -> None:
         while True:
             with self._cv:
-                while not (self._stop or self._waiting or self._running or self._commands):
-                    self._cv.wait()
-                if self._stop:
+                while not (self._stop or self._waiting or self._running or self._commands or until()):
+                    self._cv.wait(timeout=poll_s)
+                if self._stop or until():
                     break
                 commands = list(self._commands)
                 self._commands.clear()
@@ -396,6 +420,11 @@ class Engine:
     def _finish_error(self, req: Request, message: str, status: int) -> None:
         req.done = True
         req.sink(Event(error=message, error_status=status, prompt_tokens=len(req.prompt_ids)))
+
+    def fail_all(self, message: str) -> None:
+        """Answer every running and waiting request with ``message`` (HTTP 503), while the loop is not running
+        (``lorakit serve`` on Ctrl-C)."""
+        self._fail_all(message, status=503, include_waiting=True)
 
     def _fail_all(
         self, message: str, status: int = 500, include_waiting: bool = False, joiners: list[Request] = ()
