@@ -9,6 +9,11 @@ natively, else fp32): the base model is loaded in the precision's storage dtype,
 bf16-mixed decodes one stream 1.24x and eight streams 1.5x faster than fp32 (BENCHMARKS.md). ``--dtype`` is a
 deprecated alias (float32 -> fp32, bfloat16 -> bf16, float16 -> fp16-mixed), with a one-line note.
 
+--weights (``cli.weights_option``; default auto): int8 weight-only base layers under a bf16 precision on a CPU
+with native bf16, else the precision's own weights; the banner says which. The engine decodes on the main
+thread (``serve_forever``: uvicorn runs on a thread of its own), where the model was loaded: on a CPU its small
+parallel products run faster there (BENCHMARKS.md, "Serving speed against llama.cpp").
+
 Example:
     lorakit serve --model default --adapter dates=runs/dates/adapter --adapter-dir runs/adapters
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
