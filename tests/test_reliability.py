@@ -81,7 +81,7 @@ def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_adapter(ru
     proc = _driver(config, kill_at=6)
     assert proc.wait(timeout=300) == -signal.SIGKILL
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-0000003"]
-    assert list((out / "checkpoints").glob(".tmp-step-0000006-*")), "the interrupted write left its temp dir"
+    assert list((out / "checkpoints").glob(".step-0000006.tmp-*")), "the interrupted write left its temp dir"
     # 2. killed three times at random moments (between or inside steps, or inside a checkpoint write)
     rng = random.Random(1234)
     for _ in range(3):
@@ -105,7 +105,7 @@ def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_adapter(ru
     assert _max_diff(_adapter(out), want) <= 1e-6
     steps = _train_steps(out)
     assert sorted(steps) == list(range(1, 25)), steps  # each step logged once: re-run steps replaced their records
-    assert not list((out / "checkpoints").glob(".tmp-*"))  # leftovers of killed writes are cleaned up
+    assert not list((out / "checkpoints").glob(".*.tmp-*"))  # leftovers of killed writes are cleaned up
 
 
 def test_metrics_line_cut_by_a_crash_is_dropped_on_resume(run_config):
@@ -171,7 +171,7 @@ def test_full_disk_stops_with_a_clear_error_and_keeps_earlier_checkpoints(run_co
         assert "The earlier checkpoints are intact (step-0000002)" in str(err.value)
         ckpts = list_checkpoints(disk / "run" / "checkpoints")
         assert [p.name for p in ckpts] == ["step-0000002"]
-        assert not list((disk / "run" / "checkpoints").glob(".tmp-*"))
+        assert not list((disk / "run" / "checkpoints").glob(".*.tmp-*"))
         saved = straight.output_dir / "checkpoints" / "step-0000002"
         assert _max_diff(_adapter(ckpts[0]), _adapter(saved)) == 0
         subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)  # space freed

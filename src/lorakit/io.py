@@ -17,7 +17,7 @@ from safetensors.torch import save as safetensors_bytes
 from safetensors.torch import save_file
 from torch import nn
 
-from . import hub
+from . import durable, hub
 from .adapters import delete_adapter, set_active
 from .config import ALL_LINEAR, LoraConfig
 from .inject import add_adapter_layers, bias_parameters, check_new_name
@@ -199,8 +199,8 @@ def save_adapter(
 ) -> Path:
     """Write adapter ``name`` as PEFT does: ``adapter_config.json`` and ``adapter_model.safetensors``.
 
-    Each file is written to a temporary name, synced, then renamed, so a crash never leaves a half-written
-    adapter; other files in ``directory`` are left alone. Tensors are saved in float32 at least: a bfloat16 or
+    Both files are replaced together (``durable.write_many``): a crash at any moment leaves the previous adapter
+    or the new one, whole; other files in ``directory`` are left alone. Tensors are saved in float32 at least: a bfloat16 or
     float16 adapter (``adapter_dtype="base"`` over a bf16 model) is widened to float32 (exactly), as PEFT's
     files usually are, so any loader reads it in any dtype.
 
@@ -226,7 +226,7 @@ def save_adapter(
     config = json.dumps(peft_config_dict(model, name, pissa_as_lora), indent=2, sort_keys=True) + "\n"
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_many(
+        durable.write_many(
             {
                 directory / WEIGHTS_NAME: safetensors_bytes(tensors, metadata={"format": "pt"}),
                 directory / CONFIG_NAME: config.encode(),
@@ -260,13 +260,12 @@ def _gathered(model: nn.Module, live: dict[str, torch.Tensor], values: dict[str,
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Save ``tensors`` to ``path`` through a synced temporary file renamed into place.
+    """Save ``tensors`` to ``path`` atomically and durably (``durable.replace_file``).
 
     safetensors reports I/O failures as SafetensorError; they are raised as OSError with the errno
     (ENOSPC for a full disk) so callers can handle every write failure alike. On failure ``path`` is unchanged.
     """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with durable.replace_file(path) as tmp:
         try:
             save_file(tensors, str(tmp))
         except SafetensorError as err:
@@ -275,64 +274,9 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
                 raise
             code = int(found.group(1))
             raise OSError(code, os.strerror(code), str(path)) from err
-        commit_file(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
-def commit_file(tmp: Path, path: Path) -> None:
-    """``tmp``, written completely, replaces ``path``: synced to disk, one atomic rename, the rename made durable.
-    Until the rename ``path`` keeps what it held."""
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def atomic_write_many(files: dict[Path, bytes]) -> None:
-    """Write every file to a synced temporary name first, then rename them all into place.
-
-    A failure while writing (disk full, permissions) leaves every existing file untouched; only the
-    renames, each atomic, happen after all data is safely on disk.
-    """
-    temps: dict[Path, Path] = {}
-    try:
-        for path, data in files.items():
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            temps[path] = tmp
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        for path, tmp in temps.items():
-            os.replace(tmp, path)
-    finally:
-        for tmp in temps.values():
-            tmp.unlink(missing_ok=True)
-    for parent in {p.parent for p in files}:
-        fsync_dir(parent)
-
-
-def fsync_files(directory: Path) -> None:
-    """Flush every file under ``directory`` (recursively) to disk, before the directory is renamed into place."""
-    for f in directory.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as handle:
-                os.fsync(handle.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    """Make the renames inside directory ``path`` durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+atomic_write_many = durable.write_many  # the name the exports import
 
 
 # ----- load -------------------------------------------------------------------------------------------
@@ -341,6 +285,7 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, to
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"adapter directory {directory} does not exist (or is not a directory)")
+    durable.recover(directory, clean=False, kinds=("commit",))  # a save cut short by a crash: finish it
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     pickles = [n for n in PICKLE_NAMES if (directory / n).exists()]
     if not config_path.is_file():

@@ -14,7 +14,6 @@ import importlib.util
 import inspect
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import hub
+from . import durable, hub
 
 DEFAULT_MODEL = "default"
 # The embedded model's Hub id: what adapters trained on it record as base_model_name_or_path (portable, unlike
@@ -72,8 +71,10 @@ def _cache_complete(directory: Path) -> bool:
 
 
 def convert_gguf(gguf: Path, force: bool = False) -> Path:
-    """The cached safetensors conversion of ``gguf``, built (atomically) if missing or incomplete."""
+    """The cached safetensors conversion of ``gguf``, built if missing or incomplete, staged beside the cache entry
+    and swapped in (``durable.replace_dir``): a crash leaves the previous entry or the new one, whole."""
     target = _cache_dir_for(gguf)
+    durable.recover(target.parent, target.name, clean=False)  # an entry a crash left renamed aside goes back
     if not force and _cache_complete(target):
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -83,9 +84,7 @@ def convert_gguf(gguf: Path, force: bool = False) -> Path:
         file=sys.stderr,
     )
     started = time.perf_counter()
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with durable.replace_dir(target) as tmp:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model.hf_quantizer = None  # the weights are dequantized floats now: save them as a plain model
@@ -96,10 +95,6 @@ def convert_gguf(gguf: Path, force: bool = False) -> Path:
         tokenizer.save_pretrained(tmp)
         files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
         (tmp / _MANIFEST).write_text(json.dumps({"source": str(gguf), "files": files}, indent=1))
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print(f"lorakit: converted in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return target
 

@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from .. import durable
 from .model_option import MODEL_HELP
 
 HELP = "per-layer statistics, heat map and comparison of adapters"
@@ -44,6 +45,6 @@ def run(args: argparse.Namespace) -> int:
     heat_map(result, png)
     print(f"heat map: {png}", file=sys.stderr)
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        durable.write_text(Path(args.json), json.dumps(result.to_dict(), indent=2) + "\n")
         print(f"statistics: {args.json}", file=sys.stderr)
     return 0

@@ -13,14 +13,13 @@ is measured and printed.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
 from .._bnb import QUANT_METHODS
+from ..durable import recover, replace_dir
 from ..models import DTYPES
 from ..precision import Precision, decide
 from .model_option import add_model_option, model_spec
@@ -50,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.models import load_model
 
     out = Path(args.out)
+    recover(out.parent, out.name, clean=False)  # an --out that a crash left renamed aside goes back first
     if out.exists() and not args.overwrite:
         raise ValueError(f"--out {out} already exists; choose another directory or pass --overwrite")
     precision = decide(args.precision, "cpu")  # refused before anything loads
@@ -66,17 +66,7 @@ def run(args: argparse.Namespace) -> int:
     if args.quantize:
         dequantize(model)  # float weights equal to what the quantized layers computed with
     plain = lorakit.unload(model, merge=True).to(DTYPES[args.dtype])
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        plain.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    save_merged(plain, tokenizer, out)
     diff = _check_reload(out, args.task, probe, adapted, precision)
     print(f"merged {args.adapter} into {args.model} -> {out} ({args.dtype})")
     both = "" if precision.name == "fp32" else f" (both computed in {precision.name})"
@@ -93,6 +83,15 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def save_merged(model, tokenizer, out: Path) -> None:
+    """Write the merged ``model`` (and ``tokenizer``) as the directory ``out``, staged beside it and swapped in
+    (``durable.replace_dir``): a crash at any moment leaves the previous ``out`` or the new one, whole."""
+    with replace_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
 
 
 def _probe_inputs(model) -> dict[str, torch.Tensor]:

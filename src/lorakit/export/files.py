@@ -3,49 +3,48 @@ built beside its target, checked there, and moved into place only once complete 
 
 ``staged_file`` and ``staged_directory`` give the export a place beside ``--out`` to write into; whatever runs
 inside them (the writer, then the parity checks) reads the staged artifact. Only when all of it succeeds does
-the artifact replace ``--out``; on any error, or an interrupt, the staged artifact is removed, ``--out`` keeps
-what it held before (its previous contents with ``--overwrite``, or nothing), and folders the export created
-for ``--out`` are removed again.
+the artifact replace ``--out`` (``lorakit.durable``: synced, swapped in, the previous ``--out`` removed only once
+the new one is in place, so that even a crash leaves one of them whole); on any error, or an interrupt, the staged
+artifact is removed, ``--out`` keeps what it held before (its previous contents with ``--overwrite``, or
+nothing), and folders the export created for ``--out`` are removed again.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..io import commit_file, fsync_dir, fsync_files
+from .. import durable
 
 
 def write_gguf(out: Path, arch: str, fill: Callable[[Any], None]) -> None:
     """Write a GGUF file at ``out`` atomically: ``fill(writer)`` adds its keys and tensors to a ``GGUFWriter``
-    on a temporary file that replaces ``out`` only once complete."""
+    on a temporary file that replaces ``out`` only once complete (``durable.replace_file``)."""
     import gguf
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        writer = gguf.GGUFWriter(str(tmp), arch)
-        fill(writer)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        commit_file(tmp, out)
+        with durable.replace_file(out) as tmp:
+            writer = gguf.GGUFWriter(str(tmp), arch)
+            fill(writer)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
     except OSError as err:
         raise _cannot_write(out, err) from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def check_target(out: Path, overwrite: bool, *, directory: bool) -> None:
     """Refuse an ``out`` this export may not replace, before anything is written: an existing one without
     ``overwrite``, and a directory where the export is one file (replacing a folder by a file would delete
-    everything in it, which --overwrite is not meant to do)."""
+    everything in it, which --overwrite is not meant to do). An ``out`` that a crash left renamed aside, in the
+    middle of being replaced, is put back first."""
+    durable.recover(out.parent, out.name, clean=False)
     if not out.exists() and not out.is_symlink():
         return
     if not overwrite:
@@ -57,17 +56,11 @@ def check_target(out: Path, overwrite: bool, *, directory: bool) -> None:
 @contextmanager
 def staged_file(out: Path, overwrite: bool) -> Iterator[Path]:
     """A path beside ``out`` to write one file at; on a clean exit the file replaces ``out`` (one atomic
-    rename), on an error it is removed and ``out`` is left as it was. The staged name keeps ``out``'s suffix,
-    for readers that look at it."""
+    rename, made durable), on an error it is removed and ``out`` is left as it was. The staged name keeps
+    ``out``'s suffix, for readers that look at it."""
     check_target(out, overwrite, directory=False)
-    tmp = out.with_name(f".{out.name}.staged-{os.getpid()}{out.suffix}")
     with _parents_of(out):
-        tmp.unlink(missing_ok=True)  # a leftover of a killed run with this process id
-        try:
-            yield tmp
-            _commit_file(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
+        yield from _staged(out, durable.replace_file(out, suffix=out.suffix))
 
 
 @contextmanager
@@ -75,22 +68,23 @@ def staged_directory(out: Path, overwrite: bool) -> Iterator[Path]:
     """An empty directory beside ``out`` to fill; on a clean exit it replaces ``out``, on an error it is
     removed and ``out`` is left as it was."""
     check_target(out, overwrite, directory=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
     with _parents_of(out):
-        _remove(tmp)  # leftovers of a killed run with this process id
-        _remove(old)
-        try:
-            try:
-                tmp.mkdir()
-            except OSError as err:
-                raise _cannot_write(out, err) from None
+        yield from _staged(out, durable.replace_dir(out))
+
+
+def _staged(out: Path, stage: AbstractContextManager[Path]) -> Iterator[Path]:
+    """Yield ``stage``'s staged path; a write error of the staging or of the move into place is reported as
+    ``cannot write OUT``, errors of the export itself (run while the path is yielded) as they are."""
+    exporting = False
+    try:
+        with stage as tmp:
+            exporting = True
             yield tmp
-            _commit_directory(tmp, out, old)
-        finally:
-            _remove(tmp)
-            _put_back(old, out)
-    _remove(old)  # the replaced --out, only once the new one is in place
+            exporting = False
+    except OSError as err:
+        if exporting:
+            raise
+        raise _cannot_write(out, err) from None
 
 
 def place(source: Path, target: Path) -> None:
@@ -99,35 +93,6 @@ def place(source: Path, target: Path) -> None:
         os.link(source, target)
     except OSError:
         shutil.copy2(source, target)
-
-
-def _commit_file(tmp: Path, out: Path) -> None:
-    """``tmp`` (complete and checked) replaces ``out`` in one atomic rename, made durable."""
-    try:
-        commit_file(tmp, out)
-    except OSError as err:
-        raise _cannot_write(out, err) from None
-
-
-def _commit_directory(tmp: Path, out: Path, old: Path) -> None:
-    """``tmp`` replaces ``out`` in two renames (a directory cannot replace another atomically): an existing
-    ``out`` is first moved aside to ``old``, which the caller puts back should the second rename fail or be cut
-    short (``_put_back``), and removes once the new ``out`` is in place."""
-    fsync_files(tmp)
-    try:
-        if out.exists() or out.is_symlink():
-            out.rename(old)
-        tmp.rename(out)
-    except OSError as err:
-        raise _cannot_write(out, err) from None
-    fsync_dir(out.parent)
-
-
-def _put_back(old: Path, out: Path) -> None:
-    """The previous ``out``, moved aside to ``old``, back in its place when the new one never got there."""
-    if (old.exists() or old.is_symlink()) and not (out.exists() or out.is_symlink()):
-        with contextlib.suppress(OSError):  # nothing more to do; the error that got here is the one to report
-            old.rename(out)
 
 
 @contextmanager
@@ -149,14 +114,6 @@ def _parents_of(out: Path) -> Iterator[None]:
             except OSError:
                 break  # not empty (someone else wrote there) or not ours to remove
         raise
-
-
-def _remove(path: Path) -> None:
-    """Remove a file, link or directory tree at ``path``, if any."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def _cannot_write(out: Path, err: OSError) -> ValueError:

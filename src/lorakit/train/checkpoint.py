@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..io import fsync_dir, fsync_files, write_safetensors
+from .. import durable
+from ..io import write_safetensors
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
@@ -32,37 +31,30 @@ def save_checkpoint(
     """Write checkpoint ``step`` under ``root`` and return its path. ``extra``: the loop's JSON state (skipped
     steps, the precision, fp16-mixed's loss scaler), returned by ``load_checkpoint`` with the rest.
 
-    Everything goes into a temporary directory that is synced and then renamed into place, so a
-    ``step-N`` directory is always complete: a crash or a full disk leaves at most a ``.tmp-*``
-    directory, which loading ignores and the next save removes. Earlier checkpoints are never touched.
+    Everything goes into a temporary directory that is synced and then swapped into place
+    (``durable.replace_dir``), so a ``step-N`` directory is always complete: a crash or a full disk leaves at
+    most a ``.step-N.tmp-PID`` directory, which loading ignores and the next save removes. The same step saved
+    again replaces the old ``step-N`` only once the new one is in place. Earlier checkpoints are never touched.
 
     Raises:
         OSError: the write failed (full disk, no permission); the message says what and where, and
             that the earlier checkpoints are intact.
     """
     final = step_dir(root, step)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    old = root / f".old-step-{step:07d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir(parents=True)
-        method.save(model, tmp)  # for LoRA: an ordinary adapter directory, usable on its own
-        tensors, meta = _optimizer_state(optimizer)
-        tensors.update(rng_tensors())
-        state = {
-            "step": step,
-            "optimizer": meta,
-            "scheduler": scheduler.state_dict(),
-            "python_random": jsonable(random.getstate()),
-            **extra,
-        }
-        write_safetensors(tensors, tmp / STATE_TENSORS)
-        (tmp / STATE_JSON).write_text(json.dumps(state))
-        fsync_files(tmp)
-        if final.exists():  # the same step saved again (Ctrl-C right after a periodic save): swap, then drop
-            os.replace(final, old)
-        os.replace(tmp, final)
-        fsync_dir(root)
+        with durable.replace_dir(final) as tmp:
+            method.save(model, tmp)  # for LoRA: an ordinary adapter directory, usable on its own
+            tensors, meta = _optimizer_state(optimizer)
+            tensors.update(rng_tensors())
+            state = {
+                "step": step,
+                "optimizer": meta,
+                "scheduler": scheduler.state_dict(),
+                "python_random": jsonable(random.getstate()),
+                **extra,
+            }
+            write_safetensors(tensors, tmp / STATE_TENSORS)
+            (tmp / STATE_JSON).write_text(json.dumps(state))  # synced with the directory by replace_dir
     except OSError as err:
         kept = [p.name for p in list_checkpoints(root)]
         raise OSError(
@@ -71,9 +63,6 @@ def save_checkpoint(
             + (f"The earlier checkpoints are intact ({', '.join(kept)}); " if kept else "No checkpoint was saved; ")
             + "free space or fix the permissions, then continue with --resume",
         ) from err
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -150,16 +139,18 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first (temporary directories are ignored)."""
+    """Complete checkpoints under ``root``, oldest first (temporary directories are ignored). A checkpoint that a
+    crash left renamed aside, in the middle of being replaced, is put back first (``durable.recover``)."""
     if not root.is_dir():
         return []
+    durable.recover(root, clean=False)
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints (each at once: renamed aside, then removed), and what crashed
+    saves left: the run owns ``root``, so every leftover there is stale."""
     for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    for pattern in (".tmp-step-*", ".old-step-*"):  # left by a crash in the middle of a save
-        for stale in root.glob(pattern):
-            shutil.rmtree(stale, ignore_errors=True)
+        durable.delete(old)
+    durable.recover(root, owner=True)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +30,9 @@ import torch.distributed as td
 from safetensors.torch import load_file
 from torch import nn
 
+from .. import durable
 from .._bnb import float_dtype
-from ..io import fsync_dir, fsync_files, write_safetensors
+from ..io import write_safetensors
 from ..layers.base import LoraLayer
 from ..layers.variants import DoraVariant, row_norms
 from ..precision import Precision
@@ -255,9 +255,6 @@ def is_sharded(path: Path) -> bool:
 
 
 def publish(tmp: Path, final: Path, root: Path) -> None:
-    """Rank 0, after every rank wrote its part: sync and rename the checkpoint into place."""
-    fsync_files(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    fsync_dir(root)
+    """Rank 0, after every rank wrote its part: sync the checkpoint and swap it into place (``durable.swap_in``:
+    an existing ``final`` is removed only once the new one is there). ``root``: ``final``'s parent."""
+    durable.swap_in(tmp, final)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 import statistics
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import durable
 from ..data import Example, batch_indices
 from ..precision import Precision, decide
 from . import distributed as dist
@@ -181,9 +181,9 @@ class Loop:
         """Every rank writes its shards into one temporary directory; rank 0 adds the gathered adapter and the
         JSON state and renames it into place once all are done."""
         final = step_dir(self.ckpt_root, step)
-        tmp = self.ckpt_root / f".tmp-{final.name}-sharded"
+        tmp = durable.sibling(final, "tmp", "sharded")  # one name on every rank; a crashed save's is replaced
         if self.ctx.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
+            durable.remove(tmp)
             tmp.mkdir(parents=True)
         dist.barrier(self.ctx)
         values = fsdp.gathered_trainable(self.model)

@@ -13,12 +13,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .. import durable
+
 STATUS_FILE = "status.json"
 STATES = ("running", "finished", "failed", "interrupted")
 
 
 class MetricsLog:
-    """Appends records to ``metrics.jsonl`` (flushed per record, so a crash loses nothing written)."""
+    """Appends records to ``metrics.jsonl`` (flushed and synced per record, so a crash loses nothing written)."""
 
     def __init__(self, path: Path, enabled: bool = True) -> None:
         self.path = path
@@ -28,8 +30,12 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        # Append-only, not swapped in (``durable`` would rewrite the whole log per step): flushed and synced per
+        # record; a line a crash cuts short is the last one, and readers drop it (``_lines``).
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         if self.trackers is not None:
             self.trackers.log(record)
 
@@ -38,14 +44,12 @@ class MetricsLog:
         if not self.enabled or not self.path.exists():
             return
         kept = [line for line in _lines(self.path) if json.loads(line).get("step", 0) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        tmp.replace(self.path)
+        durable.write_text(self.path, "".join(line + "\n" for line in kept))
 
 
 class RunStatus:
     """``status.json`` of a run: running (with the process id and host), then finished, failed (with the error)
-    or interrupted. Written atomically by the main process, so a reader (``lorakit ui``) never sees half a file;
+    or interrupted. Written atomically and durably (``durable.write_text``) by the main process, so a reader (``lorakit ui``) never sees half a file;
     a run whose file still says running but whose process is gone was killed."""
 
     def __init__(self, out: Path, enabled: bool = True) -> None:
@@ -62,9 +66,7 @@ class RunStatus:
         record = {"state": state, "pid": os.getpid(), "host": socket.gethostname(), "started": self.started,
                   "updated": time.time(), "step": step, "max_steps": self.max_steps, "precision": self.precision,
                   "precision_reason": self.precision_reason, "error": error}  # fmt: skip
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
-        tmp.replace(self.path)
+        durable.write_text(self.path, json.dumps(record) + "\n")
 
 
 def read_status(out: Path) -> dict[str, Any] | None:

@@ -26,6 +26,8 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from .. import durable
+
 STATE = "trackers.json"
 ARTIFACTS = ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "loss.png")
 
@@ -156,7 +158,7 @@ def open_trackers(cfg, out: Path, start_step: int, enabled: bool, resolved: dict
             backends.append(_MLflow(out, cfg, state, params))
         else:
             backends.append(_WandB(out, cfg, state, config))
-    path.write_text(json.dumps(state, indent=2))
+    durable.write_text(path, json.dumps(state, indent=2))
     return Trackers(backends)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 import yaml
 from torch import nn
 
-from .. import adapters
+from .. import adapters, durable
 from ..combine import combine
 from ..config import LoraConfig
 from ..data import DataStats, Example
@@ -193,11 +192,11 @@ def setup_output(cfg: RunConfig, *, ctx: dist.Context, resume: bool, log=print) 
     if cfg.overwrite and not resume and out.exists():
         for name in ("checkpoints", "metrics.jsonl", "adapter_config.json", "adapter_model.safetensors", "loss.png",
                      "tensorboard", "mlflow.db", "mlartifacts", "wandb", "trackers.json"):  # fmt: skip
-            target = out / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            if (target := out / name).exists() or target.is_symlink():
+                durable.delete(target)  # each gone at once (renamed aside first), never half
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        durable.write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     except OSError as err:
         raise ValueError(
             f"output_dir {out} is not writable ({err.strerror or err}); choose a directory you can write to "

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .. import hub
+from .. import durable, hub
 from ..data import as_hub_dataset
 from ..train.config import (
     CHOICES,
@@ -240,7 +240,7 @@ def launch_file(ws: Workspace, name: str, result: FormResult) -> Path:
     data = copy.deepcopy(result.data)
     resolve_paths(data, ws.root)
     path = d / LAUNCH_FILE
-    path.write_text("# written by lorakit ui\n" + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    durable.write_text(path, "# written by lorakit ui\n" + yaml.safe_dump(data, sort_keys=False))
     return path
 
 

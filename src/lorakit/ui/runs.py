@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from .. import durable
 from ..serve.registry import NAME_RE as NAME_PART  # a run name's parts follow the adapter name rule
 from ..train.checkpoint import list_checkpoints
 from ..train.metrics import read_metrics, read_status
@@ -100,6 +100,7 @@ class Workspace:
         self.data_dir = Path(data).resolve() if data is not None else self.root / "data"
         if not self.root.is_dir():
             raise ValueError(f"--runs {runs} is not a directory; create it or point --runs at one")
+        durable.recover(self.root, kinds=("del",))  # what deletes cut short by a crash left
         self.launched: dict[str, Launched] = {}
         self._lock = threading.Lock()
         self._parsed: dict[Path, tuple[tuple[int, int], Any]] = {}
@@ -234,14 +235,16 @@ class Workspace:
     def state(self, name: str, d: Path) -> dict[str, Any]:
         """running | finished | failed | interrupted, whether it can resume, and the error if it failed."""
         launched = self.launched.get(name)
-        status = read_status(d) or {}
         code = None
         if launched is not None:
             code = launched.process.poll()
             if code is None:
                 return {"state": "running", "resumable": False, "error": None, "pid": launched.process.pid}
-            if (status.get("updated") or 0) < launched.started:
-                status = {}  # the status of an earlier attempt: this one ended before the trainer wrote its own
+        # read after the poll: a process that has ended wrote its last status before it did (read before, the file
+        # could still say running for a run that has since finished, and the run would show as killed)
+        status = read_status(d) or {}
+        if launched is not None and (status.get("updated") or 0) < launched.started:
+            status = {}  # the status of an earlier attempt: this one ended before the trainer wrote its own
         error = status.get("error")
         state = status.get("state")
         if state == "running":
@@ -373,8 +376,9 @@ class Workspace:
 
     def delete(self, name: str) -> None:
         """Remove a run or compare output that is not running, with everything in it. The directory is first
-        renamed to a hidden one beside it (one atomic step), so a removal cut short never leaves a half run in
-        the list."""
+        renamed to a hidden one beside it (one atomic step, made durable: ``durable.set_aside``), so a removal cut
+        short never leaves a half run in the list; what a crash leaves of it is removed by the next delete in that
+        folder, or when a dashboard opens the runs directory."""
         d = self.run_dir(name)
         listed = dict(self.names())
         if name not in listed:
@@ -387,9 +391,9 @@ class Workspace:
         with self._lock:
             for other in [n for n in self.launched if n == name or n.startswith(name + "/")]:
                 self.launched.pop(other).log.close()
-            doomed = d.with_name(f".deleting-{d.name}-{os.getpid()}-{time.monotonic_ns()}")
-            d.rename(doomed)
-        shutil.rmtree(doomed)
+            durable.recover(d.parent, kinds=("del",))  # what a delete cut short by a crash left here
+            doomed = durable.set_aside(d)
+        durable.remove(doomed)
 
     def close(self, wait_s: float = 30.0) -> None:
         """Stop the runs this dashboard launched (each writes its checkpoint), waiting up to ``wait_s``."""
