@@ -141,10 +141,9 @@ def test_refusals_name_the_problem_and_leave_no_file(tmp_path, capsys):
 
 
 def test_parity_needs_a_gguf_base_for_a_hugging_face_model(tiny_lm_dir, tmp_path, capsys, monkeypatch):
-    from lorakit import export
-    from lorakit.export import parity
+    from lorakit.export import orchestrate, parity
 
-    for module in (export, parity):  # llama.cpp there, as far as the export can tell (the default suite may lack it)
+    for module in (orchestrate, parity):  # llama.cpp there, as far as the export can tell (the suite may lack it)
         monkeypatch.setattr(module, "missing_runtime", lambda fmt: None)
     model, _ = lorakit.load_model(tiny_lm_dir)
     lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
@@ -787,3 +786,167 @@ def test_only_lorakits_side_of_a_check_runs_under_autocast(tiny_lm_dir, tmp_path
     report = model_parity(ours, examples, other, "float32 model", stop_ids=set(), max_new_tokens=3, precision=precision)
     assert seen["ours"] and all(seen["ours"]) and seen["other"] and not any(seen["other"])
     assert report.reference == "lorakit (bf16-mixed)" and report.tokens == 6
+
+
+# ----- the base model is loaded once per export (issue 32 item 4) ---------------------------------------------
+def _count_loads(monkeypatch) -> list[str]:
+    """Every model load during the test, as a list of what it was: ``load_model`` (lorakit's loader, wherever it
+    is called from) and any other ``from_pretrained`` of a transformers model (``gguf`` for transformers' reading
+    of a written GGUF, which reads the artifact, not the base)."""
+    from transformers import PreTrainedModel
+
+    from lorakit import models
+    from lorakit.export import orchestrate
+
+    loads: list[str] = []
+    real_load, real_pretrained = models.load_model, PreTrainedModel.from_pretrained.__func__
+    inside = []
+
+    def load_model(*args, **kwargs):
+        loads.append("load_model")
+        inside.append(True)
+        try:
+            return real_load(*args, **kwargs)
+        finally:
+            inside.pop()
+
+    def from_pretrained(cls, *args, **kwargs):
+        if not inside:  # load_model's own from_pretrained is counted once, as load_model
+            loads.append("gguf" if kwargs.get("gguf_file") else "from_pretrained")
+        return real_pretrained(cls, *args, **kwargs)
+
+    monkeypatch.setattr(models, "load_model", load_model)
+    monkeypatch.setattr(orchestrate, "load_model", load_model)
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(from_pretrained))
+    return loads
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
+def test_a_checked_vllm_export_loads_the_model_once(tiny_lm_dir, tmp_path, monkeypatch, precision):
+    from lorakit.export import export_adapter
+
+    _tiny_adapter(tiny_lm_dir, tmp_path / "a")
+    loads = _count_loads(monkeypatch)
+    result = export_adapter(
+        tmp_path / "a", tmp_path / "v", model=str(tiny_lm_dir), fmt="vllm", max_prompts=2, max_new_tokens=3,
+        precision=precision,
+    )  # fmt: skip
+    assert loads == ["load_model"] and result.parity.tokens == 6, loads
+    assert result.parity.max_logit_diff < (1e-4 if precision == "fp32" else 0.1), result.parity
+    loads.clear()
+    export_adapter(tmp_path / "a", tmp_path / "unchecked", model=str(tiny_lm_dir), fmt="vllm", parity=False)
+    assert loads == []  # nothing to compare: no model loaded
+
+
+def _working_llama_cpp(monkeypatch, vocab: int) -> None:
+    """llama-cpp-python stand-in that loads any file and answers the end of generation (token 0) everywhere."""
+    import numpy as np
+
+    class Llama:
+        def __init__(self, model_path, lora_path=None, n_ctx=64, **_):
+            self.metadata, self.n_tokens, self.scores = {}, 0, np.zeros((n_ctx, vocab), dtype=np.float32)
+
+        def token_eos(self):
+            return 0
+
+        def reset(self):
+            self.n_tokens = 0
+
+        def eval(self, tokens):
+            self.n_tokens += len(tokens)
+
+        def close(self):
+            pass
+
+    module = types.ModuleType("llama_cpp")
+    module.Llama, module.__version__ = Llama, "0.0-test"
+    monkeypatch.setitem(sys.modules, "llama_cpp", module)
+
+
+GGUF_CHECKS = [
+    ("gguf-lora", {"with_base": True, "precision": "bf16-mixed"}, {"adapter", "base"}),
+    ("ollama", {"ollama_layout": "adapter"}, {"adapter"}),
+]
+
+
+@pytest.mark.parametrize("fmt, options, expected", GGUF_CHECKS)
+def test_a_checked_lora_gguf_export_loads_the_model_once(tiny_lm_dir, tmp_path, monkeypatch, fmt, options, expected):
+    """The check of the base alone, lorakit's side in another precision, and the adapter layout's tokenizer all
+    come from the one load (llama.cpp stands in: what it computes does not matter here)."""
+    from transformers import AutoConfig
+
+    from lorakit.export import export_adapter
+
+    _tiny_adapter(tiny_lm_dir, tmp_path / "a")
+    (tmp_path / "base.gguf").write_bytes(b"GGUF read by the stand-in alone")
+    _working_llama_cpp(monkeypatch, AutoConfig.from_pretrained(tiny_lm_dir).vocab_size)
+    loads = _count_loads(monkeypatch)
+    out = tmp_path / ("o" if fmt == "ollama" else "x.gguf")
+    result = export_adapter(
+        tmp_path / "a", out, model=str(tiny_lm_dir), fmt=fmt, base_gguf=tmp_path / "base.gguf", max_prompts=2,
+        max_new_tokens=3, **options,
+    )  # fmt: skip
+    assert loads == ["load_model"], loads
+    assert set(result.checks) == expected and result.parity.prompts == 2, result.checks
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "fmt, options, expected",
+    [
+        *GGUF_CHECKS,
+        (
+            "gguf",
+            {"precision": "bf16-mixed", "dtype": "f16"},
+            {"llama.cpp", "transformers", "llama.cpp vs transformers"},
+        ),
+    ],
+)
+def test_a_checked_gguf_export_loads_the_model_once_in_llama_cpp(
+    default_adapter, tmp_path, monkeypatch, fmt, options, expected
+):
+    """The same in llama.cpp itself, and for a merged GGUF: lorakit's bf16 side is a copy made before the float32
+    merge, and transformers' GGUF loader reads the written file back once (the artifact, not the base)."""
+    pytest.importorskip("llama_cpp")
+    from lorakit.export import export_adapter
+
+    loads = _count_loads(monkeypatch)
+    out = tmp_path / ("o" if fmt == "ollama" else "x.gguf")
+    result = export_adapter(default_adapter, out, fmt=fmt, max_prompts=1, max_new_tokens=2, **options)
+    assert loads == ["load_model"] + (["gguf"] if fmt == "gguf" else []), loads
+    assert set(result.checks) == expected and result.parity.tokens >= 1, result.checks
+
+
+def test_lorakits_side_in_another_precision_is_what_a_load_in_that_dtype_computes(tiny_lm_dir, tmp_path):
+    """The export builds lorakit's bf16 adapted model from its one float32 load by casting: the same logits, bit
+    for bit, as the model loaded in bfloat16 with the adapter on it."""
+    from lorakit.export.orchestrate import _adapted
+    from lorakit.precision import decide
+
+    _tiny_adapter(tiny_lm_dir, tmp_path / "a")
+    precision = decide("bf16-mixed", "cpu")
+    base, _ = lorakit.load_model(tiny_lm_dir)
+    cast = _adapted(base, tmp_path / "a", precision, copied=True)
+    loaded, _ = lorakit.load_model(tiny_lm_dir, dtype=precision.storage)
+    lorakit.load_adapter(loaded, tmp_path / "a", adapter_dtype=precision.trained)
+    ids = torch.tensor([[5, 9, 17, 33, 2]])
+    with torch.no_grad(), precision.context("cpu"):
+        assert torch.equal(cast(input_ids=ids).logits, loaded(input_ids=ids).logits)
+    assert next(base.parameters()).dtype == torch.float32  # the copy was cast, not the base
+
+
+def test_the_package_only_hands_names_on_and_the_request_takes_the_old_keywords():
+    """`import lorakit.export` imports no writer (the names come from their modules when first used), and
+    export_adapter's keywords of old map onto an ExportRequest, a misspelt one refused."""
+    import subprocess
+
+    code = "import sys, lorakit.export; print(sorted(m for m in sys.modules if m.startswith('lorakit.export')))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "['lorakit.export']", run.stdout
+    from lorakit.export import ExportRequest, ParityOptions, export_adapter
+
+    request = ExportRequest.of("a", "o", fmt="gguf", dtype="q8_0", parity=False, require_parity=False, max_prompts=3)
+    assert request == ExportRequest("a", "o", fmt="gguf", dtype="q8_0", parity=ParityOptions(False, max_prompts=3))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'fromat'"):
+        export_adapter("a", "o", fromat="gguf")

@@ -79,7 +79,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..export import export_adapter
+    from ..export import ExportRequest, ParityOptions, run_export
     from ..export.parity import missing_runtime
     from ..precision import decide
 
@@ -93,24 +93,28 @@ def run(args: argparse.Namespace) -> int:
             f"--min-agreement needs the parity check, which cannot run: {why}; nothing was written (drop "
             "--min-agreement to write the export unchecked)"
         )
-    result = export_adapter(
+    checks = ParityOptions(
+        enabled=not args.no_parity,
+        required=args.require_parity,
+        prompts=args.prompts,
+        max_prompts=args.max_prompts,
+        max_new_tokens=args.max_new_tokens,
+        with_base=args.with_base,
+        precision=args.precision,  # decided (and refused) by the export, before anything is written
+    )
+    request = ExportRequest(
         args.adapter,
         args.out,
         model=model_spec(args, args.adapter),
         fmt=args.fmt,
         dtype=args.dtype,
         base_gguf=args.base_gguf,
-        prompts=args.prompts,
-        max_prompts=args.max_prompts,
-        max_new_tokens=args.max_new_tokens,
-        parity=not args.no_parity,
-        require_parity=args.require_parity,
-        with_base=args.with_base,
-        merged=args.merged,
         ollama_layout=args.ollama_layout,
+        merged=args.merged,
         overwrite=args.overwrite,
-        precision=args.precision,  # decided (and refused) by the export, before anything is written
+        parity=checks,
     )
+    result = run_export(request)
     print(result.artifact.describe(), file=sys.stderr)
     print(f"run it: {result.run}", file=sys.stderr)
     if caveat := getattr(result.artifact, "caveat", None):

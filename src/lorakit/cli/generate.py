@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     import lorakit
     from lorakit.precision import decide
+    from lorakit.stopping import stop_token_ids
 
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
         raise ValueError("use --temperature >= 0, 0 < --top-p <= 1 and --max-new-tokens >= 1")
@@ -60,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
             temperature=args.temperature if sample else None,
             top_p=args.top_p if sample else None,
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            eos_token_id=sorted(stop_token_ids(tokenizer, model)) or None,  # the server's and evaluation's stops
             streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
         )
     return 0

@@ -12,8 +12,11 @@ generated from and the answer compared with the reference.
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..stopping import stop_token_ids
 
 IGNORE = -100  # label of tokens that carry no loss
 _ROLES = {"system", "user", "assistant", "tool"}
@@ -129,9 +132,24 @@ def tokenize_chat(messages: Any, where: str, tokenizer, completion_only: bool) -
 
 
 def _through_stop(answer: list[int], tokenizer) -> int:
-    """Length of the answer up to and including the end-of-turn token (generation stops there)."""
-    eos = tokenizer.eos_token_id
-    return answer.index(eos) + 1 if eos in answer else len(answer)
+    """Length of the answer up to and including its first stop token (``lorakit.stopping``: the one policy of
+    evaluation, export checks and the server; generation stops there)."""
+    stops = _stops(tokenizer)
+    return next((i + 1 for i, token in enumerate(answer) if token in stops), len(answer))
+
+
+_STOPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _stops(tokenizer) -> frozenset[int]:
+    """``stop_token_ids(tokenizer)``, worked out once per tokenizer (it renders a probe chat)."""
+    try:
+        return _STOPS[tokenizer]
+    except KeyError:
+        ids = _STOPS[tokenizer] = stop_token_ids(tokenizer)
+        return ids
+    except TypeError:  # not weakly referenceable
+        return stop_token_ids(tokenizer)
 
 
 def _check_messages(messages: Any, where: str) -> None:

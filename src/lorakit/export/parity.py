@@ -24,6 +24,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,7 @@ from torch import nn
 from ..data import Example
 from ..models import kv_cache_inputs, kv_cache_output
 from ..precision import Precision
+from ..stopping import gguf_stop_ids
 
 
 @dataclass
@@ -154,7 +156,7 @@ def llama_cpp_parity(
     base_gguf: str | os.PathLike,
     adapter_gguf: str | os.PathLike | None,
     *,
-    stop_ids: set[int],
+    stop_ids: AbstractSet[int],
     max_new_tokens: int = 16,
     threads: int | None = None,
     reference: str = "lorakit",
@@ -162,8 +164,9 @@ def llama_cpp_parity(
 ) -> ParityReport:
     """Decode ``examples``' prompts greedily in ``model`` (lorakit's adapted model, or ``reference``) and in
     llama.cpp (``base_gguf`` with ``adapter_gguf``, or alone when None) and compare; see the module docstring.
-    ``model`` stops at ``stop_ids``, llama.cpp at the end-of-generation tokens the GGUF itself declares, and
-    computes in ``precision`` (None: as it is stored)."""
+    ``model`` computes in ``precision`` (None: as it is stored). Both sides stop at ``stop_ids`` (the one policy
+    of ``lorakit.stopping``, which the export gives with its GGUF's declared ids) and llama.cpp also at the ids
+    the file it runs declares (``llama_cpp_stop_ids``), which the policy includes for the same file."""
     llama_cpp = require_llama_cpp()
     longest = max(len(e.prompt_ids) for e in examples) + max_new_tokens + 1
     llm = llama_cpp.Llama(
@@ -174,7 +177,7 @@ def llama_cpp_parity(
         logits_all=True,
         verbose=False,
     )
-    llama_stops = llama_cpp_stop_ids(llm)
+    llama_stops = frozenset(stop_ids) | llama_cpp_stop_ids(llm)
     try:
         return compare(
             model, examples, f"llama.cpp (llama-cpp-python {llama_cpp.__version__})",
@@ -193,7 +196,7 @@ def compare(
     *,
     theirs: Callable[[list[int], int], list[int]],
     forced: Callable[[list[int], list[int], list[np.ndarray]], tuple[float, int]],
-    stop_ids: set[int],
+    stop_ids: AbstractSet[int],
     max_new_tokens: int,
     reference: str = "lorakit",
     precision: Precision | None = None,
@@ -233,7 +236,7 @@ def compare(
 
 
 @torch.no_grad()
-def _greedy(model: nn.Module, prompt: list[int], steps: int, stop_ids: set[int]):
+def _greedy(model: nn.Module, prompt: list[int], steps: int, stop_ids: AbstractSet[int]):
     """Greedy tokens of a transformers-style causal LM (lorakit's, or PEFT's reading of an export), up to and
     including a stop token, and the logits that chose each of them."""
     ids = torch.tensor([prompt])
@@ -253,16 +256,13 @@ def _greedy(model: nn.Module, prompt: list[int], steps: int, stop_ids: set[int])
     return tokens, logits
 
 
-def llama_cpp_stop_ids(llm) -> set[int]:
-    """The tokens llama.cpp ends a generation at, as the GGUF's metadata declares them (EOS, end of turn)."""
-    stops = {int(llm.token_eos())}
-    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
-        if key in llm.metadata:
-            stops.add(int(llm.metadata[key]))
-    return stops
+def llama_cpp_stop_ids(llm) -> frozenset[int]:
+    """The tokens llama.cpp ends a generation at, as the GGUF's metadata declares them (EOS, end of turn, end
+    of message: ``lorakit.stopping.gguf_stop_ids``)."""
+    return frozenset({int(llm.token_eos())}) | gguf_stop_ids(llm.metadata)
 
 
-def _llama_greedy(llm, prompt: list[int], steps: int, stop_ids: set[int]) -> list[int]:
+def _llama_greedy(llm, prompt: list[int], steps: int, stop_ids: AbstractSet[int]) -> list[int]:
     llm.reset()
     llm.eval(prompt)
     tokens: list[int] = []
@@ -292,7 +292,7 @@ def model_parity(
     other: nn.Module,
     runtime: str,
     *,
-    stop_ids: set[int],
+    stop_ids: AbstractSet[int],
     max_new_tokens: int = 16,
     precision: Precision | None = None,
 ) -> ParityReport:

@@ -50,6 +50,7 @@ from ..models import kv_cache_inputs
 from ..patches import FEW_ROWS, enable_skinny_linear, remove_patches
 from ..precision import Precision
 from ..state import has_adapters
+from ..stopping import stop_token_ids
 from .kv import SlotKV
 from .text import TextStream
 
@@ -160,7 +161,7 @@ class Engine:
         self.device = param.device
         self.precision = precision
         self.pad_id = _pad_id(model, tokenizer)
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = stop_token_ids(tokenizer, model)  # the one policy: evaluation's and export's too
         self._keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
         if few_row_fast_path or (few_row_fast_path is None and self.device.type == "cpu"):
             enable_skinny_linear(model)
@@ -474,17 +475,3 @@ def _pad_id(model: nn.Module, tokenizer) -> int:
         if candidate is not None:
             return int(candidate)
     return 0
-
-
-def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
-    ids: set[int] = set()
-    gen = getattr(model, "generation_config", None)
-    for source in (
-        getattr(gen, "eos_token_id", None),
-        getattr(model.config, "eos_token_id", None),
-        tokenizer.eos_token_id,
-    ):
-        if source is None:
-            continue
-        ids.update(source if isinstance(source, list | tuple) else [source])
-    return {int(i) for i in ids}

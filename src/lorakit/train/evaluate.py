@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..data import Example
+from ..stopping import stop_token_ids
 from .tasks import TASKS
 
 CAUSAL = TASKS["causal-lm"]
@@ -114,7 +115,8 @@ def pad_id(tokenizer) -> int:
 
 
 def generate_batch(model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
-    """Greedy continuations of token-id prompts, left-padded into one batch; decoded without special tokens."""
+    """Greedy continuations of token-id prompts, left-padded into one batch, ended at the stop tokens of
+    ``lorakit.stopping`` (the server's); decoded without special tokens."""
     pad = pad_id(tokenizer)
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
@@ -129,7 +131,7 @@ def generate_batch(model: nn.Module, tokenizer, prompts: list[list[int]], max_ne
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=pad,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=sorted(stop_token_ids(tokenizer, model)) or None,
     )
     start = 0 if getattr(model.config, "is_encoder_decoder", False) else width  # decoders echo the prompt
     return [tokenizer.decode(row[start:], skip_special_tokens=True) for row in out.tolist()]
