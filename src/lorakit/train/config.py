@@ -68,7 +68,7 @@ __all__ = [
 
 
 # ----- building from YAML / dicts ------------------------------------------------------------------------
-PATH_KEYS = ("data.train", "data.eval", "dpo.reference_adapter")
+PATH_KEYS = ("data.train", "data.eval", "data.retention_texts", "data.retention_probes", "dpo.reference_adapter")
 """Keys holding paths the run reads. A relative one is read against the config file's directory when written in
 the file, against the working directory when given with --set; either way it is stored absolute, so the
 config.yaml a run writes works from any directory. ``model`` follows the rule only where such a path exists

@@ -73,20 +73,30 @@ class Loop:
         self.objective = self.objective or objective_for(self.cfg)
 
     def evaluate(self, rows: list) -> EvalResult | PreferenceEval:
-        """The held-out figures, computed as the steps compute (under the precision's autocast)."""
-        cfg = self.cfg
+        """The held-out figures, computed as the steps compute (under the precision's autocast). Every process
+        calls it: each scores its share of the rows and all get the figures of all of them (``evaluate``); only
+        the main process writes and prints them (``metrics``, ``log``)."""
+        cfg, size = self.cfg, self.eval_batch_size
         with self.precision.context(self.ctx.device):
             if self.objective.name != "sft":
-                return evaluate_pairs(self.objective, self.model, rows, self.pad)
+                return evaluate_pairs(self.objective, self.model, rows, self.pad, size, self.ctx, self.sharded)
             return evaluate(
-                self.model, self.tokenizer, rows, generate=cfg.train.generate_eval,
-                max_new_tokens=cfg.train.max_new_tokens, task=self.task,
+                self.model, self.tokenizer, rows, batch_size=size, generate=cfg.train.generate_eval,
+                max_new_tokens=cfg.train.max_new_tokens, task=self.task, ctx=self.ctx, lockstep=self.sharded,
             )  # fmt: skip
 
     @property
+    def eval_batch_size(self) -> int:
+        """Rows (pairs, for preference objectives) per evaluation forward on each process: train.eval_batch_size,
+        by default the rows of one training forward (train.batch_size / (processes x train.grad_accum))."""
+        t = self.cfg.train
+        return t.eval_batch_size or max(1, t.batch_size // (self.ctx.world_size * t.grad_accum))
+
+    @property
     def evaluates(self) -> bool:
-        """Whether this process runs the evaluations: rank 0, or every rank in step when the model is sharded
-        (each forward gathers the shards); only rank 0 writes and prints the results."""
+        """Whether this process runs whole-model work that one process does alone: rank 0, or every rank in step
+        when the model is sharded (each forward gathers the shards). Evaluations are not such work: every
+        process scores its share of the rows (``evaluate``)."""
         return self.ctx.is_main or self.sharded
 
     @property
@@ -156,11 +166,9 @@ class Loop:
         if t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
             self.checkpoint(self.step)
         if t.eval_every and eval_rows and self.step % t.eval_every == 0 and self.step < t.max_steps:
-            if self.evaluates:
-                result = self.evaluate(eval_rows)
-                self.metrics.write({"kind": "eval", "step": self.step, **result.as_record()})
-                self.log(f"\n{result.describe(f'at step {self.step}')}")
-            dist.barrier(self.ctx)
+            result = self.evaluate(eval_rows)  # every process its share; no process waits for another's
+            self.metrics.write({"kind": "eval", "step": self.step, **result.as_record()})  # the main process's
+            self.log(f"\n{result.describe(f'at step {self.step}')}")
             self.wrapped.train()
 
     def checkpoint(self, step: int) -> Path | None:

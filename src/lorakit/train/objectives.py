@@ -300,21 +300,39 @@ class PreferenceEval:
         )
 
 
-def evaluate_pairs(objective: Preference, model: nn.Module, pairs: list[PreferencePair], pad: int, batch_size: int = 8):
-    """The objective's loss and metrics over held-out ``pairs`` (eval mode, no gradients)."""
+def evaluate_pairs(
+    objective: Preference,
+    model: nn.Module,
+    pairs: list[PreferencePair],
+    pad: int,
+    batch_size: int = 8,
+    ctx: dist.Context | None = None,
+    lockstep: bool = False,
+) -> PreferenceEval:
+    """The objective's loss and metrics over held-out ``pairs`` (eval mode, no gradients), ``batch_size`` pairs
+    per forward pass. Under torchrun (``ctx``) each process scores every ``world_size``-th pair and the sums are
+    added across processes, as ``evaluate`` does; ``lockstep`` (FSDP): every process runs as many forwards."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: use at least 1 pair per forward pass")
+    ctx = ctx or dist.Context()
     was_training = model.training
     model.eval()
     device = next(p for p in model.parameters() if not p.is_meta).device
-    units = objective.units(pairs)
-    total, sums = 0.0, {}
+    units = objective.units(pairs)  # of all the pairs: each process's loss is its share of the mean
+    mine = pairs[ctx.rank :: ctx.world_size]
+    share = math.ceil(len(pairs) / ctx.world_size) if lockstep else len(mine)
+    sums = torch.zeros(1 + len(objective.metrics), dtype=torch.float64, device=device)
     with torch.no_grad():
-        for start in range(0, len(pairs), batch_size):
-            loss, part = objective.loss(model, model, pairs[start : start + batch_size], pad, device, units)
-            total += loss.item()
-            for k, v in part.items():
-                sums[k] = sums.get(k, 0.0) + v.item()
+        for start in range(0, share, batch_size):
+            chunk = mine[start : start + batch_size]
+            loss, part = objective.loss(model, model, chunk or pairs[:1], pad, device, units)
+            if chunk:  # else only in step with the other processes (lockstep)
+                sums += torch.stack([loss.double(), *(part[m].double() for m in objective.metrics)])
     model.train(was_training)
-    return PreferenceEval(total, objective.summarize(sums, units), len(pairs))
+    total, *values = dist.all_reduce_sum(sums.to(ctx.device), ctx).tolist()
+    return PreferenceEval(
+        total, objective.summarize(dict(zip(objective.metrics, values, strict=True)), units), len(pairs)
+    )
 
 
 def disable_dropout(model: nn.Module) -> int:

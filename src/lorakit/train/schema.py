@@ -83,6 +83,12 @@ class DataConfig:
     max_eval_rows: int | None = None
     """Evaluate on at most this many rows (the first ones); unset: all."""
 
+    retention_texts: str | None = None
+    """General text for retention's drift (JSONL, one {"text": ...} per line); unset: the set lorakit ships."""
+
+    retention_probes: str | None = None
+    """Probe questions for retention's kept knowledge (JSONL: question, choices, answer); unset: lorakit's set."""
+
 
 @dataclass
 class TrainLoopConfig:
@@ -147,11 +153,21 @@ class TrainLoopConfig:
     max_new_tokens: int = 32
     """Token limit for generated answers at evaluation."""
 
+    eval_batch_size: int | None = None
+    """Rows (pairs, for dpo and orpo) per forward pass at evaluation, on each process (under torchrun each
+    process evaluates its share of the rows). Unset: the rows of one training forward, batch_size / (processes x
+    grad_accum): evaluation keeps no activations for backward and runs the head in chunks, so it fits where a
+    training step does."""
+
     nan_policy: str = "stop"
     """On a NaN or infinite loss or gradient: stop (keep the last good checkpoint) or skip (drop the step, count it)."""
 
     eval_before: bool = True
     """Evaluate the untrained model first (the 'before' of a before/after comparison)."""
+
+    eval_retention: bool = False
+    """After training, also measure retention: how much of the base model's general behaviour the trained model
+    kept (kept share of general-knowledge probes, KL drift on general text; lorakit eval --retention)."""
 
     report_to: list[str] = field(default_factory=list)
     """Experiment trackers that also receive every metrics record: any of tensorboard (event files in
@@ -233,6 +249,12 @@ class CompareConfig:
 
     latency_repeats: int = 5
     """Forward passes timed per model for the inference-latency column (median reported)."""
+
+    seeds: int = 1
+    """Times each method trains, with seeds seed, seed + 1, ...: the table gives the mean and spread over them."""
+
+    retention: bool = True
+    """Measure each trained model's retention of the base's general behaviour (lorakit eval --retention)."""
 
 
 @dataclass
@@ -341,6 +363,11 @@ def check_run(c: RunConfig) -> None:
         (c.train.log_every >= 0, f"train.log_every={c.train.log_every}: use 0 (no log lines) or more"),
         (c.train.batch_size >= 1, f"train.batch_size={c.train.batch_size}: use at least 1"),
         (c.train.grad_accum >= 1, f"train.grad_accum={c.train.grad_accum}: use at least 1"),
+        (
+            c.train.eval_batch_size is None or c.train.eval_batch_size >= 1,
+            f"train.eval_batch_size={c.train.eval_batch_size}: use at least 1 row per forward pass, or leave it unset "
+            "(the rows of one training forward)",
+        ),
         (
             c.train.batch_size % c.train.grad_accum == 0,
             f"train.batch_size={c.train.batch_size} is not divisible by train.grad_accum={c.train.grad_accum}",

@@ -17,7 +17,19 @@ from torch import nn
 
 from ..data import IGNORE, Example, collate, tokenize_row
 from ..models import TASK_NAMES
-from .fused_loss import causal_loss_sum, forward_inputs, supports_fused_loss
+from ..precision import autocast_off
+from .fused_loss import (
+    CHUNK,
+    causal_loss_sum,
+    compute_dtype,
+    forward_inputs,
+    fused_head,
+    head_as_identity,
+    supports_fused_loss,
+)
+
+EVAL_CHUNK = CHUNK
+"""Positions whose logits evaluation computes at a time on the chunked path (``CausalLM.eval_sums``)."""
 
 
 class CausalLM:
@@ -64,13 +76,23 @@ class CausalLM:
 
     def hits(self, logits: torch.Tensor, batch: dict[str, torch.Tensor], examples: list[Example]) -> tuple[int, int]:
         """Greedy decoding reproduces an answer iff, teacher-forced, each answer token is the argmax."""
-        hits = scored = 0
-        for i, example in enumerate(examples):
-            if example.scorable and example.reference is not None:
-                a, b = example.answer_start, example.answer_end
-                hits += bool((logits[i, a - 1 : b - 1].argmax(-1) == batch["input_ids"][i, a:b]).all())
-                scored += 1
-        return hits, scored
+        return _answer_hits(logits.argmax(-1), batch, examples)
+
+    def eval_sums(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], examples: list[Example], score: bool
+    ) -> tuple[float, int, int]:
+        """(loss sum, exact-match hits, scored rows; 0 and 0 unless ``score``) of one evaluation batch.
+
+        A causal LM whose logits are one linear layer's output (``fused_head``) runs the head over its final
+        hidden states ``EVAL_CHUNK`` positions at a time, and only at the labelled positions and the answers':
+        the (batch, tokens, vocabulary) logits never exist. Same figures as the path through the logits, which
+        the other models and tasks take (loss to float32 rounding; the argmax of the same products)."""
+        inner = getattr(model, "module", model)
+        if self.fused_loss and fused_head(inner) is not None:
+            return _chunked_sums(model, inner, batch, examples if score else [])
+        logits = self.logits(model, batch)
+        hits, scored = self.hits(logits, batch, examples) if score else (0, 0)
+        return self.loss_sum(logits, batch).item(), hits, scored
 
 
 class Seq2Seq(CausalLM):
@@ -159,6 +181,47 @@ class Classification(CausalLM):
 
     def hits(self, logits, batch, examples):
         return int((logits.argmax(-1) == batch["labels"]).sum()), len(examples)
+
+
+def _answer_hits(predicted: torch.Tensor, batch, examples: list[Example]) -> tuple[int, int]:
+    """(hits, scored) of a causal LM's scorable rows from its argmax tokens ``predicted`` (batch, tokens)."""
+    hits = scored = 0
+    for i, example in enumerate(examples):
+        if example.scorable and example.reference is not None:
+            a, b = example.answer_start, example.answer_end
+            hits += bool((predicted[i, a - 1 : b - 1] == batch["input_ids"][i, a:b]).all())
+            scored += 1
+    return hits, scored
+
+
+def _chunked_sums(model: nn.Module, inner: nn.Module, batch, examples: list[Example]) -> tuple[float, int, int]:
+    """``CausalLM.eval_sums`` through the head in chunks; ``examples``: the rows to score (none: loss only)."""
+    with head_as_identity(inner) as head:
+        hidden = model(**forward_inputs(batch, inner)).logits  # the final hidden states
+    rows, width = batch["input_ids"].shape
+    flat = hidden.reshape(rows * width, hidden.shape[-1])
+    targets = torch.full_like(batch["labels"], IGNORE)
+    targets[:, :-1] = batch["labels"][:, 1:]  # position t predicts token t + 1
+    targets = targets.view(-1)
+    wanted = targets != IGNORE
+    for i, e in enumerate(examples):  # the answers' positions, labelled or not: their argmax decides a hit
+        if e.scorable and e.reference is not None:
+            wanted[i * width + max(e.answer_start - 1, 0) : i * width + e.answer_end - 1] = True
+    positions = wanted.nonzero().squeeze(1)
+    predicted = torch.full_like(targets, -1)
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    dtype = compute_dtype(flat, head.weight)  # autocast's, read before turning it off: the model's own head's
+    weight = head.weight.detach().to(dtype)
+    bias = head.bias.detach().to(dtype) if head.bias is not None else None
+    with autocast_off(flat.device.type):
+        for start in range(0, positions.numel(), EVAL_CHUNK):
+            index = positions[start : start + EVAL_CHUNK]
+            logits = F.linear(flat.index_select(0, index).to(dtype), weight, bias).float()
+            target = targets.index_select(0, index)
+            total += F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="sum").double()
+            predicted.index_copy_(0, index, logits.argmax(-1))
+    hits, scored = _answer_hits(predicted.view(rows, width), batch, examples)
+    return total.item(), hits, scored
 
 
 def _label_id(label: Any, model_config, where: str) -> int:

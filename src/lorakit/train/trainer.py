@@ -364,9 +364,10 @@ def setup_resume(loop: Loop, *, resume: bool, log) -> int:
 
 
 def evaluate_before(loop: Loop, *, eval_rows: list[Example], start_step: int, log) -> EvalResult | None:
-    """The untrained model's evaluation (the 'before' of a before/after comparison), on a fresh run only."""
+    """The untrained model's evaluation (the 'before' of a before/after comparison), on a fresh run only; every
+    process scores its share of the rows (``Loop.evaluate``), the main one writes and prints the figures."""
     cfg = loop.cfg
-    if not (eval_rows and start_step == 0 and loop.evaluates and cfg.train.eval_before):
+    if not (eval_rows and start_step == 0 and cfg.train.eval_before):
         return None
     result = loop.evaluate(eval_rows)
     loop.metrics.write({"kind": "eval", "step": 0, **result.as_record()})
@@ -377,7 +378,7 @@ def evaluate_before(loop: Loop, *, eval_rows: list[Example], start_step: int, lo
 def finish(loop: Loop, *, result: RunResult, eval_rows: list[Example], log) -> None:
     """The final evaluation, the adapter (or trained weights), the loss plot; then the processes part."""
     out = result.output_dir
-    if loop.evaluates and eval_rows:
+    if eval_rows:  # every process its share of the rows (Loop.evaluate)
         result.eval = loop.evaluate(eval_rows)
         loop.metrics.write({"kind": "eval", "step": loop.step, **result.eval.as_record()})
         log(result.eval.describe("after training"))
