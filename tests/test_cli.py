@@ -29,7 +29,9 @@ def test_merge_exports_plain_model(base_and_adapter, capsys):
     adapted, tmp = base_and_adapter
     code = main(["merge", "--model", str(tmp / "base"), "--adapter", str(tmp / "adapter"), "--out", str(tmp / "m")])
     assert code == 0
-    assert "max |logit diff| vs adapted model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    diff = float(err.split("max |logit diff| vs adapted model = ")[1].split()[0])
+    assert diff <= 1e-4  # the command's own check: the reloaded merged model gives the adapted model's logits
     merged = AutoModelForCausalLM.from_pretrained(tmp / "m")  # plain transformers
     assert not any("lora" in k or "base_layer" in k for k in merged.state_dict())
     inputs = FAMILIES["llama"].inputs()
@@ -55,9 +57,48 @@ def test_merge_errors_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_console_script_runs():
-    out = subprocess.run([sys.executable, "-m", "lorakit", "--help"], capture_output=True, text=True, check=True)
-    assert "merge" in out.stdout
+SUBCOMMANDS = ["train", "eval", "generate", "merge", "export", "combine", "inspect", "compare", "serve", "bench", "ui"]
+
+
+def test_console_script_runs(capsys):
+    """`lorakit --help` lists every subcommand with its help line, `--version` prints lorakit's version, and the
+    `lorakit` console script is the entry point they run."""
+    import os
+    import re
+    from importlib.metadata import entry_points, version
+
+    from lorakit.cli.main import SUBCOMMANDS as modules
+
+    assert list(modules) == SUBCOMMANDS
+    env = {**os.environ, "COLUMNS": "200"}  # argparse wraps the help to the terminal's width
+    out = subprocess.run([sys.executable, "-m", "lorakit", "--help"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert out.stdout.startswith("usage: lorakit [-h] [--version] COMMAND ...\n")
+    listed = re.findall(r"^ {4}(\w+) +(\S.*)$", out.stdout, flags=re.MULTILINE)
+    assert listed == [(name, modules[name].HELP) for name in SUBCOMMANDS]
+    assert all(len(help_line) > 10 for _, help_line in listed)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"lorakit {lorakit.__version__}\n"
+    assert lorakit.__version__ == version("lorakit")  # the installed distribution's version
+    (script,) = entry_points(group="console_scripts", name="lorakit")
+    assert script.value == "lorakit.cli.main:main"
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        ([], "lorakit: error: the following arguments are required: COMMAND"),
+        (["nosuch"], "lorakit: error: argument COMMAND: invalid choice: 'nosuch' (choose from 'train', 'eval',"),
+        (["train", "--nosuch"], "lorakit: error: unrecognized arguments: --nosuch"),
+    ],
+)
+def test_a_wrong_command_line_is_a_usage_error_with_exit_code_2(argv, words, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: lorakit") and words in err, err
 
 
 def test_eval_show_prints_as_many_samples_as_asked_with_their_questions(tiny_lm_dir, tmp_path, capsys):
@@ -99,6 +140,8 @@ def test_eval_and_generate_in_bf16_agree_with_fp32(tiny_lm_dir, tiny_adapter_and
     import difflib
     import json
 
+    from lorakit.precision import decide
+
     adapter, rows = tiny_adapter_and_rows
     model = ["--model", str(tiny_lm_dir), "--adapter", str(adapter)]
     losses, texts = {}, {}
@@ -116,7 +159,10 @@ def test_eval_and_generate_in_bf16_agree_with_fp32(tiny_lm_dir, tiny_adapter_and
         assert losses[precision] == pytest.approx(losses["fp32"], rel=1e-2), precision
         assert difflib.SequenceMatcher(None, texts[precision], texts["fp32"]).ratio() >= 0.75, texts
     assert main(["eval", *model, "--data", str(rows), "--json", "--no-generate"]) == 0  # default: auto
-    assert "precision: " in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    auto = decide("auto", "cuda" if torch.cuda.is_available() else "cpu")
+    assert [line for line in err.splitlines() if line.startswith("precision: ")] == [auto.describe()]
+    assert json.loads(out)["loss"] == pytest.approx(losses[auto.name], rel=1e-6)  # as when named
 
 
 @pytest.mark.parametrize("command", ["generate", "eval", "merge", "export"])

@@ -97,7 +97,9 @@ def test_truncation_is_counted(tiny_tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "red " * 50}, {"text": "blue"}])
     examples, stats = tokenize_rows(read_rows(path), tiny_tokenizer, 16, True)
     assert stats.truncated == 1 and len(examples[0].input_ids) == 16 and len(examples[0].labels) == 16
-    assert "1 truncated to max_length" in stats.describe("train")
+    assert stats.tokens == 16 + len(examples[1].input_ids)  # the tokens kept, not those cut off
+    described = f"train: 2 rows (2 text), {stats.tokens} tokens, {stats.trained_tokens} with loss"
+    assert stats.describe("train") == described + "; 1 truncated to max_length"
 
 
 def test_packing_places_whole_rows_and_labels_no_first_token():

@@ -1,6 +1,7 @@
 """End-to-end training on a tiny model: loss falls, outputs, resume equivalence, Ctrl-C, NaN, config errors."""
 
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -39,7 +40,14 @@ def test_training_lowers_loss_and_writes_outputs(run_config):
     assert sum(train_losses[-3:]) / 3 < 0.6 * sum(train_losses[:3]) / 3
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [0, 12] and evals[1]["loss"] < evals[0]["loss"]
-    assert result.eval.exact_match is not None and result.eval_before is not None
+    assert result.steps == 12 and result.final_loss == train_losses[-1]
+    # the returned evaluations are the recorded ones, of every eval row, before and after training
+    assert (result.eval_before.loss, result.eval.loss) == (evals[0]["loss"], evals[1]["loss"])
+    assert (result.eval_before.exact_match, result.eval.exact_match) == (
+        evals[0]["exact_match"],
+        evals[1]["exact_match"],
+    )
+    assert result.eval_before.scored == result.eval.scored == evals[1]["scored"] == 12
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -117,11 +125,18 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(run_config, monkeypatch):
     assert result.skipped_steps == 1
 
 
-def test_existing_output_dir_is_refused(run_config, capsys):
-    train(run_config("train.max_steps=1"), progress=False)
+def test_existing_output_dir_is_refused(run_config):
+    out = train(run_config("train.max_steps=1"), progress=False).output_dir
+    written = {
+        name: (out / name).read_bytes() for name in ("metrics.jsonl", "status.json", "adapter_model.safetensors")
+    }
     with pytest.raises(ValueError, match="already holds a run; pass --resume"):
         train(run_config("train.max_steps=1"), progress=False)
-    train(run_config("train.max_steps=1", "overwrite=true"), progress=False)
+    assert {name: (out / name).read_bytes() for name in written} == written  # the refused run touched nothing
+    train(run_config("train.max_steps=2", "overwrite=true"), progress=False)
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+    assert steps == [1, 2]  # the old run's records replaced, not appended to
+    assert (out / "adapter_model.safetensors").read_bytes() != written["adapter_model.safetensors"]
 
 
 def test_config_reference_documents_every_key():
@@ -161,10 +176,16 @@ def test_yaml_file_and_cli_errors(tmp_path, capsys):
 
 
 def test_train_help_lists_config_reference():
+    import os
+
+    env = {**os.environ, "COLUMNS": "200"}  # argparse wraps the options' help to the terminal's width
     out = subprocess.run(
-        [sys.executable, "-m", "lorakit", "train", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "lorakit", "train", "--help"], capture_output=True, text=True, check=True, env=env
     )
-    assert "train.loraplus_lr_ratio (default: None)" in out.stdout and "--resume" in out.stdout
+    lines = out.stdout.splitlines()
+    missing = [key for key, default, _ in reference() if f"  {key} (default: {default!r})" not in lines]
+    assert missing == [], missing  # every config key with its default
+    assert any(re.fullmatch(r"  --resume +continue from the newest checkpoint in output_dir", line) for line in lines)
 
 
 def test_cli_train_eval_generate(run_config, tiny_lm_dir, tmp_path, capsys):
@@ -173,12 +194,17 @@ def test_cli_train_eval_generate(run_config, tiny_lm_dir, tmp_path, capsys):
     code = main(["train", "--no-progress", *sets])
     assert code == 0
     out = capsys.readouterr().out
-    assert "exact match:" in out and "adapter written to" in out
+    before, after = [r for r in read_metrics(Path(cfg.output_dir) / "metrics.jsonl") if r["kind"] == "eval"]
+    versus = f"exact match: {100 * before['exact_match']:.1f}% before -> {100 * after['exact_match']:.1f}% after"
+    written = re.escape(f"adapter written to {cfg.output_dir} (12 steps, median ") + r"\d+ tokens/s a step\)"
+    assert re.fullmatch(re.escape(versus) + "\n" + written + "\n", out), out
     assert (
         main(["eval", "--model", str(tiny_lm_dir), "--adapter", cfg.output_dir, "--data", cfg.data.eval, "--json"]) == 0
     )
     record = json.loads(capsys.readouterr().out)
-    assert record["scored"] == 12 and 0 <= record["exact_match"] <= 1
+    # the saved adapter, loaded again, scores the eval rows as the run did at its end (same precision: auto)
+    assert record["scored"] == after["scored"] == 12 and record["exact_match"] == after["exact_match"]
+    assert record["loss"] == pytest.approx(after["loss"], rel=1e-4)
     assert main(["generate", "--model", str(tiny_lm_dir), "--adapter", cfg.output_dir, "--chat", "colour of item 2?",
                  "--max-new-tokens", "3"]) == 0  # fmt: skip
     assert main(["generate", "--model", str(tiny_lm_dir), "--prompt", ""]) == 2

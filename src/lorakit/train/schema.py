@@ -369,7 +369,7 @@ def check_run(c: RunConfig) -> None:
             "(the rows of one training forward)",
         ),
         (
-            c.train.batch_size % c.train.grad_accum == 0,
+            c.train.grad_accum < 1 or c.train.batch_size % c.train.grad_accum == 0,  # < 1: refused just above
             f"train.batch_size={c.train.batch_size} is not divisible by train.grad_accum={c.train.grad_accum}",
         ),
         (c.train.lr > 0, f"train.lr={c.train.lr}: use a positive learning rate"),
