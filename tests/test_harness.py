@@ -103,3 +103,42 @@ def test_bad_task_names_folders_and_a_missing_harness_are_named(manager, tmp_pat
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
     with pytest.raises(ValueError, match=r"pip install 'lorakit\[eval\]'"):
         harness.task_manager()
+
+
+def test_lorakit_eval_lm_eval_prints_before_after_and_change(tiny_lm_dir, task_dir, manager, tmp_path, capsys):
+    """`lorakit eval --adapter DIR --lm-eval TASK --lm-eval-include FOLDER --json`: the harness's scores with the
+    adapter off and on, as the library computes them."""
+    from lorakit.cli.main import main
+
+    model, tokenizer = _model(tiny_lm_dir, adapter_scale=1.0)
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    expected = [s.as_record() for s in harness.before_and_after(model, tokenizer, [TASK], manager, batch_size=4)]
+    args = ["eval", "--model", str(tiny_lm_dir), "--adapter", str(tmp_path / "adapter"), "--lm-eval", TASK,
+            "--lm-eval-include", str(task_dir), "--batch-size", "4", "--precision", "fp32"]  # fmt: skip
+    assert main([*args, "--json"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["lm_eval"] == expected and expected[0]["change"] != 0
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1].split()[:2] == [TASK, "acc,none"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--lm-eval", "no_such_task"], r"unknown task\(s\) no_such_task"),
+        (["--lm-eval-limit", "3"], r"--lm-eval-limit is an option of --lm-eval; add --lm-eval TASKS"),
+        (["--lm-eval", TASK, "--lm-eval-limit", "0"], r"--lm-eval-limit must be >= 1, got 0"),
+    ],
+)
+def test_lorakit_eval_lm_eval_errors_are_one_line(tiny_lm_dir, task_dir, capsys, extra, message):
+    import re
+
+    from lorakit.cli.main import main
+
+    args = ["eval", "--model", str(tiny_lm_dir), "--lm-eval-include", str(task_dir), *extra]
+    if "--lm-eval" not in extra:
+        args = ["eval", "--model", str(tiny_lm_dir), "--data", "x.jsonl", *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err

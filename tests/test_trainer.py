@@ -446,3 +446,29 @@ def test_epochs_set_the_steps_from_the_training_rows(run_config, capsys):
     assert "train.epochs=1.5: 9 steps of 8 over 48 training rows" in capsys.readouterr().err
     assert max(r["step"] for r in read_metrics(result.output_dir / "metrics.jsonl")) == 9
     assert json.loads((result.output_dir / "status.json").read_text())["max_steps"] == 9  # the dashboard's total
+
+
+def test_eval_retention_adds_retention_to_the_final_evaluation(run_config, tmp_path, capsys):
+    """train.eval_retention: after training, what the adapter kept of the base (the same model with the adapter
+    off) on the given sets: a metrics record, the printed summary, the loss plot's title, the dashboard's row."""
+    from lorakit.train.metrics import read_metrics
+    from lorakit.ui.runs import Workspace
+
+    write_jsonl(tmp_path / "texts.jsonl", [{"text": f"item {i} is red, blue or green."} for i in range(5)])
+    probes = [
+        {"question": f"colour of item {i}?", "choices": ["red", "blue", "green"], "answer": i % 3} for i in range(9)
+    ]
+    write_jsonl(tmp_path / "probes.jsonl", probes)
+    cfg = run_config(
+        "train.eval_retention=true", f"data.retention_texts={tmp_path / 'texts.jsonl'}",
+        f"data.retention_probes={tmp_path / 'probes.jsonl'}", "train.max_steps=4",
+    )  # fmt: skip
+    result = train(cfg, progress=False)
+    records = read_metrics(result.output_dir / "metrics.jsonl")
+    (kept,) = [r for r in records if r["kind"] == "retention"]
+    assert kept["step"] == 4 and kept["probes"] == 9 and kept["texts"] == 5
+    assert kept["kl"] > 0 and 0 <= kept["top1_agreement"] <= 1  # the adapter changed the model
+    assert kept["kept"] <= kept["base_right"] and kept["tuned_loss"] != kept["base_loss"]
+    assert "retention: " in capsys.readouterr().err  # the run log
+    summary = Workspace(tmp_path).summary(result.output_dir.name)
+    assert summary["retention"] == kept

@@ -18,9 +18,12 @@ from fastapi.testclient import TestClient
 
 import lorakit
 from lorakit.cli.main import main
+from lorakit.train.checkpoint import list_checkpoints
 from lorakit.train.config import load_config, reference
+from lorakit.train.metrics import read_metrics
 from lorakit.ui import Workspace, create_app
 from lorakit.ui.forms import HIDDEN, form_fields
+from lorakit.ui.runs import Launched
 from tests.conftest import colour_rows, randomize_adapters, write_jsonl
 
 RUN = {  # a tiny run of the colour task on tiny_lm_dir, as the form sends it (every value as text)
@@ -190,27 +193,58 @@ def test_a_run_started_from_the_form_streams_its_curves_and_finishes(client, wor
     assert "first" not in [r["name"] for r in client.get("/api/runs").json()["runs"]]
 
 
+def train_steps(d: Path) -> list[int]:
+    """The steps of the run's train records (a line still being written is left out)."""
+    path = d / "metrics.jsonl"
+    return [r["step"] for r in read_metrics(path) if r["kind"] == "train"] if path.is_file() else []
+
+
+def exit_code(process: subprocess.Popen, d: Path, timeout: float = 120) -> int:
+    """The exit code of a launched run once it has ended; if it does not end in time, what it was doing."""
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc = Path(f"/proc/{process.pid}/status")
+        masks = [line for line in proc.read_text().splitlines() if line.startswith("Sig")] if proc.is_file() else []
+        log = (d / "train.log").read_text(errors="replace")[-2000:]
+        raise AssertionError(f"the run did not end within {timeout} s of its stop; {masks}\n{log}") from None
+
+
 def test_stop_writes_a_checkpoint_and_resume_continues_from_it(client, workspace):
-    long_run = {**RUN, "train.max_steps": "5000", "train.lr": "1e-3"}
+    """Only a stop can end this run (a million steps: it cannot finish during the test however fast the machine
+    is), and every wait is for what the next assertion needs: the stopped process has exited, so its state and
+    status.json are final."""
+    ws = client.app.state.ui.ws
+    d = workspace / "long"
+    long_run = {**RUN, "train.max_steps": "1000000", "train.lr": "1e-3"}
     assert client.post("/api/runs", json={"name": "long", "values": long_run}).status_code == 201
-    metrics = workspace / "long" / "metrics.jsonl"
-    wait_for(lambda: metrics.is_file() and metrics.read_text().count('"train"') >= 3)
+    first = ws.launched["long"].process
+    wait_for(lambda: len(train_steps(d)) >= 3 or first.poll() is not None)  # in the steps (past eval_before)
+    assert first.poll() is None, (d / "train.log").read_text()
     assert client.post("/api/runs/long/stop").status_code == 200
-    summary = wait_for(lambda: (s := client.get("/api/runs/long").json())["state"] != "running" and s)
-    assert summary["state"] == "interrupted" and summary["resumable"], summary
+    assert exit_code(first, d) == 130  # SIGINT's code: the trainer stopped itself, after writing a checkpoint
+    summary = client.get("/api/runs/long").json()
+    assert summary["state"] == "interrupted" and summary["resumable"] and summary["exit_code"] == 130, summary
     stopped_at = summary["step"]
-    status = json.loads((workspace / "long" / "status.json").read_text())
-    assert status["state"] == "interrupted"
+    assert stopped_at >= 3 and train_steps(d) == list(range(1, stopped_at + 1))
+    assert list_checkpoints(d / "checkpoints")[-1].name == f"step-{stopped_at:07d}"  # at the last step's end
+    status = json.loads((d / "status.json").read_text())
+    assert (status["state"], status["error"], status["pid"]) == ("interrupted", "stopped by SIGINT", first.pid)
     assert client.post("/api/runs/long/stop").status_code == 409  # not running
 
     assert client.post("/api/runs/long/resume").status_code == 200
     assert client.post("/api/runs/long/resume").status_code == 409  # already running
-    wait_for(lambda: client.get("/api/runs/long").json()["step"] >= stopped_at + 2)
-    client.post("/api/runs/long/stop")
-    wait_for(lambda: client.get("/api/runs/long").json()["state"] == "interrupted")
-    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"train"' in line]
+    second = ws.launched["long"].process
+    assert second is not first
+    wait_for(lambda: max(train_steps(d), default=0) >= stopped_at + 2 or second.poll() is not None)
+    assert second.poll() is None, (d / "train.log").read_text()
+    assert client.post("/api/runs/long/stop").status_code == 200
+    assert exit_code(second, d) == 130
+    assert client.get("/api/runs/long").json()["state"] == "interrupted"
+    steps = train_steps(d)
+    assert len(steps) >= stopped_at + 2
     assert steps == list(range(1, len(steps) + 1))  # resumed at the checkpoint: no step twice, none missing
-    assert "--resume" in (workspace / "long" / "train.log").read_text()
+    assert "--resume" in (d / "train.log").read_text()
 
 
 def test_states_of_runs_started_elsewhere(client, workspace):
@@ -247,6 +281,37 @@ def test_states_of_runs_started_elsewhere(client, workspace):
     finally:
         alive.send_signal(signal.SIGKILL)
         alive.wait()
+
+
+class EndsAsPolled:
+    """A launched training process that writes its last status.json and exits just as the dashboard polls it,
+    after the dashboard could have read the status that still said running."""
+
+    def __init__(self, d: Path, state: str, code: int, error: str | None) -> None:
+        self.d, self.state, self.code, self.error, self.pid = d, state, code, error, os.getpid()
+
+    def poll(self) -> int:
+        record = {"state": self.state, "pid": self.pid, "host": os.uname().nodename, "updated": time.time(),
+                  "error": self.error}  # fmt: skip
+        (self.d / "status.json").write_text(json.dumps(record))
+        return self.code
+
+
+@pytest.mark.parametrize(
+    ("ended", "code", "error"),
+    [("finished", 0, None), ("interrupted", 130, "stopped by SIGINT"), ("failed", 1, "ValueError: bad row")],
+)
+def test_a_run_that_ends_as_its_state_is_read_shows_how_it_ended(workspace, ended, code, error):
+    """The state reads status.json after polling the process: read before, a run that finished in between showed
+    as interrupted (its status still said running, with its process gone), without its error."""
+    d = workspace / "racing"
+    d.mkdir()
+    running = {"state": "running", "pid": os.getpid(), "host": os.uname().nodename, "updated": time.time()}
+    (d / "status.json").write_text(json.dumps(running))
+    ws = Workspace(workspace)
+    ws.launched["racing"] = Launched(EndsAsPolled(d, ended, code, error), log=None, started=time.time() - 60)
+    state = ws.state("racing", d)
+    assert (state["state"], state["error"], state["exit_code"]) == (ended, error, code)
 
 
 def test_delete_removes_a_run_and_refuses_what_is_not_one(client, workspace, tiny_lm_dir):
@@ -396,7 +461,13 @@ def test_inspect_and_compare_endpoints(client, workspace, tiny_lm_dir):
     (cmp / "results.json").write_text(json.dumps(records))
     (cmp / "results.md").write_text("| method |\n")
     body = client.get("/api/runs/cmp/compare").json()
-    assert body["records"] == records and body["markdown"].startswith("| method")
+    assert body["runs"] == records and body["markdown"].startswith("| method")
+    # one row per method, as results.md: over one seed each, the run's own figures
+    assert [(r["method"], r["status"], r["runs"]) for r in body["records"]] == [
+        ("lora", "ok", 1),
+        ("full", "failed", 0),
+    ]
+    assert body["records"][0]["exact_match"] == 0.5 and body["records"][0]["exact_match_sd"] is None
     assert client.get("/api/runs/cmp/inspect").status_code == 404
 
 

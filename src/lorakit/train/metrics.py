@@ -130,7 +130,12 @@ def plot_metrics(records: list[dict[str, Any]], out: Path) -> Path:
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
     ax.legend(handles, labels, loc="upper right")
-    ax.set_title("lorakit training")
+    retention = [r for r in records if r.get("kind") == "retention" and r.get("kept_share") is not None]
+    title = "lorakit training"
+    if retention:  # train.eval_retention: what the trained model kept of the base's general behaviour
+        r = retention[-1]
+        title += f"  |  retention {100 * r['kept_share']:.1f} % of probes kept, KL {r['kl']:.3g} nats/token"
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)

@@ -382,6 +382,8 @@ def finish(loop: Loop, *, result: RunResult, eval_rows: list[Example], log) -> N
         result.eval = loop.evaluate(eval_rows)
         loop.metrics.write({"kind": "eval", "step": loop.step, **result.eval.as_record()})
         log(result.eval.describe("after training"))
+    if loop.cfg.train.eval_retention:
+        _retention(loop, log)
     values = fsdp.gathered_trainable(loop.model) if loop.sharded else None  # every rank takes part
     if loop.ctx.is_main:
         if loop.cfg.dpo.reference_adapter:
@@ -394,6 +396,22 @@ def finish(loop: Loop, *, result: RunResult, eval_rows: list[Example], log) -> N
         log(f"adapter, config.yaml, metrics.jsonl and loss.png written to {out}")
     dist.barrier(loop.ctx)
     dist.teardown(loop.ctx)
+
+
+def _retention(loop: Loop, log) -> None:
+    """train.eval_retention: what the trained model kept of its base's general behaviour (``retention``), the base
+    being the same model with its adapters off; written to metrics.jsonl (kind ``retention``) and printed. Under
+    FSDP every rank takes part in the forwards; otherwise the main process measures alone."""
+    from .retention import load_probes, load_texts, measure_retention
+
+    if not (loop.sharded or loop.ctx.is_main):
+        return
+    cfg = loop.cfg
+    texts, probes = load_texts(cfg.data.retention_texts), load_probes(cfg.data.retention_probes)
+    with loop.precision.context(loop.ctx.device):
+        report = measure_retention(None, loop.model, loop.tokenizer, texts, probes, progress=False)
+    loop.metrics.write({"kind": "retention", "step": loop.step, **report.as_record()})
+    log(report.summary())
 
 
 def _save_with_reference(model: nn.Module, out: Path, log) -> None:

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
 from ..analysis import inspect_adapter
+from ..tools.compare import summarize
 from . import forms
 from .chat import BASE, MAX_COLUMNS, MAX_TOKENS, ChatService
 from .runs import NotFound, PathRefused, Workspace, progress_line, read_json
@@ -180,7 +181,8 @@ async def compare(name: str, request: Request) -> dict:
     if not isinstance(records, list):
         raise UiError(404, f"{name!r} is not a finished `lorakit compare` output (no results.json)")
     table = (d / "results.md").read_text(encoding="utf-8") if (d / "results.md").is_file() else ""
-    return {"name": name, "records": records, "markdown": table}
+    # one row per method: over several seeds the mean (and ``*_sd``) of what varies, as results.md shows it
+    return {"name": name, "records": summarize(records), "runs": records, "markdown": table}
 
 
 async def run_events(ws: Workspace, name: str, since: int, request: Request) -> AsyncIterator[str]:

@@ -192,6 +192,7 @@ class Workspace:
         records = self.records(d)
         train = [r for r in records if r.get("kind") == "train"]
         evals = [r for r in records if r.get("kind") == "eval"]
+        retention = [r for r in records if r.get("kind") == "retention"]  # train.eval_retention
         adapter = d / "adapter_model.safetensors"
         max_steps = (config or {}).get("train", {}).get("max_steps") if isinstance(config, dict) else None
         status = read_status(d) or {}
@@ -207,6 +208,7 @@ class Workspace:
             "precision": status.get("precision"),  # the resolved one (config.yaml may say auto)
             "last_train": train[-1] if train else None,
             "last_eval": evals[-1] if evals else None,
+            "retention": retention[-1] if retention else None,
             "adapter_bytes": adapter.stat().st_size if adapter.is_file() else None,
             "has_adapter": (d / "adapter_config.json").is_file() and adapter.is_file(),
             "launched_here": name in self.launched,
@@ -215,9 +217,10 @@ class Workspace:
     def _compare_summary(self, name: str, d: Path, config: Any) -> dict[str, Any]:
         results = d / "results.json"
         methods = (config or {}).get("compare", {}).get("methods", []) if isinstance(config, dict) else []
+        runs = [d / m for m in methods] + [p for m in methods for p in sorted((d / m).glob("seed-*"))]  # --seeds
         running = any(
-            (read_status(d / m) or {}).get("state") == "running" and pid_alive((read_status(d / m) or {}).get("pid"))
-            for m in methods
+            (read_status(r) or {}).get("state") == "running" and pid_alive((read_status(r) or {}).get("pid"))
+            for r in runs
         )
         state = "finished" if results.is_file() else ("running" if running else "interrupted")
         return {

@@ -80,7 +80,7 @@ async function refreshRuns() {
       el("td", {}, el("span", { className: `badge ${run.state}`, textContent: run.state + (run.resumable ? " · resumable" : "") })),
       el("td", { textContent: steps }),
       el("td", { textContent: fmt(run.last_train?.loss) }),
-      el("td", { textContent: fmt(run.last_eval?.loss) }),
+      el("td", { textContent: fmt(run.last_eval?.loss) + (run.retention?.kept_share == null ? "" : ` · retention ${(100 * run.retention.kept_share).toFixed(1)}%`) }),
       el("td", { textContent: fmtBytes(run.adapter_bytes) }),
       el("td", {}),
     );
@@ -369,7 +369,10 @@ function openCompare(name) {
 
 const COMPARE_COLUMNS = [
   ["method", (r) => r.method], ["status", (r) => r.status], ["trainable %", (r) => fmt(r.trainable_percent, 3)],
-  ["exact match", (r) => (r.exact_match == null ? "" : `${(100 * r.exact_match).toFixed(1)}%`)],
+  ["runs", (r) => r.runs ?? 1],
+  ["exact match", (r) => (r.exact_match == null ? "" : `${(100 * r.exact_match).toFixed(1)}%` + (r.exact_match_sd == null ? "" : ` ± ${(100 * r.exact_match_sd).toFixed(1)}`))],
+  ["retention", (r) => (r.retention_kept == null ? "" : `${(100 * r.retention_kept).toFixed(1)}%` + (r.retention_kept_sd == null ? "" : ` ± ${(100 * r.retention_kept_sd).toFixed(1)}`))],
+  ["drift KL", (r) => fmt(r.retention_kl, 3)],
   ["eval loss", (r) => fmt(r.eval_loss)], ["step s", (r) => fmt(r.median_step_seconds, 3)],
   ["peak MB", (r) => fmt(r.peak_memory_mb, 4)], ["artifact", (r) => fmtBytes(r.artifact_bytes)],
   ["latency vs base", (r) => fmt(r.latency_vs_base, 3)],
