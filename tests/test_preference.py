@@ -321,7 +321,8 @@ def test_reference_log_probs_do_not_change_during_training(pref_config, tiny_tok
     monkeypatch.setattr(objectives, "reference_logps", recording)
     result = train(pref_config("train.max_steps=8"), progress=False)
     base, _ = lorakit.load_model(str(pref_config().model))
-    assert len(seen) == 8 + 2 * math.ceil(12 / 8)  # steps, and the evaluations before and after (batches of 8)
+    # steps, and the evaluations before and after (train.eval_batch_size unset: a training forward's 4 pairs)
+    assert len(seen) == 8 + 2 * math.ceil(12 / 4)
     for batch, during in seen:
         with reference_mode(result.model):
             after = sequence_logps(result.model, result.model, batch)[0]

@@ -44,7 +44,17 @@ from .hub import (
 from .packing import PACKING_STRATEGIES, pack
 from .preference import PreferencePair, collate_pairs, tokenize_pair, tokenize_pairs
 from .readers import MAX_ROW_BYTES, read_rows
-from .sft import IGNORE, DataStats, Example, chat_prompt_ids, row_kind, tokenize_chat, tokenize_row, tokenize_rows
+from .sft import (
+    IGNORE,
+    DataStats,
+    Example,
+    chat_prompt_ids,
+    row_fields,
+    row_kind,
+    tokenize_chat,
+    tokenize_row,
+    tokenize_rows,
+)
 
 __all__ = [
     "ALPACA_PROMPT",
@@ -73,6 +83,7 @@ __all__ = [
     "map_columns",
     "pack",
     "read_rows",
+    "row_fields",
     "row_kind",
     "split_eval",
     "tokenize_chat",

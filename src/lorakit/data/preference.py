@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .batching import collate
-from .sft import IGNORE, DataStats, Example, _check_messages, _keys, _tokenize_chat, tokenize_row
+from .sft import IGNORE, DataStats, Example, _check_messages, _tokenize_chat, row_fields, tokenize_row
 
 
 @dataclass
@@ -32,7 +32,7 @@ def tokenize_pair(row: dict[str, Any], where: str, tokenizer, max_length: int) -
     missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
     if missing:
         raise ValueError(
-            f"{where}: preference rows need 'prompt', 'chosen' and 'rejected'; missing {missing}, got {_keys(row)}. "
+            f"{where}: preference rows need 'prompt', 'chosen' and 'rejected'; missing {missing}, got {row_fields(row)}. "
             "(Rows of text, prompt/completion or messages train with objective: sft.)"
         )
     prompt, chosen, rejected = (_maybe_messages(row[k]) for k in ("prompt", "chosen", "rejected"))
@@ -125,11 +125,6 @@ def tokenize_pairs(
     pairs, stats = [], DataStats()
     for where, row in rows:
         pair, kind, truncated = tokenize_pair(row, where, tokenizer, max_length)
-        stats.kinds[kind] = stats.kinds.get(kind, 0) + 1
-        stats.rows += 1
-        stats.truncated += truncated
-        for e in (pair.chosen, pair.rejected):
-            stats.tokens += len(e.input_ids)
-            stats.trained_tokens += sum(label != IGNORE for label in e.labels)
+        stats.count(kind, [pair.chosen, pair.rejected], truncated)
         pairs.append(pair)
     return pairs, stats

@@ -52,6 +52,15 @@ class DataStats:
     trained_tokens: int = 0
     kinds: dict[str, int] = field(default_factory=dict)
 
+    def count(self, kind: str, examples: list[Example], truncated: bool) -> None:
+        """Count one row of ``kind`` tokenized as ``examples`` (one, or a preference pair's two answers)."""
+        self.kinds[kind] = self.kinds.get(kind, 0) + 1
+        self.rows += 1
+        self.truncated += bool(truncated)
+        for example in examples:
+            self.tokens += len(example.input_ids)
+            self.trained_tokens += sum(label != IGNORE for label in example.labels)
+
     def describe(self, name: str) -> str:
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.kinds.items()))
         trunc = f"; {self.truncated} truncated to max_length" if self.truncated else ""
@@ -64,14 +73,17 @@ def row_kind(row: dict[str, Any], where: str) -> str:
     if "prompt" in row or "completion" in row:
         missing = [k for k in ("prompt", "completion") if not isinstance(row.get(k), str)]
         if missing:
-            raise ValueError(f"{where}: prompt/completion rows need string fields {missing}; got {_keys(row)}")
+            raise ValueError(f"{where}: prompt/completion rows need string fields {missing}; got {row_fields(row)}")
         return "prompt"
     if isinstance(row.get("text"), str):
         return "text"
-    raise ValueError(f"{where}: a row needs 'text', or 'prompt' and 'completion', or 'messages'; it has {_keys(row)}")
+    raise ValueError(
+        f"{where}: a row needs 'text', or 'prompt' and 'completion', or 'messages'; it has {row_fields(row)}"
+    )
 
 
-def _keys(row: dict[str, Any]) -> str:
+def row_fields(row: dict[str, Any]) -> str:
+    """A row's fields and their types, for error messages: ``prompt (str), label (int)``."""
     return ", ".join(f"{k} ({type(v).__name__})" for k, v in row.items()) or "no fields"
 
 
@@ -189,13 +201,10 @@ def tokenize_rows(
             example, kind = tokenize_row(row, where, tokenizer, completion_only)
         else:
             example, kind = tokenize(row, where)
-        stats.kinds[kind] = stats.kinds.get(kind, 0) + 1
-        if max(len(example.input_ids), len(example.labels)) > max_length:
+        truncated = max(len(example.input_ids), len(example.labels)) > max_length
+        if truncated:
             example.input_ids = example.input_ids[:max_length]
             example.labels = example.labels[:max_length]
-            stats.truncated += 1
-        stats.rows += 1
-        stats.tokens += len(example.input_ids)
-        stats.trained_tokens += sum(label != IGNORE for label in example.labels)
+        stats.count(kind, [example], truncated)
         examples.append(example)
     return examples, stats

@@ -18,8 +18,10 @@ class Method(Protocol):
     def prepare(self, model: nn.Module) -> nn.Module:
         """Make ``model`` trainable the method's way (in place where possible); return the module to train."""
 
-    def save(self, trained: nn.Module, directory: Path) -> Path:
-        """Write the trained state to ``directory`` (safetensors) and return it."""
+    def save(self, trained: nn.Module, directory: Path, values: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the trained state to ``directory`` (safetensors) and return it. ``values``: the trainable tensors
+        by name when ``trained`` holds only this process's shards of them (FSDP; ``fsdp.gathered_trainable``),
+        else None (read from ``trained``)."""
 
     def restore(self, prepared: nn.Module, directory: Path) -> nn.Module:
         """Load state written by ``save`` into a model that ``prepare`` produced; return it."""
@@ -30,8 +32,8 @@ class TrainableStateMethod:
 
     state_file = "trainable.safetensors"
 
-    def save(self, trained: nn.Module, directory: Path) -> Path:
-        save_trainable(trained, directory / self.state_file)
+    def save(self, trained: nn.Module, directory: Path, values: dict[str, torch.Tensor] | None = None) -> Path:
+        save_trainable(trained, directory / self.state_file, values)
         return directory
 
     def restore(self, prepared: nn.Module, directory: Path) -> nn.Module:
@@ -39,10 +41,12 @@ class TrainableStateMethod:
         return prepared
 
 
-def save_trainable(module: nn.Module, path: Path) -> Path:
-    """Trainable parameters by name, as one safetensors file."""
+def save_trainable(module: nn.Module, path: Path, values: dict[str, torch.Tensor] | None = None) -> Path:
+    """Trainable parameters by name (``values`` when given: gathered from shards), as one safetensors file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
+    if values is None:
+        values = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    tensors = {n: p.detach().cpu().contiguous() for n, p in values.items()}
     write_safetensors(tensors, path)
     return path
 

@@ -14,8 +14,9 @@ class FullFineTuning:
         model.requires_grad_(True)
         return model
 
-    def save(self, trained: nn.Module, directory: Path) -> Path:
-        trained.save_pretrained(directory)  # safetensors, loadable by plain transformers
+    def save(self, trained: nn.Module, directory: Path, values: dict | None = None) -> Path:
+        # safetensors, loadable by plain transformers; gathered values (FSDP) replace the sharded state
+        trained.save_pretrained(directory, state_dict=values)
         return directory
 
     def restore(self, prepared: nn.Module, directory: Path) -> nn.Module:

@@ -30,10 +30,10 @@ import torch
 from torch import nn
 
 from .. import fastpath
+from ..data import IGNORE  # the label of tokens without loss, as the data writes it
 from ..layers import ModulesToSave
 from ..precision import autocast_off, fast_path_dtype
 
-IGNORE = -100
 CHUNK = 512  # labelled positions per chunk: 512 x 49,152 float32 logits = 100 MB at a time
 _SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 

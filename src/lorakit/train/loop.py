@@ -8,8 +8,10 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -25,6 +27,12 @@ from .evaluate import EvalResult, evaluate, pad_id
 from .metrics import MetricsLog
 from .objectives import PreferenceEval, evaluate_pairs, objective_for
 from .tasks import TASKS
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ..methods.base import Method
+    from .objectives import SFT
 
 
 class TrainingStopped(RuntimeError):
@@ -49,23 +57,23 @@ class Loop:
     ctx: dist.Context
     model: nn.Module  # the model whose parameters train (sharded under FSDP)
     wrapped: nn.Module  # what the steps call: the model, or its DDP wrapper
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     rows: list[Example]
     metrics: MetricsLog
     ckpt_root: Path
-    method: object
+    method: Method
     step: int = 0
     skipped: int = 0
     step_rates: list[float] = field(default_factory=list)  # tokens per second of each step this process ran
     last_good: Path | None = None
     sharded: bool = False  # FSDP: every rank takes part in each forward, evaluations and saves included
-    objective: object = None  # what a step minimises (lorakit.train.objectives); default: SFT
+    objective: SFT | None = None  # what a step minimises (lorakit.train.objectives); default: SFT
     precision: Precision = field(default_factory=lambda: decide("fp32", "cpu"))  # forwards under its context
     scaler: torch.amp.GradScaler | None = None  # fp16-mixed: scales the loss, skips steps whose gradients overflow
     stops: signals.StopRequests = field(default_factory=signals.StopRequests)  # SIGINT / SIGTERM received
-    log: object = print  # prints on the main process only (``printer``)
+    log: Callable[[str], None] = print  # prints on the main process only (``printer``)
 
     def __post_init__(self) -> None:
         self.pad = pad_id(self.tokenizer)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import IGNORE, Example, collate, tokenize_row
+from ..data import IGNORE, Example, collate, row_fields, tokenize_row
 from ..models import TASK_NAMES
 from ..precision import autocast_off
 from .fused_loss import (
@@ -102,7 +102,7 @@ class Seq2Seq(CausalLM):
     def tokenize(self, row, where, tokenizer, completion_only, model_config) -> tuple[Example, str]:
         if not (isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str)):
             raise ValueError(
-                f"{where}: seq2seq training needs 'prompt' and 'completion' string fields; got {_keys(row)}"
+                f"{where}: seq2seq training needs 'prompt' and 'completion' string fields; got {row_fields(row)}"
             )
         source = tokenizer(row["prompt"])["input_ids"]
         target = tokenizer(row["completion"])["input_ids"]
@@ -158,7 +158,7 @@ class Classification(CausalLM):
 
     def tokenize(self, row, where, tokenizer, completion_only, model_config) -> tuple[Example, str]:
         if not isinstance(row.get("text"), str) or "label" not in row:
-            raise ValueError(f"{where}: classification rows need 'text' (a string) and 'label'; got {_keys(row)}")
+            raise ValueError(f"{where}: classification rows need 'text' (a string) and 'label'; got {row_fields(row)}")
         label = _label_id(row["label"], model_config, where)
         return Example(tokenizer(row["text"])["input_ids"], [label], 0, 1, reference=str(row["label"])), "text"
 
@@ -236,10 +236,6 @@ def _label_id(label: Any, model_config, where: str) -> int:
     raise ValueError(
         f"{where}: label {label!r} is not a class of this model: use an integer 0..{n - 1} or one of {sorted(names)}"
     )
-
-
-def _keys(row: dict[str, Any]) -> str:
-    return ", ".join(f"{k} ({type(v).__name__})" for k, v in row.items()) or "no fields"
 
 
 TASKS = dict(zip(TASK_NAMES, (CausalLM(), Seq2Seq(), Classification()), strict=True))
