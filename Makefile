@@ -15,7 +15,7 @@ LLAMA_CPP := llama-cpp-python==0.3.36
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
-CODE := $(wildcard src tests examples bench)
+CODE := $(wildcard src tests examples bench scripts)
 
 .PHONY: demo demo-dpo test test-slow test-all lint format clean
 

@@ -1,6 +1,6 @@
 """Retention: how much of its base model's general behaviour a tuned model kept (``lorakit eval --retention``).
 
-Two measures, both offline and in about a minute on a CPU for the embedded 135M model:
+Two measures, both offline and in minutes on a CPU (about 100 s of one core for the embedded 135M model):
 
 - drift, on general text (the shipped set: prose of the Python documentation, ``retention_data/README.md``):
   at every position of every passage, the KL divergence KL(base || tuned) between the two models' next-token
