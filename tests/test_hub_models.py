@@ -254,7 +254,7 @@ def test_every_command_takes_a_hub_id_offline(cached, tmp_path, capsys, monkeypa
 
 
 def test_export_takes_its_gguf_base_from_a_hub_repo(offline_hub):  # noqa: F811
-    from lorakit import export
+    from lorakit.export import orchestrate as export
 
     commit = add_repo(offline_hub, "acme/base-GGUF", {"base-f16.gguf": b"GGUF"})
     path = export._gguf_base(REPO, "acme/base-GGUF:base-f16.gguf", "gguf-lora")

@@ -335,6 +335,17 @@ def test_unknown_config_keys_warn_and_load(tmp_path):
     assert_close(family.logits(fresh), family.logits(model), rtol=0, atol=0)
 
 
+def test_unknown_config_keys_left_unset_load_quietly(recwarn):
+    """A newer PEFT writes keys for features it added (astra_config in 0.22), null when unused: nothing to warn
+    about; the same key set to a value still warns."""
+    from lorakit.io import config_from_peft_dict
+
+    config_from_peft_dict({"r": 2, "target_modules": ["q"], "astra_config": None, "future_flag": False}, "a.json")
+    assert [str(w.message) for w in recwarn] == []
+    with pytest.warns(UserWarning, match="does not know: future_config$"):
+        config_from_peft_dict({"r": 2, "target_modules": ["q"], "future_config": {"k": 1}}, "a.json")
+
+
 def test_adapter_for_another_architecture(tmp_path):
     model = FAMILIES["t5"].build()
     lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q", "v"]))

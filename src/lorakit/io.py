@@ -37,12 +37,14 @@ _IGNORED_KEYS = {
     "init_lora_weights", "fan_in_fan_out", "megatron_config", "megatron_core", "loftq_config",
     "eva_config", "corda_config", "lora_ga_config", "qalora_group_size", "ensure_weight_tying",
     "layer_replication_config", "runtime_config", "kasa_config", "monteclora_config", "velora_config",
+    "astra_config",
 }  # fmt: skip
 # PEFT features lorakit does not implement: fine when unset (null/false/empty), an error otherwise.
 _UNSUPPORTED_KEYS = {
     "layer_replication", "target_parameters", "trainable_token_indices", "use_qalora",
     "alora_invocation_tokens", "lora_bias", "use_bdlora", "arrow_config",
 }  # fmt: skip
+_UNSET = (None, False, [], {}, "")
 _MAPPED_KEYS = {
     "peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform",
     "layers_pattern", "rank_pattern", "alpha_pattern", "use_rslora", "bias", "modules_to_save", "use_dora",
@@ -153,9 +155,10 @@ def config_from_peft_dict(data: dict[str, Any], source: str) -> LoraConfig:
     if data.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{source}: peft_type is {data.get('peft_type')!r}; lorakit loads LoRA adapters only")
     for key in sorted(_UNSUPPORTED_KEYS & data.keys()):
-        if data[key] not in (None, False, [], {}, ""):
+        if data[key] not in _UNSET:
             raise ValueError(f"{source}: {key}={data[key]!r} uses a PEFT feature lorakit does not support")
-    unknown = sorted(data.keys() - _IGNORED_KEYS - _UNSUPPORTED_KEYS - _MAPPED_KEYS)
+    # a key newer PEFT releases add for a feature left unset (null, false, empty) changes nothing: read quietly
+    unknown = sorted(k for k in data.keys() - _IGNORED_KEYS - _UNSUPPORTED_KEYS - _MAPPED_KEYS if data[k] not in _UNSET)
     if unknown:
         warnings.warn(f"{source}: ignoring config keys lorakit does not know: {', '.join(unknown)}", stacklevel=3)
     init = data.get("init_lora_weights", True)
