@@ -49,6 +49,7 @@ from .objectives import REFERENCE, TRAINED, PreferenceEval, disable_dropout, obj
 from .objectives import precompute_reference as precompute_reference_logps
 from .optim import build_optimizer
 from .outdir import check_output_dir
+from .retention import load_probes, load_texts, measure_retention
 from .run_data import check_data_files, prepare_data, with_epoch_steps
 from .run_precision import adapter_dtype, cast_trainable, decide_precision, grad_scaler, precision_record
 from .trackers import open_trackers
@@ -402,8 +403,6 @@ def _retention(loop: Loop, log) -> None:
     """train.eval_retention: what the trained model kept of its base's general behaviour (``retention``), the base
     being the same model with its adapters off; written to metrics.jsonl (kind ``retention``) and printed. Under
     FSDP every rank takes part in the forwards; otherwise the main process measures alone."""
-    from .retention import load_probes, load_texts, measure_retention
-
     if not (loop.sharded or loop.ctx.is_main):
         return
     cfg = loop.cfg
