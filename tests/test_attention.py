@@ -226,3 +226,18 @@ def test_a_bf16_mixed_training_step_with_either_attention_follows_float32(choice
     for name, grad in grads.items():
         scale = grads_ref[name].abs().max().item()
         assert_close(grad, grads_ref[name], rtol=4e-2, atol=4e-2 * scale, msg=name)
+
+
+def test_a_padding_mask_becomes_a_bias_once_per_forward_not_once_per_layer():
+    """Every layer of a forward gets the same mask tensor: its bias is built once, and again when it changes."""
+    mask = _padded_mask(6, 6, "bool")
+    first = attention._bias(mask, False, 2, 6, 6, BF16, mask.device)
+    assert attention._bias(mask, False, 2, 6, 6, BF16, mask.device) is first
+    mask[1, :, :, 0] = False  # in place: another mask now
+    again = attention._bias(mask, False, 2, 6, 6, BF16, mask.device)
+    assert again is not first and bool((again[1, 0, :, 0] == torch.finfo(BF16).min).all())
+    with torch.inference_mode():
+        frozen = _padded_mask(6, 6, "bool")
+        assert attention._bias(frozen, False, 2, 6, 6, BF16, frozen.device) is attention._bias(
+            frozen, False, 2, 6, 6, BF16, frozen.device
+        )

@@ -128,6 +128,18 @@ def _bias(mask, is_causal: bool, groups: int, tokens: int, keys: int, dtype, dev
     every key is seen."""
     if mask is None:
         return _causal_bias(groups, tokens, keys, dtype, device) if is_causal else None
+    version = -1 if mask.is_inference() else mask._version  # inference tensors keep no version (nor change)
+    key = (version, groups, tokens, keys, dtype)  # every layer of a forward gets the same mask tensor
+    if _LAST_BIAS and _LAST_BIAS[0] is mask and _LAST_BIAS[1] == key:
+        return _LAST_BIAS[2]
+    _LAST_BIAS[:] = [mask, key, _padded_bias(mask, groups, tokens, keys, dtype, device)]
+    return _LAST_BIAS[2]
+
+
+_LAST_BIAS: list = []  # [mask, its key, its bias]: built once per forward, not once per layer
+
+
+def _padded_bias(mask, groups: int, tokens: int, keys: int, dtype, device) -> torch.Tensor:
     if mask.dtype == torch.bool:  # True = attend; the dtype's lowest value, not -inf, keeps a row of pads finite
         mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
     else:  # a float32 mask's lowest value is -inf in bf16: a row of pads would give NaN
