@@ -63,13 +63,17 @@ def served(tmp_path_factory, tiny_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def limited(served):
-    """A second server: API key, batch of 1, queue of 1, 2-second timeout."""
+def limited(served, tiny_tokenizer):
+    """A second server: API key, batch of 1, queue of 1, 2-second timeout. Its model is wider and deeper than the
+    tiny one (a few ms a token, not a fraction of one), so a request of 3900 tokens outlasts the timeout."""
+    model = save_tiny_lm(served["root"] / "slower-lm", tiny_tokenizer, hidden_size=512, num_hidden_layers=6,
+                         intermediate_size=1536, num_attention_heads=8, max_position_embeddings=4096)  # fmt: skip
     port = free_port()
-    args = ["--model", str(served["model"]), "--port", str(port), "--api-key", KEY, "--max-batch-size", "1"]
+    args = ["--model", str(model), "--served-model-name", "lm", "--port", str(port), "--api-key", KEY]
+    args += ["--max-batch-size", "1"]
     args += ["--max-queue", "1", "--timeout", "2", "--max-tokens", "4000", "--max-body-bytes", "4096", *SERVE_FP32]
     proc = _start(args, port, key=KEY)
-    yield {**served, "port": port}
+    yield {**served, "model": model, "port": port}
     _stop(proc)
 
 
@@ -544,7 +548,8 @@ def test_the_engine_pads_prefills_to_a_few_shapes_and_trims_the_heap(tiny_lm_dir
         texts.append(event.text)
     finally:
         engine.stop()
-    assert widths[0] == 2 * engine_module.PREFILL_LENGTH_STEP and set(widths[1:]) == {1}
+    # the prefill is the model's one forward; the three decode steps are the engine's own (serve.step)
+    assert widths == [2 * engine_module.PREFILL_LENGTH_STEP] and engine.steps == 4
     expected = model.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False, min_new_tokens=4)
     assert event.completion_tokens == 4
     assert "".join(texts) == tokenizer.decode(expected[0, len(prompt) :])  # the padding changed no token
@@ -666,7 +671,9 @@ def test_serve_int8_weights_keep_adapters_float_and_load_more_at_run_time(precis
     args = ["serve", "--model", str(precision_lm["model"]), "--adapter", f"a={precision_lm['adapters']['a']}"]
     args += ["--adapter-dir", str(precision_lm["adapters"]["b"].parent), "--precision", "bf16-mixed"]
     assert main([*args, "--weights", "int8"]) == 0
-    assert "weights: int8 (as asked); 15 linear layers" in capsys.readouterr().err
+    banner = capsys.readouterr().err
+    assert "weights: int8 (as asked); 15 linear layers" in banner
+    assert "decode: lorakit's decode step for llama" in banner
     model = apps[0].state.lorakit.engine.model
     assert {type(m) for n, m in model.named_modules() if n.endswith(("q_proj.base_layer", "lm_head"))} == {Int8Linear}
     assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}

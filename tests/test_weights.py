@@ -39,6 +39,26 @@ def test_int8_linear_is_the_dequantized_product_and_keeps_the_callers_dtype():
     assert "int8 weights" in repr(layer)
 
 
+def test_many_rows_multiply_a_dequantized_copy_and_a_head_sized_weight_keeps_the_kernel(monkeypatch):
+    """From DEQUANTIZE_ROWS rows on (a prefill), the layer multiplies a bf16 copy of its dequantized weight: the
+    same product to bf16 rounding, and the kernel is not called; fewer rows, or a weight above
+    DEQUANTIZE_MAX_NUMEL entries, run the kernel."""
+    from lorakit import weights
+
+    torch.manual_seed(0)
+    layer = Int8Linear(nn.Linear(96, 40))
+    calls = []
+    kernel = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(a[0].shape[0]) or kernel(*a))
+    many = torch.randn(weights.DEQUANTIZE_ROWS, 96)
+    reference = many.bfloat16().float() @ layer.dequantized().T + layer.bias
+    assert torch.allclose(layer(many), reference, atol=0.05, rtol=0.02) and calls == []
+    layer(many[:-1])
+    assert calls == [weights.DEQUANTIZE_ROWS - 1]
+    monkeypatch.setattr(weights, "DEQUANTIZE_MAX_NUMEL", 96 * 40 - 1)  # as if it were a vocabulary-sized head
+    assert torch.allclose(layer(many), reference, atol=0.05, rtol=0.02) and calls[-1] == weights.DEQUANTIZE_ROWS
+
+
 def _lm_with_adapters(tiny_lm_dir, names=("a", "b")):
     model, tokenizer = lorakit.load_model(tiny_lm_dir)
     for i, name in enumerate(names):

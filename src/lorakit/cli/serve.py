@@ -134,8 +134,10 @@ def run(args: argparse.Namespace) -> int:
     context = getattr(model.config, "max_position_embeddings", None)
     app = create_app(engine, registry, tokenizer, limits=limits, api_key=args.api_key, context_length=context)
     listed = ", ".join(registry.names()) or "none"
+    engine.decode_step()  # built now (after the weights are final) so that the banner says how it decodes
     print(
         f"lorakit serve: {name} on {device} with adapters: {listed}\n  {precision.describe()}\n  {weights}\n"
+        f"  decode: {engine.decode_path}\n"
         f"  OpenAI API at http://{args.host}:{args.port}/v1 (Ctrl-C stops)",
         file=sys.stderr,
         flush=True,

@@ -52,6 +52,7 @@ from ..precision import Precision
 from ..state import has_adapters
 from ..stopping import stop_token_ids
 from .kv import SlotKV
+from .step import DecodeStep
 from .text import TextStream
 
 # Prefills are left-padded to a multiple of this many tokens. Every distinct (rows x tokens) shape makes the CPU
@@ -139,6 +140,8 @@ class Engine:
             None: on for a model on the CPU.
         precision: the resolved precision whose autocast context every forward runs in (the model and its
             adapters already in its dtypes); None: no autocast, the model's own dtypes.
+        fast_step: decode with the engine's own step (``serve.step``) where it covers the model; None: on a CPU
+            (the default), False: always the model's forward, True: on any device.
     """
 
     def __init__(
@@ -150,6 +153,7 @@ class Engine:
         max_queue: int = 64,
         few_row_fast_path: bool | None = None,
         precision: Precision | None = None,
+        fast_step: bool | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError(f"max_batch_size must be >= 1 and max_queue >= 0, got {max_batch_size}, {max_queue}")
@@ -172,6 +176,9 @@ class Engine:
         self._stop = False
         self._kv = SlotKV(max_batch_size)
         self._stacks: dict = {}
+        self._fast_step = fast_step
+        self._step: DecodeStep | bool | None = None  # None: not built yet; False: the model's forward decodes
+        self.decode_path = "not decided yet (at the first decode step)"
         self.steps = 0
         self.generated_tokens = 0
         self._trimmed_at = time.monotonic()
@@ -248,6 +255,24 @@ class Engine:
     def invalidate_adapters(self) -> None:
         """Forget the stacked adapter tensors (engine thread only: after adapters change)."""
         self._stacks.clear()
+        self._step = None  # rebuilt at the next decode: the adapters' layers may have changed
+
+    def decode_step(self) -> DecodeStep | None:
+        """The engine's own decode step (``serve.step``), built at the first call after the model or its
+        adapters changed; None where the model's forward decodes (``decode_path`` says why)."""
+        if self._step is None:
+            self._step, self.decode_path = self._build_step()
+        return self._step or None
+
+    def _build_step(self) -> tuple[DecodeStep | bool, str]:
+        if self._fast_step is False:
+            return False, "the model's forward (the engine's own step is off: fast_step=False)"
+        if self.device.type != "cpu" and self._fast_step is None:
+            return False, f"the model's forward (the engine's own step runs by default on CPUs only, not {self.device})"
+        step, why = DecodeStep.build(self.model)
+        if step is None:
+            return False, f"the model's forward (the engine's own step does not cover {why})"
+        return step, why
 
     # ----- the loop ----------------------------------------------------------------------------------------
     def _loop(self, until: Callable[[], bool] = lambda: False, poll_s: float | None = None) -> None:
@@ -352,8 +377,18 @@ class Engine:
         ids = torch.tensor([[r.generated[-1]] for r in rows], dtype=torch.long).to(self.device, non_blocking=True)
         positions = torch.tensor([[len(r.prompt_ids) + r.sampled - 1] for r in rows], dtype=torch.long)
         positions = positions.to(self.device, non_blocking=True)
-        cache = self._kv.step_cache()
-        logits = self._forward(ids, self._kv.attention_mask(extra=1), positions, cache, [r.adapter for r in rows])
+        adapters = [r.adapter for r in rows]
+        logits = None
+        step = self.decode_step()
+        if step is not None:
+            self._kv.prepare_step()
+            autocast = self.precision.autocast if self.precision is not None else None
+            logits = step(ids.view(-1), positions.view(-1), self._kv, adapters, autocast)
+            if logits is not None:
+                self.steps += 1
+        if logits is None:
+            cache = self._kv.step_cache()
+            logits = self._forward(ids, self._kv.attention_mask(extra=1), positions, cache, adapters)
         self._kv.advance()
         self._emit_tokens(rows, logits)
 

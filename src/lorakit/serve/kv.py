@@ -78,9 +78,14 @@ class SlotKV:
         """A transformers ``Cache`` for one decode step of every running row: each layer's ``update`` writes
         the step's keys and values into column ``hi`` and returns the view over ``[lo, hi]``; the mask's column
         ``hi`` is set to 1 first. Call ``advance`` after the forward."""
+        self.prepare_step()
+        return Cache(layers=[_StepLayer(self, i) for i in range(len(self.keys))])
+
+    def prepare_step(self) -> None:
+        """Room for one more column at ``hi`` and the running rows' mask set there: what a decode step writes
+        into (``step_cache``, or the engine's own step, ``serve.step``)."""
         self._ensure(None, self.rows, left=0, right=1)
         self.mask[: self.rows, self.hi] = 1
-        return Cache(layers=[_StepLayer(self, i) for i in range(len(self.keys))])
 
     def advance(self) -> None:
         """The decode step's column is written: take it into the running columns."""
