@@ -153,6 +153,9 @@ def test_compare_over_seeds_gives_mean_spread_and_retention(cfg_for, tmp_path):
     table = (tmp_path / "cmp" / "results.md").read_text()
     assert f"{row['eval_loss']:.4f} ± {row['eval_loss_sd']:.4f}" in table
     assert "Each method trained 2 times (seeds 0, 1)" in table and "| retention (probes kept) |" in table
+    steps = [r["median_step_seconds"] for r in records]
+    assert row["median_step_seconds"] == pytest.approx(sum(steps) / 2)  # the footnote says: means over the seeds
+    assert f"| {row['median_step_seconds']:.2f} s |" in table and "median step are means over the seeds" in table
 
 
 def test_summarize_gives_mean_sd_and_range_of_what_varies_and_counts_failures():

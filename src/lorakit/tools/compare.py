@@ -365,8 +365,8 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
         used = sorted({s for r in rows for s in r.get("seeds", []) if s is not None})
         lines.append(
             f"\nEach method trained {seeds} times (seeds {', '.join(map(str, used))}): eval loss, exact match and "
-            "retention are the mean ± the sample standard deviation over the seeds; memory, step time, tokens/s "
-            "and latency are the first seed's run."
+            "retention are the mean ± the sample standard deviation over the seeds; peak memory and median step "
+            "are means over the seeds; tokens/s and latency are the first seed's run."
         )
     before = next((r["exact_match_before"] for r in records if r.get("exact_match_before") is not None), None)
     if before is not None:
