@@ -9,6 +9,13 @@ one forward. Rows of a forward may use different adapters: ``lorakit.route`` gat
 and applies them with batched matmuls (Punica's BGMV idea, in torch), with the stacked adapter tensors
 kept across steps until the set of adapters changes.
 
+On a CPU, LLaMA-family models (llama, mistral, qwen2) decode with the engine's own step (``serve.step``): the
+same maths without transformers' per-module Python, q/k/v and gate/up as one product each and a layer group's
+adapters in one A product (0.58x the model's step for one row, 0.74x for eight; BENCHMARKS.md). Other models,
+and adapters the step does not cover (DoRA, ``modules_to_save``, adapters on the embeddings), decode with the
+model's forward; ``decode_path`` says which and why (``lorakit serve`` prints it). Prefills are always the
+model's forward.
+
 The KV cache is one left-padded batch in preallocated buffers (``serve.kv.SlotKV``): per layer keys/values
 of shape (rows, heads, T, head_dim) and a (rows, T) attention mask, written in place. A decode step writes one
 column for every row; requests that join write their own rows; finished rows are closed up and all-padding
