@@ -16,8 +16,8 @@ Modes (alternated round-robin over --repeats, the starting mode rotating; median
   llama-q4_1+lora    llama.cpp (llama-cpp-python, in this process) on the untouched Q4_1 base GGUF with the
                      `lorakit export --format gguf-lora` file of the adapter
   llama-merged-q8_0  llama.cpp on the `lorakit export --format gguf --dtype q8_0` (merged) file
-Each serve mode is one `lorakit serve` child process at a time (started, warmed up with 2 requests, measured,
-stopped; never two at once) serving --clients copies of the adapter under the names d0, d1, ... (different names,
+Each serve mode is one `lorakit serve` child process at a time (started, warmed up with 2 requests and one
+burst of the clients at 8 tokens each, measured, stopped; never two at once) serving --clients copies of the adapter under the names d0, d1, ... (different names,
 so the engine routes that many adapters). In it:
   one stream         the prompts one after another, streamed /v1/completions on d0 (the demo adapter);
                      TTFT = first streamed token - request sent (prompt processing and HTTP included);
@@ -224,11 +224,13 @@ def serve_round(mode: str, args, prompts: list[list[int]], names: list[str]) -> 
     try:
         for name in names[:2] if len(names) > 1 else names * 2:  # warm-up: 2 requests
             server.stream(name, prompts[0], min(args.tokens, 8))
+        jobs = [(names[i], prompts[i]) for i in range(args.clients)]
+        with ThreadPoolExecutor(len(jobs)) as pool:  # and one burst of the clients (their shapes' first kernels)
+            list(pool.map(lambda job: server.stream(job[0], job[1], min(args.tokens, 8)), jobs))
         single = []
         for ids in prompts[: args.prompts]:
             run = server.stream(names[0], ids, args.tokens)
             single.append({**per_token(run, args.tokens), "text": run["text"]})
-        jobs = [(names[i], prompts[i]) for i in range(args.clients)]
         with ThreadPoolExecutor(len(jobs)) as pool:
             runs = list(pool.map(lambda job: server.stream(job[0], job[1], args.tokens), jobs))
         wall = max(r["done"] for r in runs) - min(r["sent"] for r in runs)

@@ -242,3 +242,51 @@ def test_run_here_decodes_on_the_calling_thread_like_the_engine_thread(engine_lm
             assert threads == {threading.current_thread()}
         results[mode] = [r.generated for r in requests]
     assert results["here"] == results["thread"] and all(len(g) == 5 for g in results["here"])
+
+
+def test_a_burst_reaching_an_idle_engine_is_admitted_together(engine_lm, tiny_tokenizer, monkeypatch):
+    """An idle engine waits while requests keep arriving (BURST_QUIET_S apart at most) and admits them together,
+    for one prefill; it stops waiting at BURST_MAX_S or a full batch, and never waits while rows are running."""
+    import threading
+    import time
+
+    from lorakit.serve import engine as engine_module
+    from lorakit.serve.engine import Engine, Request, SamplingParams
+
+    model_dir, _ = engine_lm
+    model, tokenizer = lorakit.load_model(model_dir)
+
+    def request():
+        return Request([5, 6, 7], None, SamplingParams(max_tokens=2), lambda event: None)
+
+    monkeypatch.setattr(engine_module, "BURST_QUIET_S", 2.0)  # generous: the test's own arrivals are 0.05 s apart
+    monkeypatch.setattr(engine_module, "BURST_MAX_S", 30.0)
+    engine = Engine(model, tokenizer, max_batch_size=8)
+    first, admitted = request(), []
+    engine.submit(first)
+    admitting = threading.Thread(target=lambda: admitted.extend(engine._admit()))
+    admitting.start()
+    later = [request() for _ in range(3)]
+    for req in later:
+        time.sleep(0.05)
+        engine.submit(req)
+    admitting.join(timeout=60)
+    assert admitted == [first, *later]
+
+    engine = Engine(model, tokenizer, max_batch_size=2)  # a full batch ends the wait at once
+    engine.submit(request())
+    engine.submit(request())
+    start = time.monotonic()
+    assert len(engine._admit()) == 2 and time.monotonic() - start < 1.0
+
+    monkeypatch.setattr(engine_module, "BURST_MAX_S", 0.05)  # the cap
+    engine = Engine(model, tokenizer)
+    engine.submit(request())
+    start = time.monotonic()
+    assert len(engine._admit()) == 1 and time.monotonic() - start < 1.5
+
+    monkeypatch.setattr(engine_module, "BURST_MAX_S", 30.0)  # rows running: no wait
+    engine._running = [request()]
+    engine.submit(request())
+    start = time.monotonic()
+    assert len(engine._admit()) == 1 and time.monotonic() - start < 1.5

@@ -84,17 +84,31 @@ def _compare(model: nn.Module, precision=None, steps: int = 5, rows=ROWS, prompt
     return differences
 
 
+LAYOUTS = {  # rows' adapters: each of the step's three ways to apply them
+    "per-row": ROWS,  # as many adapters as half the rows: every row its own A and B (batched products)
+    "masked": ["a", None, "a", "b", "a"],  # few adapters for the rows: one product over both, rows masked
+    "one adapter": ["b", "b", "b"],  # every row on one adapter: no mask
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
-def test_the_step_gives_the_models_logits_for_routed_rows_in_float32(family):
-    """Rows on adapter a, the base, adapter b (on q/v only) and a again, prompts of four lengths: float32
-    logits equal to the model's forward to rounding, for each covered architecture (qwen2: q/k/v biases)."""
+def test_the_step_gives_the_models_logits_for_routed_rows_in_float32(family, layout):
+    """Rows on adapter a, the base and adapter b (on q/v only), prompts of several lengths, in each of the
+    step's ways to apply adapters: float32 logits equal to the model's forward to rounding, for each covered
+    architecture (qwen2: q/k/v biases)."""
+    from lorakit.serve import step as step_module
+
     model = _with_adapters(_tiny(family), targets_b=["q_proj", "v_proj"])
-    differences = _compare(model)
+    rows = LAYOUTS[layout]
+    assert step_module._Route(rows, None, torch.device("cpu")).per_row == (layout == "per-row")
+    differences = _compare(model, rows=rows, prompts=(PROMPTS * 2)[: len(rows)])
     assert max(differences) < 1e-4, differences
 
 
+@pytest.mark.parametrize("layout", ["per-row", "masked"])
 @pytest.mark.parametrize("weights", ["precision", "int8"])
-def test_the_step_under_bf16_mixed_is_as_close_to_float32_as_the_models_forward(weights):
+def test_the_step_under_bf16_mixed_is_as_close_to_float32_as_the_models_forward(weights, layout):
     """bf16-mixed (bf16 base, float32 adapters, lorakit's attention as ``lorakit serve`` loads it) and bf16-mixed
     over int8 weights: the step's logits are the model's own bf16 forward's to bf16 rounding (the largest
     difference a few bf16 steps on logits of order 5; a missing adapter moves them by 4)."""
@@ -109,7 +123,8 @@ def test_the_step_under_bf16_mixed_is_as_close_to_float32_as_the_models_forward(
     use_lorakit_attention(model)
     if weights == "int8":
         quantize_int8(model)
-    differences = _compare(model, precision=precision, steps=4, tie=0.25)
+    rows = LAYOUTS[layout]
+    differences = _compare(model, precision=precision, steps=4, tie=0.25, rows=rows, prompts=(PROMPTS * 2)[: len(rows)])
     assert max(differences) < 0.25, differences
 
 

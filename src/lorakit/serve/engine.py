@@ -68,6 +68,11 @@ from .text import TextStream
 # them slows every step.
 PREFILL_LENGTH_STEP = 8
 TRIM_EVERY_S = 2.0  # how often the engine returns freed heap pages to the OS on CPU (trim_freed_memory)
+# A burst of requests reaching an idle engine is prefilled together: once the first has arrived the engine waits
+# until no other has arrived for BURST_QUIET_S (at most BURST_MAX_S in all). Eight clients starting at once
+# otherwise became two prefills, the first alone (1 + 7 rows: 0.33 s against 0.2 s for 8 on 2 CPU cores).
+BURST_QUIET_S = 0.004
+BURST_MAX_S = 0.025
 
 
 class QueueFull(Exception):
@@ -325,9 +330,25 @@ class Engine:
     def _admit(self) -> list[Request]:
         joiners: list[Request] = []
         with self._cv:
+            if not self._running and self._waiting:
+                self._gather_burst()
             while self._waiting and len(self._running) + len(joiners) < self.max_batch_size:
                 joiners.append(self._waiting.popleft())
         return joiners
+
+    def _gather_burst(self) -> None:
+        """(Holding ``_cv``, the engine idle, a request waiting) wait while more requests keep arriving (see
+        BURST_QUIET_S), so that a burst is prefilled in one forward."""
+        deadline = time.monotonic() + BURST_MAX_S
+        seen = len(self._waiting)
+        while seen < self.max_batch_size and not self._stop:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._cv.wait(timeout=min(BURST_QUIET_S, left))
+            if len(self._waiting) == seen:
+                return  # quiet: no request arrived in BURST_QUIET_S
+            seen = len(self._waiting)
 
     def _reap(self) -> None:
         """Drop cancelled requests and fail timed-out ones, waiting or running."""

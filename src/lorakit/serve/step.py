@@ -8,13 +8,17 @@ as in the products themselves, and a routed adapter adds two more products and t
 
 - the linear layers that read the same input form a group (q/k/v; gate/up; o; down; the head): one base product
   over the group's weights, concatenated once (int8 weights and their per-channel scales, or float weights),
-  and one adapter product for all of the group's adapters, ``x [A_1; ...; A_n]^T`` with every member's and
-  every adapter's A stacked, then one product with their B matrices placed block by block (zeros elsewhere),
-  the scalings folded in; a row's product keeps only its own adapter's columns (a 0/1 mask, none when every row
-  is on the one adapter there is);
+  and its adapters applied one of two ways. Few adapters for the rows (one stream; many rows on a few
+  adapters): one product ``x [A_1; ...; A_n]^T`` with every member's and every adapter's A stacked, a 0/1 mask
+  keeping each row's own adapter's columns (none when every row is on the one adapter there is), then one
+  product per member with its adapters' B side by side, the scalings folded in. Many different adapters (at
+  least half as many as rows, up to ``PER_ROW_MAX`` rows): each row's own A and B gathered once per assignment
+  of adapters to rows and applied in batched float32 products (``torch.bmm``), with none of the masked
+  product's arithmetic for other rows' adapters;
 - RMS norm as one ``F.rms_norm`` in float32 (transformers' ``LlamaRMSNorm`` maths), the rotary embedding from
-  the model's own ``rotary_emb`` once per step, attention by ``F.scaled_dot_product_attention`` over the engine's
-  preallocated KV buffers (``serve.kv.SlotKV``), written in place;
+  the model's own ``rotary_emb`` once per step and applied to q and k at once, attention over the engine's
+  preallocated KV buffers (``serve.kv.SlotKV``), written in place: ``F.scaled_dot_product_attention`` for one
+  row, two products and a float32 softmax for several (grouped heads without repeating keys and values);
 - the dtypes of the model's forward under the precision: the residual stream in the embeddings' dtype, base
   products in their weights' dtype (int8 weights: bf16 activations), adapters in autocast's dtype, or in
   float32 for float32 adapters on a CPU when the product is small (``layers.linear.SMALL_ROUTED_PRODUCT``, as
@@ -46,6 +50,10 @@ from ..layers.linear import SMALL_ROUTED_PRODUCT, LoraLinear
 from ..weights import Int8Linear
 from .kv import SlotKV
 
+PER_ROW_MAX = 16
+"""Most rows for which a step gives every row its own copy of its adapter's A and B (``_Group._per_row``): the
+copies cost one adapter's float32 size per row."""
+
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 """``config.model_type`` values whose decoder layer this step reproduces: pre-norm RMS norm, rotary q/k/v
 attention (q/k/v biases allowed), a SiLU-gated MLP, a final norm and a linear head."""
@@ -76,6 +84,7 @@ class _Group:
         self.scale = _fuse(self.bases, "scale") if self.int8 else None
         self.bias = _fuse(self.bases, "bias") if any(b.bias is not None for b in self.bases) else None
         self._stacks: dict = {}
+        self._row_stacks: dict = {}
 
     def base(self, x: torch.Tensor) -> torch.Tensor:
         """The members' base outputs side by side, (rows, sum of out features)."""
@@ -88,6 +97,8 @@ class _Group:
     def __call__(self, x: torch.Tensor, route: _Route) -> torch.Tensor:
         """The members' outputs side by side, (rows, sum of out features): base plus each row's own adapter."""
         out = self.base(x)
+        if route.names and route.per_row:
+            return self._per_row(x, route, out)
         stack = self._stack(route, x) if route.names else None
         if stack is None:
             return out
@@ -98,6 +109,52 @@ class _Group:
         for start_out, end_out, b, start, end in stack.b:  # each member's B alone: a block-diagonal B reads zeros
             out[:, start_out:end_out] += (hidden[:, start:end] @ b.T).to(out.dtype)
         return out
+
+    def _per_row(self, x: torch.Tensor, route: _Route, out: torch.Tensor) -> torch.Tensor:
+        """Each row times its own adapter's A and B in two batched float32 products (``torch.bmm``, one matrix per
+        row): for rows on mostly different adapters this does none of the masked product's arithmetic for other
+        rows' adapters, and float32's batched one-row products run 1.6x faster than bf16's masked ones on a CPU
+        (eight rows on eight adapters, 30 layers: 7.9 against 13.1 ms). The per-row matrices are gathered once
+        per assignment of adapters to rows (kept for the last two)."""
+        stack = self._row_stacks.get(route.rows)
+        if stack is None:
+            stack = self._build_row_stack(route)
+            if len(self._row_stacks) >= 2:
+                self._row_stacks.pop(next(iter(self._row_stacks)))
+            self._row_stacks[route.rows] = stack
+        if stack is None:
+            return out
+        a, parts = stack
+        hidden = torch.bmm(x.float()[:, None, :], a)  # (rows, 1, sum of member ranks)
+        for start_out, end_out, b, start, end in parts:
+            out[:, start_out:end_out] += torch.bmm(hidden[:, :, start:end], b)[:, 0].to(out.dtype)
+        return out
+
+    def _build_row_stack(self, route: _Route):
+        """(A per row (rows, d_in, R), [(first output, end output, B per row (rows, r_j, d_out_j), first column,
+        end column)]) in float32, zeros for rows without the member's adapter; None when no member has one."""
+        a_parts, b_parts = [], []
+        column = 0
+        for j, member in enumerate(self.members):
+            present = [n for n in route.names if isinstance(member, LoraLayer) and n in member.r]
+            if not present:
+                continue
+            rank = max(member.r[n] for n in present)
+            weight_a = member.lora_A[present[0]].weight
+            a = torch.zeros(len(route.rows), weight_a.shape[1], rank, device=weight_a.device)
+            b = torch.zeros(len(route.rows), rank, self.sizes[j], device=weight_a.device)
+            for i, name in enumerate(route.rows):
+                if name in present:
+                    r = member.r[name]
+                    a[i, :, :r] = member.lora_A[name].weight.detach().T
+                    b[i, :r] = (member.lora_B[name].weight * member.scaling[name]).detach().T
+            first = sum(self.sizes[:j])
+            a_parts.append(a)
+            b_parts.append((first, first + self.sizes[j], b, column, column + rank))
+            column += rank
+        if not a_parts:
+            return None
+        return torch.cat(a_parts, dim=2), b_parts
 
     def _stack(self, route: _Route, x: torch.Tensor) -> _Stack | None:
         key = (route.key, route.adapter_dtype)
@@ -183,6 +240,9 @@ class _Route:
         self.index = torch.tensor([0 if n is None else self.names.index(n) + 1 for n in per_row], device=device)
         self._uniform = len(set(per_row)) == 1
         self._masks: dict = {}
+        self.rows = tuple(per_row)
+        # many different adapters among few rows: each row's own A and B in batched products (``_Group._per_row``)
+        self.per_row = len(self.names) >= 2 and 2 * len(self.names) >= len(per_row) and len(per_row) <= PER_ROW_MAX
 
     def mask(self, owner: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
         key = (owner, dtype)
@@ -262,6 +322,7 @@ class DecodeStep:
         """Drop the stacked adapter tensors (after adapters changed)."""
         for group in self.groups():
             group._stacks.clear()
+            group._row_stacks.clear()
 
     @torch.inference_mode()
     def __call__(
