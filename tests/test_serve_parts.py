@@ -110,3 +110,46 @@ def test_serve_precision_refuses_both_flags_and_unknown_names(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--precision", "fp8"])
     assert "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+def test_the_mailbox_delivers_a_batch_of_events_with_one_wake_up_and_in_order():
+    """Events put from another thread reach their queues in order; a batch put before the loop runs costs one
+    ``call_soon_threadsafe``; the mailbox does not keep its loop alive."""
+    import asyncio
+    import gc
+    import threading
+    import weakref
+
+    from lorakit.serve import handlers
+    from lorakit.serve.engine import Event
+
+    loop = asyncio.new_event_loop()
+    wakes = []
+    original = loop.call_soon_threadsafe
+    loop.call_soon_threadsafe = lambda *a: wakes.append(1) or original(*a)
+    queues = [asyncio.Queue(), asyncio.Queue()]
+    box = handlers.mailbox(loop)
+    assert handlers.mailbox(loop) is box
+
+    def engine_step():
+        for k in range(6):
+            box.put(queues[k % 2], (k, Event(text=str(k))))
+
+    thread = threading.Thread(target=engine_step)
+    thread.start()
+    thread.join()
+    loop.run_until_complete(asyncio.sleep(0))
+    assert len(wakes) == 1
+    got = [[q.get_nowait()[0] for _ in range(q.qsize())] for q in queues]
+    assert got == [[0, 2, 4], [1, 3, 5]]
+    box.put(queues[0], (6, Event()))
+    loop.run_until_complete(asyncio.sleep(0))
+    assert len(wakes) == 2 and queues[0].get_nowait()[0] == 6
+    loop.close()
+    other = asyncio.new_event_loop()
+    handlers.mailbox(other).put(asyncio.Queue(), (0, Event()))
+    ref = weakref.ref(other)
+    other.close()
+    del other
+    gc.collect()
+    assert ref() is None

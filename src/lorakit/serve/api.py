@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import handlers
 from .engine import Engine
-from .handlers import ServerState, endpoint, state_of
+from .handlers import ServerState, endpoint
 from .metrics import Metrics
 from .registry import AdapterError, AdapterRegistry
 from .schemas import ApiError, ServeLimits, error_response
@@ -58,7 +58,7 @@ def create_app(
     app = FastAPI(title="lorakit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.lorakit = state
     app.state.metrics = state.metrics
-    app.middleware("http")(guard)
+    app.add_middleware(Guard, state=state)
     for kind, handler in ERROR_HANDLERS:
         app.add_exception_handler(kind, handler)
     for method, path, handler in ROUTES:
@@ -66,26 +66,45 @@ def create_app(
     return app
 
 
-async def guard(request: Request, call_next):
-    """Admission before any handler: the body size limit and the API key; counts every response."""
-    state = state_of(request)
-    try:
-        length = int(request.headers.get("content-length") or 0)
-    except ValueError:
-        length = 0
-    key = state.api_key
-    if length > state.limits.max_body_bytes:
-        response = error_response(
-            413, f"request body of {length} bytes exceeds the limit of {state.limits.max_body_bytes}"
-        )
-    elif key and request.url.path != "/health" and request.headers.get("authorization") != f"Bearer {key}":
-        response = error_response(
-            401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'", code="invalid_api_key"
-        )
-    else:
-        response = await call_next(request)
-    state.metrics.requests.labels(endpoint(request), str(response.status_code)).inc()
-    return response
+class Guard:
+    """Admission before any handler: the body size limit and the API key; counts every response (an unhandled
+    error as 500). A pure ASGI middleware: a streamed response's chunks pass straight through (Starlette's
+    ``BaseHTTPMiddleware`` moved each one through a memory stream and a task of its own, work on the HTTP thread
+    for every token of every stream)."""
+
+    def __init__(self, app, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        state = self.state
+        try:
+            length = int(request.headers.get("content-length") or 0)
+        except ValueError:
+            length = 0
+        key = state.api_key
+        status = [500]
+
+        async def counted(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if length > state.limits.max_body_bytes:
+                message = f"request body of {length} bytes exceeds the limit of {state.limits.max_body_bytes}"
+                await error_response(413, message)(scope, receive, counted)
+            elif key and request.url.path != "/health" and request.headers.get("authorization") != f"Bearer {key}":
+                message = "missing or wrong API key: send the header 'Authorization: Bearer <key>'"
+                await error_response(401, message, code="invalid_api_key")(scope, receive, counted)
+            else:
+                await self.app(scope, receive, counted)
+        finally:
+            state.metrics.requests.labels(endpoint(request), str(status[0])).inc()
 
 
 async def on_validation(request: Request, err: RequestValidationError):

@@ -71,8 +71,8 @@ TRIM_EVERY_S = 2.0  # how often the engine returns freed heap pages to the OS on
 # A burst of requests reaching an idle engine is prefilled together: once the first has arrived the engine waits
 # until no other has arrived for BURST_QUIET_S (at most BURST_MAX_S in all). Eight clients starting at once
 # otherwise became two prefills, the first alone (1 + 7 rows: 0.33 s against 0.2 s for 8 on 2 CPU cores).
-BURST_QUIET_S = 0.004
-BURST_MAX_S = 0.025
+BURST_QUIET_S = 0.008
+BURST_MAX_S = 0.04
 
 
 class QueueFull(Exception):

@@ -8,8 +8,10 @@ collects the events into one response or streams them as server-sent events.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +45,44 @@ class ServerState:
     @property
     def base_name(self) -> str:
         return self.adapters.base_name
+
+
+class Mailbox:
+    """Events from the engine thread to one event loop's queues with one wake-up of the loop per batch: the events
+    a decode step produces for its rows (one per running request) arrive together, and waking the loop once for
+    each (``call_soon_threadsafe``) made the HTTP thread compete with the engine for the GIL eight times a step."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = weakref.ref(loop)  # not a strong reference: the loop keys this mailbox in _MAILBOXES
+        self._items: list[tuple[asyncio.Queue, tuple[int, Event]]] = []
+        self._lock = threading.Lock()
+
+    def put(self, queue: asyncio.Queue, item: tuple[int, Event]) -> None:
+        """(Any thread) deliver ``item`` to ``queue`` on the loop; the first of a batch schedules the delivery."""
+        with self._lock:
+            self._items.append((queue, item))
+            if len(self._items) > 1:
+                return  # a delivery is already scheduled and will take this one too
+        loop = self._loop()
+        if loop is not None:
+            loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
+_MAILBOXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> its Mailbox
+
+
+def mailbox(loop: asyncio.AbstractEventLoop) -> Mailbox:
+    """The loop's mailbox (one per event loop, gone with it)."""
+    box = _MAILBOXES.get(loop)
+    if box is None:
+        box = _MAILBOXES[loop] = Mailbox(loop)
+    return box
 
 
 def state_of(request: Request) -> ServerState:
@@ -160,7 +200,7 @@ def submit(
     state: ServerState, body: GenerationBody, adapter: str | None, prompts: list[list[int]], max_tokens: int, queue
 ) -> list[EngineRequest]:
     """One engine request per (prompt, choice), its events sent to ``queue`` as (choice index, event)."""
-    loop = asyncio.get_running_loop()
+    box = mailbox(asyncio.get_running_loop())
     stops = stop_strings(body)
     requests: list[EngineRequest] = []
     for p, ids in enumerate(prompts):
@@ -176,7 +216,7 @@ def submit(
             )
 
             def sink(event: Event, index=index) -> None:
-                loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+                box.put(queue, (index, event))
 
             requests.append(EngineRequest(ids, adapter, params, sink, timeout_s=state.limits.timeout_s))
     try:
@@ -198,12 +238,15 @@ async def collect_events(
     first = True
     try:
         while pending:
-            try:
-                index, event = await asyncio.wait_for(queue.get(), timeout=0.5)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    return
-                continue
+            if not queue.empty():  # a step's events often arrive together: no timer task for those already here
+                index, event = queue.get_nowait()
+            else:
+                try:
+                    index, event = await asyncio.wait_for(queue.get(), timeout=0.5)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
             if first and (event.text or event.finish_reason):
                 metrics.first_token.observe(time.monotonic() - started)
                 first = False
