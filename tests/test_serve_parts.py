@@ -153,3 +153,34 @@ def test_the_mailbox_delivers_a_batch_of_events_with_one_wake_up_and_in_order():
     del other
     gc.collect()
     assert ref() is None
+
+
+def test_the_guard_counts_every_answer_including_refusals_and_unexpected_errors(tiny_lm_dir, monkeypatch):
+    """The admission guard (a pure ASGI middleware) refuses a missing key (401) and an oversized body (413) before
+    any handler, passes the rest through, and counts each answer by endpoint and status in /metrics, an
+    unexpected error in a handler as 500 (answered with OpenAI's error body)."""
+    from fastapi.testclient import TestClient
+
+    import lorakit
+    from lorakit.serve.api import create_app
+    from lorakit.serve.engine import Engine
+    from lorakit.serve.registry import AdapterRegistry
+    from lorakit.serve.schemas import ServeLimits
+
+    model, tokenizer = lorakit.load_model(tiny_lm_dir)
+    engine = Engine(model, tokenizer)
+    registry = AdapterRegistry(model, engine, "lm")
+    app = create_app(engine, registry, tokenizer, limits=ServeLimits(max_body_bytes=64), api_key="k")
+    key = {"Authorization": "Bearer k"}
+    with TestClient(app, raise_server_exceptions=False) as http:
+        assert http.get("/v1/models").status_code == 401
+        assert http.post("/v1/completions", content=b"x" * 100, headers=key).status_code == 413
+        assert http.get("/v1/models", headers=key).json()["data"][0]["id"] == "lm"
+        with monkeypatch.context() as patch:
+            patch.setattr(registry, "names", lambda: 1 / 0)
+            failed = http.get("/v1/models", headers=key)
+        assert failed.status_code == 500 and "ZeroDivisionError" in failed.json()["error"]["message"]
+        text = http.get("/metrics", headers=key).text
+    for status, count in (("401", 1), ("413", 1), ("200", 1), ("500", 1)):
+        endpoint = "/v1/completions" if status == "413" else "/v1/models"
+        assert f'lorakit_requests_total{{endpoint="{endpoint}",status="{status}"}} {count}.0' in text, status
