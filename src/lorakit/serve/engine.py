@@ -11,7 +11,8 @@ kept across steps until the set of adapters changes.
 
 On a CPU, LLaMA-family models (llama, mistral, qwen2) decode with the engine's own step (``serve.step``): the
 same maths without transformers' per-module Python, q/k/v and gate/up as one product each and a layer group's
-adapters in one A product (0.58x the model's step for one row, 0.74x for eight; BENCHMARKS.md). Other models,
+adapters in one A product, or each row's own in batched products (0.58x the model's step for one row, 0.57x
+for eight rows on eight adapters; BENCHMARKS.md). Other models,
 and adapters the step does not cover (DoRA, ``modules_to_save``, adapters on the embeddings), decode with the
 model's forward; ``decode_path`` says which and why (``lorakit serve`` prints it). Prefills are always the
 model's forward.
