@@ -152,6 +152,25 @@ def test_fused_weights_are_views_of_one_copy_and_the_models_forward_is_unchanged
     )
 
 
+def test_the_step_keeps_the_stacks_of_the_last_two_sets_of_adapters_only():
+    """A server's sets of routed adapters keep changing; each group keeps its stacked tensors for the last two."""
+    model = _with_adapters(_tiny("llama"))
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules="all-linear"), "c")
+    step, _ = DecodeStep.build(model)
+    engine = Engine(model, _Tokenizer(), fast_step=True)
+    for ids in PROMPTS:
+        engine.submit(Request(ids, None, SamplingParams(max_tokens=50, ignore_eos=True), lambda e: None))
+    with torch.inference_mode():
+        engine._prefill(engine._admit())
+        for rows in (["a"] * 4, ["b"] * 4, ["c"] * 4, ["a", "b", None, None], ["b", "c", None, None], ["c", "a"] * 2):
+            engine._kv.prepare_step()
+            ids = torch.tensor([r.generated[-1] for r in engine._running])
+            positions = torch.tensor([len(r.prompt_ids) + r.sampled - 1 for r in engine._running])
+            step(ids, positions, engine._kv, rows, None)
+    assert all(len(group._stacks) <= 2 and len(group._row_stacks) <= 2 for group in step.groups())
+    assert len(step.layers[0].qkv._stacks) == 2 and len(step.layers[0].qkv._row_stacks) == 2
+
+
 def test_an_adapter_loaded_after_the_step_was_built_is_routed():
     """After ``invalidate_adapters`` (what the server's adapter load does) the step is rebuilt with the new
     adapter's layers, and its rows get that adapter's logits."""
@@ -189,6 +208,10 @@ def _dora(model):
     lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True), "c")
 
 
+def _mixed_dtypes(model):
+    model.model.layers[0].self_attn.k_proj.base_layer.to(torch.float64)
+
+
 def _on_embeddings(model):
     lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["embed_tokens"]), "c")
 
@@ -201,6 +224,7 @@ def _on_embeddings(model):
         (_dora, "DoRA"),
         (lambda m: lorakit.merge(m, "a"), "merged"),
         (_on_embeddings, "embed_tokens"),
+        (_mixed_dtypes, "different kinds, dtypes"),
     ],
 )
 def test_the_engine_says_why_it_decodes_with_the_models_forward(change, reason):

@@ -161,6 +161,8 @@ class _Group:
         if key in self._stacks:
             entry = self._stacks[key]
         else:
+            if len(self._stacks) >= 2:  # kept for the last two sets of adapters: a server's sets keep changing
+                self._stacks.pop(next(iter(self._stacks)))
             entry = self._stacks[key] = self._build_stack(route)
         if entry is None:
             return None
@@ -407,4 +409,10 @@ def _unsupported(model: nn.Module) -> str | None:
             base = module.base_layer if isinstance(module, LoraLayer) else module
             if type(base) not in (nn.Linear, Int8Linear):
                 return f"{name}'s base layer is {type(base).__name__} (the step multiplies nn.Linear and int8 weights)"
+    for layer in inner.layers:  # a group's weights are concatenated: one kind and dtype per group
+        attn, mlp = layer.self_attn, layer.mlp
+        for group in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
+            bases = [m.base_layer if isinstance(m, LoraLayer) else m for m in group]
+            if len({(type(b), b.weight.dtype, b.weight.device) for b in bases}) > 1:
+                return "q/k/v or gate/up weights of different kinds, dtypes or devices in one layer"
     return None
