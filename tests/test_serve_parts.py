@@ -114,7 +114,8 @@ def test_serve_precision_refuses_both_flags_and_unknown_names(capsys):
 
 def test_the_mailbox_delivers_a_batch_of_events_with_one_wake_up_and_in_order():
     """Events put from another thread reach their queues in order; a batch put before the loop runs costs one
-    ``call_soon_threadsafe``; the mailbox does not keep its loop alive."""
+    ``call_soon_threadsafe``; events an interrupted put left waiting are delivered by ``drain``; the mailbox does
+    not keep its loop alive."""
     import asyncio
     import gc
     import threading
@@ -145,6 +146,18 @@ def test_the_mailbox_delivers_a_batch_of_events_with_one_wake_up_and_in_order():
     box.put(queues[0], (6, Event()))
     loop.run_until_complete(asyncio.sleep(0))
     assert len(wakes) == 2 and queues[0].get_nowait()[0] == 6
+    # a put interrupted (Ctrl-C on the engine's main thread) after raising the flag, before scheduling: later puts
+    # schedule nothing, and drain (what collect_events calls when its queue stays empty) delivers them all
+    box._scheduled = True
+    box.put(queues[1], (7, Event()))
+    box.put(queues[1], (8, Event()))
+    loop.run_until_complete(asyncio.sleep(0))
+    assert len(wakes) == 2 and queues[1].empty()
+    box.drain()
+    assert [queues[1].get_nowait()[0] for _ in range(2)] == [7, 8]
+    box.put(queues[0], (9, Event()))  # and the next put schedules a delivery again
+    loop.run_until_complete(asyncio.sleep(0))
+    assert len(wakes) == 3 and queues[0].get_nowait()[0] == 9
     loop.close()
     other = asyncio.new_event_loop()
     handlers.mailbox(other).put(asyncio.Queue(), (0, Event()))

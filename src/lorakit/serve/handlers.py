@@ -8,10 +8,10 @@ collects the events into one response or streams them as server-sent events.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 import uuid
 import weakref
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -50,27 +50,35 @@ class ServerState:
 class Mailbox:
     """Events from the engine thread to one event loop's queues with one wake-up of the loop per batch: the events
     a decode step produces for its rows (one per running request) arrive together, and waking the loop once for
-    each (``call_soon_threadsafe``) made the HTTP thread compete with the engine for the GIL eight times a step."""
+    each (``call_soon_threadsafe``) made the HTTP thread compete with the engine for the GIL eight times a step.
+
+    Lock-free (a deque and a flag): the engine runs on the main thread, where Ctrl-C raises KeyboardInterrupt
+    between any two bytecodes, and a lock held at that moment would never be released. An interrupt between
+    raising the flag and scheduling the delivery leaves events waiting; ``drain``, which ``collect_events`` calls
+    whenever its queue stays empty for half a second, delivers them."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = weakref.ref(loop)  # not a strong reference: the loop keys this mailbox in _MAILBOXES
-        self._items: list[tuple[asyncio.Queue, tuple[int, Event]]] = []
-        self._lock = threading.Lock()
+        self._items: deque[tuple[asyncio.Queue, tuple[int, Event]]] = deque()
+        self._scheduled = False
 
     def put(self, queue: asyncio.Queue, item: tuple[int, Event]) -> None:
-        """(Any thread) deliver ``item`` to ``queue`` on the loop; the first of a batch schedules the delivery."""
-        with self._lock:
-            self._items.append((queue, item))
-            if len(self._items) > 1:
-                return  # a delivery is already scheduled and will take this one too
+        """(Any thread) deliver ``item`` to ``queue`` on the loop; the first of a batch schedules the delivery.
+        The item is appended before the flag is read and ``drain`` lowers the flag before it takes the items, so an
+        item whose put saw the flag raised is taken by the delivery that flag stands for."""
+        self._items.append((queue, item))
+        if self._scheduled:
+            return
+        self._scheduled = True
         loop = self._loop()
         if loop is not None:
-            loop.call_soon_threadsafe(self._deliver)
+            loop.call_soon_threadsafe(self.drain)
 
-    def _deliver(self) -> None:
-        with self._lock:
-            items, self._items = self._items, []
-        for queue, item in items:
+    def drain(self) -> None:
+        """(The loop's thread) deliver every waiting event to its queue."""
+        self._scheduled = False
+        while self._items:
+            queue, item = self._items.popleft()
             queue.put_nowait(item)
 
 
@@ -244,6 +252,7 @@ async def collect_events(
                 try:
                     index, event = await asyncio.wait_for(queue.get(), timeout=0.5)
                 except TimeoutError:
+                    mailbox(asyncio.get_running_loop()).drain()  # events an interrupted put left waiting
                     if await request.is_disconnected():
                         return
                     continue
