@@ -77,11 +77,13 @@ def limited(served, tiny_tokenizer):
     _stop(proc)
 
 
-def _start(args: list[str], port: int, key: str | None = None) -> subprocess.Popen:
+def _start(args: list[str], port: int, key: str | None = None, ignore_sigint: bool = False) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lorakit", "serve", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
-    )
+        [sys.executable, "-m", "lorakit", "serve", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+        preexec_fn=ignore,
+    )  # fmt: skip
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -692,13 +694,14 @@ def test_serve_precision_errors_are_one_line(capsys, tmp_path):
     assert "--dtype is replaced by --precision; give only --precision" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_the_server_decodes_on_its_main_thread_and_stops_cleanly_on_a_signal(tmp_path, tiny_tokenizer, signum):
+@pytest.mark.parametrize("signum, ignored", [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGINT, True)])
+def test_the_server_decodes_on_its_main_thread_and_stops_cleanly_on_a_signal(tmp_path, tiny_tokenizer, signum, ignored):
     """The engine's loop runs on the main thread (uvicorn on its own): a signal ends both, exit status 0, with a
-    request streaming at the time answered (its stream ends) rather than left hanging."""
+    request streaming at the time answered (its stream ends) rather than left hanging; SIGINT too when the server
+    was started with SIGINT ignored (a background job of a non-interactive shell)."""
     model_dir = save_tiny_lm(tmp_path / "lm", tiny_tokenizer, max_position_embeddings=4096)
     port = free_port()
-    proc = _start(["--model", str(model_dir), "--port", str(port), "--max-tokens", "4000"], port)
+    proc = _start(["--model", str(model_dir), "--port", str(port), "--max-tokens", "4000"], port, ignore_sigint=ignored)
     try:
         assert raw(port, "POST", "/v1/completions", json.dumps({"model": "lm", "prompt": "the", "max_tokens": 3,
                                                                  "temperature": 0}).encode())[0] == 200  # fmt: skip

@@ -149,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
 def serve_forever(app, engine, *, host: str, port: int, log_level: str) -> None:
     """HTTP on a thread of its own (uvicorn), the engine's loop on this, the main, thread, which loaded the model:
     on a CPU its small parallel products run faster there than on a second thread (BENCHMARKS.md, serving).
-    Ctrl-C or SIGTERM answers what is in flight (503), then uvicorn shuts down gracefully."""
+    Ctrl-C (SIGINT) or SIGTERM answers what is in flight (503), then uvicorn shuts down gracefully; both are
+    handled even when the server was started with SIGINT ignored."""
     import signal
     import threading
 
@@ -161,7 +162,9 @@ def serve_forever(app, engine, *, host: str, port: int, log_level: str) -> None:
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    # SIGINT too: a server started from a non-interactive shell's background job inherits SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt for it (kill -INT, or a supervisor's SIGINT, did nothing)
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
     engine.reserve_caller_thread()  # before the app's lifespan (on the HTTP thread) asks the engine to start
     http.start()
     try:
@@ -172,4 +175,5 @@ def serve_forever(app, engine, *, host: str, port: int, log_level: str) -> None:
         server.should_exit = True
         http.join(timeout=15)
         engine.stop()
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
