@@ -88,6 +88,7 @@ LAYOUTS = {  # rows' adapters: each of the step's three ways to apply them
     "per-row": ROWS,  # as many adapters as half the rows: every row its own A and B (batched products)
     "masked": ["a", None, "a", "b", "a"],  # few adapters for the rows: one product over both, rows masked
     "one adapter": ["b", "b", "b"],  # every row on one adapter: no mask
+    "one row": ["a"],  # one stream: sdpa's kernel for attention (several rows: two products and a softmax)
 }
 
 
@@ -106,20 +107,22 @@ def test_the_step_gives_the_models_logits_for_routed_rows_in_float32(family, lay
     assert max(differences) < 1e-4, differences
 
 
-@pytest.mark.parametrize("layout", ["per-row", "masked"])
-@pytest.mark.parametrize("weights", ["precision", "int8"])
-def test_the_step_under_bf16_mixed_is_as_close_to_float32_as_the_models_forward(weights, layout):
-    """bf16-mixed (bf16 base, float32 adapters, lorakit's attention as ``lorakit serve`` loads it) and bf16-mixed
-    over int8 weights: the step's logits are the model's own bf16 forward's to bf16 rounding (the largest
-    difference a few bf16 steps on logits of order 5; a missing adapter moves them by 4)."""
+@pytest.mark.parametrize("layout", ["per-row", "masked", "one row"])
+@pytest.mark.parametrize(("precision_name", "weights"), [("bf16-mixed", "precision"), ("bf16-mixed", "int8"),
+                                                         ("bf16", "precision")])  # fmt: skip
+def test_the_step_under_bf16_is_the_models_bf16_forward_to_rounding(precision_name, weights, layout):
+    """bf16-mixed (bf16 base, float32 adapters, lorakit's attention as ``lorakit serve`` loads it), bf16-mixed
+    over int8 weights, and pure bf16 (bf16 adapters too, no autocast): the step's logits are the model's own bf16
+    forward's to bf16 rounding (the largest difference a few bf16 steps on logits of order 5; a missing adapter
+    moves them by 4), with one row, rows on different adapters and rows masked to theirs."""
     from lorakit.attention import use_lorakit_attention
 
-    precision = decide("bf16-mixed", "cpu")
+    precision = decide(precision_name, "cpu")
     model = _with_adapters(_tiny("llama"))
     model.to(torch.bfloat16)
     for name, param in model.named_parameters():
         if "lora_" in name:
-            param.data = param.data.float()
+            param.data = param.data.to(precision.trained)
     use_lorakit_attention(model)
     if weights == "int8":
         quantize_int8(model)

@@ -2,40 +2,24 @@
 
 One thread owns the model: the caller's own through ``run_here`` (``lorakit serve`` decodes on its main thread,
 which loaded the model: on a CPU, small parallel products ran up to 1.6x slower from a second thread), or one
-of its own through ``start`` (the dashboard, the tests). Each iteration it (1) runs queued commands (adapter load/unload),
-(2) drops requests that were cancelled or ran out of time, (3) admits waiting requests up to the batch
-limit and prefills them together in one forward, and (4) decodes one token for every running request in
-one forward. Rows of a forward may use different adapters: ``lorakit.route`` gathers each row's A and B
-and applies them with batched matmuls (Punica's BGMV idea, in torch), with the stacked adapter tensors
-kept across steps until the set of adapters changes.
+of its own through ``start`` (the dashboard, the tests). Each iteration it (1) runs queued commands (adapter
+load/unload), (2) drops requests that were cancelled or ran out of time, (3) admits waiting requests up to the
+batch limit and prefills them together in one forward, and (4) decodes one token for every running request in
+one forward. Rows of a forward may use different adapters (``lorakit.route``; the stacked adapter tensors kept
+across steps until the set of adapters changes). On a CPU, LLaMA-family models decode with the engine's own step
+(``serve.step``: the same maths without transformers' per-module Python); other models, and adapters it does
+not cover, with the model's forward (``decode_path`` says which and why). Prefills are the model's forward.
 
-On a CPU, LLaMA-family models (llama, mistral, qwen2) decode with the engine's own step (``serve.step``): the
-same maths without transformers' per-module Python, q/k/v and gate/up as one product each and a layer group's
-adapters in one A product, or each row's own in batched products (0.58x the model's step for one row, 0.57x
-for eight rows on eight adapters; BENCHMARKS.md). Other models,
-and adapters the step does not cover (DoRA, ``modules_to_save``, adapters on the embeddings), decode with the
-model's forward; ``decode_path`` says which and why (``lorakit serve`` prints it). Prefills are always the
-model's forward.
-
-The KV cache is one left-padded batch in preallocated buffers (``serve.kv.SlotKV``): per layer keys/values
-of shape (rows, heads, T, head_dim) and a (rows, T) attention mask, written in place. A decode step writes one
-column for every row; requests that join write their own rows; finished rows are closed up and all-padding
-columns dropped; nothing is copied whole per step or per join.
-
-Text is detokenized incrementally (``serve.text.TextStream``): each token decodes a window of a few tokens,
-not the whole output again. A step syncs with the device once, for the chosen tokens.
-
-The engine knows nothing of HTTP: a request carries a ``sink`` callable that receives ``Event``s on the
+The KV cache is one left-padded batch in preallocated buffers (``serve.kv.SlotKV``), written in place: a decode
+step writes one column for every row, joining requests their own rows; nothing is copied whole per step or join.
+Text is detokenized incrementally (``serve.text.TextStream``). A step syncs with the device once, for the chosen
+tokens. The engine knows nothing of HTTP: a request carries a ``sink`` callable that receives ``Event``s on the
 engine thread (the API forwards them to its event loop).
 
-Precision (``lorakit.precision``): the caller loads the base model in the precision's storage dtype and the
-adapters in its trained dtype (``lorakit serve`` does); the engine runs every forward, prefill and decode,
-routed or not, under the precision's autocast context (bf16-mixed: bf16 products over a bf16 base with float32
-adapters; on a CPU the routed adapters' own tiny products stay float32, 3-4x faster there than bf16 ones). The
-logits are upcast to float32 before sampling. ``lorakit serve --weights`` may store the base's linear layers as
-int8 (``lorakit.weights``). On a CPU
-with AVX-512 BF16 bf16-mixed decodes faster than float32, one stream (one-row products) and many
-(BENCHMARKS.md), so ``lorakit serve`` takes ``auto`` as ``lorakit.precision.decide`` resolves it.
+Precision (``lorakit.precision``): the caller loads the base in the precision's storage dtype and the adapters in
+its trained dtype (``lorakit serve`` does); every forward runs under the precision's autocast context (on a CPU
+the routed adapters' tiny products stay float32, 3-4x faster there than bf16 ones); logits are upcast to float32
+before sampling. ``lorakit serve --weights`` may store the base's linear layers as int8 (``lorakit.weights``).
 """
 
 from __future__ import annotations
@@ -61,7 +45,7 @@ from ..state import has_adapters
 from ..stopping import stop_token_ids
 from .kv import SlotKV
 from .step import DecodeStep
-from .text import TextStream
+from .text import TextStream, first_stop, held_back
 
 # Prefills are left-padded to a multiple of this many tokens. Every distinct (rows x tokens) shape makes the CPU
 # GEMM library (oneDNN, under bf16) build and cache a kernel of its own: with one shape per prompt length the
@@ -274,18 +258,9 @@ class Engine:
         """The engine's own decode step (``serve.step``), built at the first call after the model or its
         adapters changed; None where the model's forward decodes (``decode_path`` says why)."""
         if self._step is None:
-            self._step, self.decode_path = self._build_step()
+            step, self.decode_path = DecodeStep.build(self.model, self._fast_step)
+            self._step = step or False
         return self._step or None
-
-    def _build_step(self) -> tuple[DecodeStep | bool, str]:
-        if self._fast_step is False:
-            return False, "the model's forward (the engine's own step is off: fast_step=False)"
-        if self.device.type != "cpu" and self._fast_step is None:
-            return False, f"the model's forward (the engine's own step runs by default on CPUs only, not {self.device})"
-        step, why = DecodeStep.build(self.model)
-        if step is None:
-            return False, f"the model's forward (the engine's own step does not cover {why})"
-        return step, why
 
     # ----- the loop ----------------------------------------------------------------------------------------
     def _loop(self, until: Callable[[], bool] = lambda: False, poll_s: float | None = None) -> None:
@@ -456,15 +431,13 @@ class Engine:
             return
         req.generated.append(token)
         text = req.text.add(self.tokenizer, req.generated)
-        cut = _first_stop(
-            text, req.params.stop, max(0, req.emitted - max((len(s) for s in req.params.stop), default=0))
-        )
+        cut = first_stop(text, req.params.stop, max(0, req.emitted - max((len(s) for s in req.params.stop), default=0)))
         if cut is not None:
             self._finish(req, text[:cut], "stop")
         elif len(req.generated) >= req.params.max_tokens:
             self._finish(req, text, "length")
         else:
-            safe = len(text) - _held_back(text, req.params.stop)
+            safe = len(text) - held_back(text, req.params.stop)
             if safe > req.emitted:
                 req.sink(Event(text=text[req.emitted : safe]))
                 req.emitted = safe
@@ -515,23 +488,6 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
         sorted_probs = sorted_probs * keep
         return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
     return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def _first_stop(text: str, stops: list[str], start: int) -> int | None:
-    hits = [i for i in (text.find(s, start) for s in stops if s) if i >= 0]
-    return min(hits) if hits else None
-
-
-def _held_back(text: str, stops: list[str]) -> int:
-    """Characters at the end of ``text`` not safe to send yet: an incomplete UTF-8 character, or the start of
-    a stop string that the next tokens may complete."""
-    hold = len(text) - len(text.rstrip("\ufffd"))
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:k]):
-                hold = max(hold, k)
-                break
-    return hold
 
 
 def _pad_id(model: nn.Module, tokenizer) -> int:

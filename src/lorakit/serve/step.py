@@ -47,6 +47,7 @@ from torch import nn
 from ..fastpath import skinny_matmul
 from ..layers import LoraLayer, ModulesToSave
 from ..layers.linear import SMALL_ROUTED_PRODUCT, LoraLinear
+from ..layers.routing import Routing
 from ..weights import Int8Linear
 from .kv import SlotKV
 
@@ -62,11 +63,11 @@ attention (q/k/v biases allowed), a SiLU-gated MLP, a final norm and a linear he
 @dataclass
 class _Stack:
     """One group's adapters for one set of routed names and dtype: every member's A of every adapter stacked
-    (R, d_in), the adapter number owning each of the R columns, and per member its B matrices side by side
+    (R, d_in), which adapter owns which of the R columns, and per member its B matrices side by side
     (d_out, R_j) with the columns they read."""
 
     a: torch.Tensor
-    owner: tuple[int, ...]
+    layout: tuple[tuple[int, int], ...]  # (adapter number, rank) of the R columns in order: ``Routing.mask``'s form
     b: list[tuple[int, int, torch.Tensor, int, int]]  # (first output, end output, B, first column, end column)
     rank: int  # the largest sum of ranks over the group's members: the routed layers' small-product test
 
@@ -77,8 +78,9 @@ class _Group:
 
     def __init__(self, members: list[nn.Module]) -> None:
         self.members = members
-        self.bases = [m.base_layer if isinstance(m, LoraLayer) else m for m in members]
+        self.bases = [_base(m) for m in members]
         self.sizes = [b.out_features for b in self.bases]
+        self.starts = [sum(self.sizes[:j]) for j in range(len(self.sizes))]  # each member's first output column
         self.int8 = isinstance(self.bases[0], Int8Linear)
         self.weight = _fuse(self.bases, "weight")
         self.scale = _fuse(self.bases, "scale") if self.int8 else None
@@ -103,7 +105,7 @@ class _Group:
         if stack is None:
             return out
         hidden = x.to(stack.a.dtype) @ stack.a.T
-        mask = route.mask(stack.owner, stack.a.dtype)
+        mask = route.mask(stack.layout, 1, route.index, stack.a.dtype)
         if mask is not None:
             hidden = hidden * mask
         for start_out, end_out, b, start, end in stack.b:  # each member's B alone: a block-diagonal B reads zeros
@@ -116,12 +118,7 @@ class _Group:
         rows' adapters, and float32's batched one-row products run 1.6x faster than bf16's masked ones on a CPU
         (eight rows on eight adapters, 30 layers: 7.9 against 13.1 ms). The per-row matrices are gathered once
         per assignment of adapters to rows (kept for the last two)."""
-        stack = self._row_stacks.get(route.rows)
-        if stack is None:
-            stack = self._build_row_stack(route)
-            if len(self._row_stacks) >= 2:
-                self._row_stacks.pop(next(iter(self._row_stacks)))
-            self._row_stacks[route.rows] = stack
+        stack = _remember(self._row_stacks, route.rows, lambda: self._build_row_stack(route))
         if stack is None:
             return out
         a, parts = stack
@@ -148,22 +145,15 @@ class _Group:
                     r = member.r[name]
                     a[i, :, :r] = member.lora_A[name].weight.detach().T
                     b[i, :r] = (member.lora_B[name].weight * member.scaling[name]).detach().T
-            first = sum(self.sizes[:j])
             a_parts.append(a)
-            b_parts.append((first, first + self.sizes[j], b, column, column + rank))
+            b_parts.append((self.starts[j], self.starts[j] + self.sizes[j], b, column, column + rank))
             column += rank
         if not a_parts:
             return None
         return torch.cat(a_parts, dim=2), b_parts
 
     def _stack(self, route: _Route, x: torch.Tensor) -> _Stack | None:
-        key = (route.key, route.adapter_dtype)
-        if key in self._stacks:
-            entry = self._stacks[key]
-        else:
-            if len(self._stacks) >= 2:  # kept for the last two sets of adapters: a server's sets keep changing
-                self._stacks.pop(next(iter(self._stacks)))
-            entry = self._stacks[key] = self._build_stack(route)
+        entry = _remember(self._stacks, (route.key, route.adapter_dtype), lambda: self._build_stack(route))
         if entry is None:
             return None
         # the routed layers' rule: float32 adapters stay float32 for small products on a CPU
@@ -171,7 +161,7 @@ class _Group:
         return entry[0] if small or entry[1] is None else entry[1]
 
     def _build_stack(self, route: _Route) -> tuple[_Stack, _Stack | None] | None:
-        a_rows, b_parts, owner, ranks = [], [], [], [0]
+        a_rows, b_parts, layout, ranks = [], [], [], [0]
         column = 0
         for j, member in enumerate(self.members):
             present = [n for n in route.names if isinstance(member, LoraLayer) and n in member.r]
@@ -179,10 +169,9 @@ class _Group:
                 continue
             for n in present:
                 a_rows.append(member.lora_A[n].weight.detach())
-                owner += [route.names.index(n) + 1] * member.r[n]
+                layout.append((route.names.index(n) + 1, member.r[n]))
             b = torch.cat([(member.lora_B[n].weight * member.scaling[n]).detach() for n in present], dim=1)
-            first = sum(self.sizes[:j])
-            b_parts.append((first, first + self.sizes[j], b, column, column + b.shape[1]))
+            b_parts.append((self.starts[j], self.starts[j] + self.sizes[j], b, column, column + b.shape[1]))
             column += b.shape[1]
             ranks.append(b.shape[1])
         if not a_rows:
@@ -191,7 +180,7 @@ class _Group:
 
         def stack(dtype: torch.dtype) -> _Stack:
             b = [(lo, hi, part.to(dtype).contiguous(), start, end) for lo, hi, part, start, end in b_parts]
-            return _Stack(torch.cat(a_rows).to(dtype).contiguous(), tuple(owner), b, max(ranks))
+            return _Stack(torch.cat(a_rows).to(dtype).contiguous(), tuple(layout), b, max(ranks))
 
         wanted = route.adapter_dtype or own
         if wanted == own:
@@ -231,30 +220,27 @@ def _fuse(bases: list[nn.Module], attr: str) -> torch.Tensor:
     return fused
 
 
-class _Route:
-    """The rows' adapters for one step: the adapter number of each row (0: the base model) and the masks built
-    from it, once per column layout."""
+class _Route(Routing):
+    """The rows' adapters for one step: ``lorakit.route``'s ``Routing`` (adapter numbers per row, 0 the base; its
+    0/1 column masks, built once per layout) with the adapters' compute dtype and the choice of per-row products."""
 
     def __init__(self, per_row: list[str | None], adapter_dtype: torch.dtype | None, device: torch.device) -> None:
-        self.names = sorted({n for n in per_row if n is not None})
-        self.key = tuple(self.names)
+        names = sorted({n for n in per_row if n is not None})
+        super().__init__(names, torch.tensor([0 if n is None else names.index(n) + 1 for n in per_row], device=device))
         self.adapter_dtype = adapter_dtype
-        self.index = torch.tensor([0 if n is None else self.names.index(n) + 1 for n in per_row], device=device)
-        self._uniform = len(set(per_row)) == 1
-        self._masks: dict = {}
         self.rows = tuple(per_row)
         # many different adapters among few rows: each row's own A and B in batched products (``_Group._per_row``)
-        self.per_row = len(self.names) >= 2 and 2 * len(self.names) >= len(per_row) and len(per_row) <= PER_ROW_MAX
+        self.per_row = len(names) >= 2 and 2 * len(names) >= len(per_row) and len(per_row) <= PER_ROW_MAX
 
-    def mask(self, owner: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
-        key = (owner, dtype)
-        if key not in self._masks:
-            if self._uniform and len(set(owner)) == 1 and int(self.index[0]) == owner[0]:
-                self._masks[key] = None  # every row on the one adapter every column belongs to
-            else:
-                columns = torch.tensor(owner, device=self.index.device)
-                self._masks[key] = (self.index[:, None] == columns[None, :]).to(dtype)
-        return self._masks[key]
+
+def _remember(cache: dict, key, build):
+    """``cache[key]``, built by ``build()`` if missing; the cache keeps the last two keys (a server's sets of
+    adapters, and their assignment to rows, keep changing)."""
+    if key not in cache:
+        if len(cache) >= 2:
+            cache.pop(next(iter(cache)))
+        cache[key] = build()
+    return cache[key]
 
 
 class _Layer:
@@ -310,21 +296,22 @@ class DecodeStep:
         self.window = int(window) if sliding else None
 
     @classmethod
-    def build(cls, model: nn.Module) -> tuple[DecodeStep | None, str]:
-        """The step for ``model``, or None and why it cannot run it (then decode with the model's forward)."""
+    def build(cls, model: nn.Module, wanted: bool | None = None) -> tuple[DecodeStep | None, str]:
+        """The step for ``model`` and a line naming it, or None and the line that says why the model's forward
+        decodes instead. ``wanted``: None (the engine's default) builds it on a CPU only, True on any device,
+        False never."""
+        device = next(model.parameters()).device
+        if wanted is False:
+            return None, "the model's forward (the engine's own step is off: fast_step=False)"
+        if wanted is None and device.type != "cpu":
+            return None, f"the model's forward (the engine's own step runs by default on CPUs only, not {device})"
         reason = _unsupported(model)
         if reason is not None:
-            return None, reason
+            return None, f"the model's forward (the engine's own step does not cover {reason})"
         return cls(model), f"lorakit's decode step for {model.config.model_type} (fused q/k/v and gate/up products)"
 
     def groups(self) -> list[_Group]:
         return [g for layer in self.layers for g in layer.groups()] + [self.head]
-
-    def forget_adapters(self) -> None:
-        """Drop the stacked adapter tensors (after adapters changed)."""
-        for group in self.groups():
-            group._stacks.clear()
-            group._row_stacks.clear()
 
     @torch.inference_mode()
     def __call__(
@@ -388,12 +375,15 @@ def _unsupported(model: nn.Module) -> str | None:
     needed = ("embed_tokens", "layers", "norm", "rotary_emb")
     if inner is None or not all(hasattr(inner, a) for a in needed) or not hasattr(model, "lm_head"):
         return "a module layout other than transformers' (model.embed_tokens, layers, norm, rotary_emb; lm_head)"
-    linears: set[int] = set()
+    linears: set[int] = {id(model.lm_head)}
     for layer in inner.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        members = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-        linears.update(id(m) for m in members)
-    linears.add(id(model.lm_head))
+        linears.update(id(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.down_proj))
+        for group in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
+            linears.update(id(m) for m in group)
+            kinds = {(type(b), b.weight.dtype, b.weight.device) for b in map(_base, group)}
+            if len(kinds) > 1:  # a group's weights are concatenated: one kind, dtype and device per group
+                return "q/k/v or gate/up weights of different kinds, dtypes or devices in one layer"
     for name, module in model.named_modules():
         if isinstance(module, ModulesToSave):
             return f"modules_to_save copies ({name})"
@@ -405,14 +395,11 @@ def _unsupported(model: nn.Module) -> str | None:
             variants = [n for n in module.r if module.output_variant(n) is not None]
             if variants:
                 return f"DoRA adapters ({', '.join(variants)})"
-        if id(module) in linears:
-            base = module.base_layer if isinstance(module, LoraLayer) else module
-            if type(base) not in (nn.Linear, Int8Linear):
-                return f"{name}'s base layer is {type(base).__name__} (the step multiplies nn.Linear and int8 weights)"
-    for layer in inner.layers:  # a group's weights are concatenated: one kind and dtype per group
-        attn, mlp = layer.self_attn, layer.mlp
-        for group in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
-            bases = [m.base_layer if isinstance(m, LoraLayer) else m for m in group]
-            if len({(type(b), b.weight.dtype, b.weight.device) for b in bases}) > 1:
-                return "q/k/v or gate/up weights of different kinds, dtypes or devices in one layer"
+        if id(module) in linears and type(_base(module)) not in (nn.Linear, Int8Linear):
+            return f"{name}'s base layer is {type(_base(module)).__name__} (the step multiplies nn.Linear and int8 weights)"
     return None
+
+
+def _base(module: nn.Module) -> nn.Module:
+    """The frozen linear layer under a LoRA wrapper (the layer itself when it has none)."""
+    return module.base_layer if isinstance(module, LoraLayer) else module

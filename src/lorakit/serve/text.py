@@ -36,3 +36,21 @@ class TextStream:
         """What a window that ends inside a character shows beyond the prefix (its U+FFFD included): part of
         the text now, replaced once the character completes (the caller holds U+FFFD back from streams)."""
         return window_text[len(prefix_text) :] if window_text.endswith("\ufffd") else ""
+
+
+def first_stop(text: str, stops: list[str], start: int) -> int | None:
+    """Where the first of ``stops`` begins in ``text`` at or after ``start`` (None: none does)."""
+    hits = [i for i in (text.find(s, start) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+def held_back(text: str, stops: list[str]) -> int:
+    """Characters at the end of ``text`` not safe to send yet: an incomplete UTF-8 character, or the start of
+    a stop string that the next tokens may complete."""
+    hold = len(text) - len(text.rstrip("\ufffd"))
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                hold = max(hold, k)
+                break
+    return hold
