@@ -248,3 +248,16 @@ def test_other_architectures_decode_with_the_models_forward():
     model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64))
     engine = Engine(model, _Tokenizer())
     assert engine.decode_step() is None and "model type 'gpt2'" in engine.decode_path
+
+
+def test_off_a_cpu_the_step_is_built_only_when_asked_for():
+    """The default (None) builds the step on a CPU only; a model on another device (here the meta device, as a
+    GPU would be) decodes with its forward unless the engine asks for the step (True), and False never builds it."""
+    with torch.device("meta"):
+        model = _tiny("llama")
+    step, why = DecodeStep.build(model)
+    assert step is None and "on CPUs only, not meta" in why
+    step, why = DecodeStep.build(model, True)
+    assert step is not None and why.startswith("lorakit's decode step for llama")
+    step, why = DecodeStep.build(_tiny("llama"), False)
+    assert step is None and "fast_step=False" in why
